@@ -1,0 +1,64 @@
+"""Tiny local models and tokenizers for tests: random init from a config, a BPE trained on the spot.
+
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Weng earns 12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "The answer is 72. The answer is 10. The answer is 5.",
+    "two plus two is four and three times three is nine",
+    "Human: how do I bake bread? Assistant: mix flour, water, salt and yeast, then bake.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    from tokenizers import decoders
+
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(tokenizer, seed: int, initializer_range: float = 0.02, dtype=torch.float64) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=initializer_range,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask):
+    """Naive per-sequence log-probs: one full forward, log-softmax everywhere, sum over completion tokens.
+
+    ``completion_mask[b, t]`` is 1 where token t of row b belongs to the completion.
+    Returns (summed log-probs, completion token counts).
+    """
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    token_logps = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None])[..., 0]
+    mask = completion_mask[:, 1:].to(token_logps.dtype)
+    return (token_logps * mask).sum(1), completion_mask[:, 1:].sum(1)

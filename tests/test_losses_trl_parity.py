@@ -91,7 +91,7 @@ def trl_dpo_loss(setup, tmp_path, **config):
         )
         batch = next(iter(trainer.get_train_dataloader()))
         loss = trainer.compute_loss(trainer.model, batch)
-    return float(loss), batch
+    return float(loss.detach()), batch
 
 
 def dpolab_logps_from_trl_batch(setup, batch) -> L.PreferenceLogps:
@@ -184,7 +184,7 @@ def drive(trainer_class, setup, args):
             model=copy.deepcopy(policy), args=args, train_dataset=dataset, processing_class=tokenizer
         )
         batch = next(iter(trainer.get_train_dataloader()))
-        return float(trainer.compute_loss(trainer.model, batch)), batch
+        return float(trainer.compute_loss(trainer.model, batch).detach()), batch
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,9 @@ def losses_command(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={_format_default(v)}" for k, v in row["parameters"].items()) or "margin (optional)"
         name = row["name"] + "".join(f"\n(alias {a})" for a in row["aliases"])
         table.add_row(name, row["formula"], row["source"], params, "; ".join(needs), row["trl"] or "—")
-    Console(width=args.width).print(table)
+    # Piped output (CI logs, `make demo | tee`) would otherwise wrap at rich's 80-column fallback.
+    width = args.width or (None if sys.stdout.isatty() else 200)
+    Console(width=width).print(table)
     return 0
 
 
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:  # `dpolab losses | head`
+        sys.stderr.close()
+        return 0
     except ValueError as error:
         print(f"dpolab {args.command}: error: {error}", file=sys.stderr)
         return 2

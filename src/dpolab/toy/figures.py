@@ -42,16 +42,28 @@ def _outside(run: ToyRun) -> list[float]:
     return run.series("other_mass")
 
 
+def _plot_probabilities(ax, run: ToyRun) -> None:
+    """The four probability curves every figure shows: chosen, rejected (summed), unseen, outside the pairs."""
+    steps = _steps(run)
+    ax.plot(steps, run.series("chosen_prob"), color=COLOURS["chosen"], label="π(chosen)")
+    ax.plot(steps, run.series("rejected_mass"), color=COLOURS["rejected"], label="π(rejected), 4 summed")
+    ax.plot(steps, run.series("unseen_mass"), color=COLOURS["unseen"], label="π(unseen 9–10)")
+    ax.plot(steps, _outside(run), color=COLOURS["outside"], ls="--", label="mass outside the prompt's pairs")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def plot_figure2(run: ToyRun, path: Path) -> None:
     """Probabilities, gradient magnitudes and π_l over steps for one run (the paper's Figure 2)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     steps = _steps(run)
     ax = axes[0]
-    ax.plot(steps, run.series("chosen_prob"), color=COLOURS["chosen"], label="π(chosen)")
-    ax.plot(steps, run.series("rejected_mass"), color=COLOURS["rejected"], label="π(rejected), 4 summed")
-    ax.plot(steps, run.series("unseen_mass"), color=COLOURS["unseen"], label="π(unseen 9–10)")
-    ax.plot(steps, _outside(run), color=COLOURS["outside"], ls="--", label="mass outside the prompt's pairs")
+    _plot_probabilities(ax, run)
     ax.set(title="probabilities (mean over prompts)", xlabel="step", ylabel="probability", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -66,9 +78,7 @@ def plot_figure2(run: ToyRun, path: Path) -> None:
     ax.set(title="log scale: the drastic drop", xlabel="step")
     ax.legend(fontsize=8)
     fig.suptitle(f"{run.config.label}, scenario {run.scenario.name} ({run.scenario.description})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_scenarios(runs: list[ToyRun], path: Path) -> None:
@@ -76,19 +86,13 @@ def plot_scenarios(runs: list[ToyRun], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), sharey=True)
     for ax, run in zip(axes, runs, strict=True):
-        steps = _steps(run)
-        ax.plot(steps, run.series("chosen_prob"), color=COLOURS["chosen"], label="π(chosen)")
-        ax.plot(steps, run.series("rejected_mass"), color=COLOURS["rejected"], label="π(rejected), summed")
-        ax.plot(steps, run.series("unseen_mass"), color=COLOURS["unseen"], label="π(unseen 9–10)")
-        ax.plot(steps, _outside(run), color=COLOURS["outside"], ls="--", label="outside the pairs")
+        _plot_probabilities(ax, run)
         ax.set(title=f"scenario {run.scenario.name}: {run.scenario.description}", xlabel="step")
         ax.title.set_fontsize(9)
     axes[0].set_ylabel("probability")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{runs[0].config.label} in the four data scenarios")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_remedies(runs: list[ToyRun], path: Path) -> None:
@@ -104,9 +108,7 @@ def plot_remedies(runs: list[ToyRun], path: Path) -> None:
     axes[2].set(title="mass outside the prompt's pairs", xlabel="step")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"remedies, scenario {runs[0].scenario.name} ({runs[0].scenario.description})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sweep(runs: list[ToyRun], path: Path) -> None:
@@ -129,9 +131,7 @@ def plot_sweep(runs: list[ToyRun], path: Path) -> None:
     )
     ax.set(xlabel="β_rejected (β_chosen = 0.1)", ylabel="probability", title="flex-β: sweep of β_rejected")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def make_figures(

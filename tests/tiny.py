@@ -62,3 +62,30 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask):
     token_logps = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None])[..., 0]
     mask = completion_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(1), completion_mask[:, 1:].sum(1)
+
+
+def save_tiny_model(directory, seed: int = 0, architecture: str = "llama"):
+    """A random-init tiny causal LM and its tokenizer saved in HF format (what `from_pretrained` loads)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    if architecture == "llama":
+        model = tiny_llama(tokenizer, seed, dtype=torch.float32)
+    elif architecture == "gpt2":
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(architecture)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

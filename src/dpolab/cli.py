@@ -143,6 +143,16 @@ def toy_figures_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    from dpolab.train import load_config, run
+
+    rest = list(args.rest)
+    config_path = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    config = load_config(config_path, rest)
+    run(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpolab",
@@ -156,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     losses.add_argument("--width", type=int, default=None, help="table width in characters (default: the terminal's)")
     losses.set_defaults(handler=losses_command)
+
+    train = commands.add_parser(
+        "train",
+        help="preference-train a Hugging Face causal LM from a YAML config",
+        description="Train with CONFIG.yaml; any config key can be overridden as --key value "
+        "(nested: --loss_params.beta 0.3). See docs/training.md for every key.",
+    )
+    train.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="[CONFIG.yaml] [--key value ...]",
+        help="YAML config file (optional when the required keys are flags), then overrides",
+    )
+    train.set_defaults(handler=train_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
@@ -182,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+        # argparse cannot hand "--key value" pairs of arbitrary keys to a subcommand: route them directly.
+        args = argparse.Namespace(command="train", handler=train_command, rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0

@@ -1,0 +1,401 @@
+"""``dpolab train``: preference optimisation of any Hugging Face causal LM.
+
+:func:`run` is the whole recipe in one function: load → tokenise → reference pass (cached) → the
+loop (forward, loss, backward, step, log, eval) → save. The building blocks it calls are small and
+tested on their own (data/, engine/, losses.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from dpolab.data.formats import PreferenceExample, load_examples
+from dpolab.data.packing import pack
+from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
+from dpolab.engine.logps import SequenceLogps, naive_logps, packed_logps, reduce_tokens
+from dpolab.engine.reference import (
+    cache_key,
+    cached_reference_logps,
+    compute_reference_logps,
+    pairs_fingerprint,
+    weights_fingerprint,
+)
+from dpolab.losses import PreferenceLogps, objective_from_config
+from dpolab.train.config import TrainConfig
+from dpolab.train.metrics import MetricsLog, progress_bar
+
+
+def _resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model_and_tokenizer(config: TrainConfig, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.tokenizer or config.model, trust_remote_code=config.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def split_eval(examples: list[PreferenceExample], config: TrainConfig):
+    if config.eval_data:
+        return examples, load_examples(config.eval_data, config.data_split, config.on_bad_rows)[0]
+    if config.eval_fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    held = max(1, round(len(examples) * config.eval_fraction))
+    held_out = set(order[:held])
+    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
+
+
+def wpo_weights(batch, logps: SequenceLogps) -> torch.Tensor:
+    """WPO (Zhou et al. 2024, Eq. 2): exp(mean token (log p − log Σ_v p_v²)) of chosen × rejected, no gradient."""
+    with torch.no_grad():
+        aligned = logps.token_logps.detach() - logps.token_log_sum_sq
+        chosen, rejected = reduce_tokens(batch, aligned)
+        return torch.exp(chosen / batch.chosen_lengths) * torch.exp(rejected / batch.rejected_lengths)
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:  # Hugging Face's convention: linear from 0 at step 0
+            return step / max(1, warmup)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def check_packing(
+    model, pairs: list[TokenizedPair], config: TrainConfig, pad_token_id: int, device, dtype
+) -> str | None:
+    """Compare packed and naive log-probs on a few pairs; the reason to fall back, or None if they agree."""
+    sample = pairs[: min(4, len(pairs))]
+    batch = pack(sample, list(range(len(sample))), config.row_tokens, pad_token_id).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            fast = packed_logps(model, batch)
+            slow = naive_logps(model, sample, pad_token_id, device)
+    except Exception as error:  # noqa: BLE001 - any failure of the custom mask means: use the naive path
+        model.train(was_training)
+        return f"the packed forward failed ({type(error).__name__}: {error})"
+    model.train(was_training)
+    tokens = (batch.chosen_lengths + batch.rejected_lengths).float()
+    per_token = ((fast.chosen - slow.chosen).abs() + (fast.rejected - slow.rejected).abs()) / tokens
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    worst = float(per_token.max())
+    if worst > tolerance:
+        return f"packed and naive log-probs differ by {worst:.2g} nats per token (tolerance {tolerance:g})"
+    return None
+
+
+def run(config: TrainConfig) -> dict:
+    """Train with ``config``; returns the final summary (also written to output_dir/summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config.validate()
+    start_time = time.perf_counter()
+    set_seed(config.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    dtype = _resolve_dtype(config, device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
+    log.info(
+        f"dpolab train → {out} ({device.type}, {str(dtype).removeprefix('torch.')}, {accelerator.num_processes} process(es))"
+    )
+
+    # --- data -------------------------------------------------------------------------------
+    examples, bad_rows = load_examples(config.data, config.data_split, config.on_bad_rows)
+    for reason in bad_rows[:10]:
+        log.info(f"skipped {reason}")
+    if len(bad_rows) > 10:
+        log.info(f"skipped {len(bad_rows) - 10} more bad rows")
+    examples, eval_examples = split_eval(examples, config)
+    model, tokenizer = load_model_and_tokenizer(config, dtype)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs, report = tokenize_pairs(tokenizer, examples, config.max_length)
+    eval_pairs, eval_report = (
+        tokenize_pairs(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
+    )
+    for line in report.lines():
+        log.info(f"data: {line}")
+    if eval_report:
+        log.info(f"eval data: {eval_report.lines()[0]}")
+    if not pairs:
+        raise ValueError(f"{config.data}: no usable pairs after tokenisation ({'; '.join(report.lines())})")
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({**config.to_dict(), "data_report": report.as_dict()}, sort_keys=False)
+    )
+
+    # --- model, objective, reference --------------------------------------------------------
+    objective = objective_from_config(
+        config.loss, config.loss_weights, config.loss_params, config.sft_weight, config.sft_reduction
+    )
+    if config.disable_dropout:
+        disable_dropout(model)
+    reference_model = None
+    if objective.needs_reference and config.reference != "none":
+        if config.reference == "auto":
+            reference_model = None if config.lora else copy.deepcopy(model)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            reference_model = AutoModelForCausalLM.from_pretrained(config.reference, dtype=dtype)
+        if reference_model is not None and config.disable_dropout:
+            disable_dropout(reference_model)
+    elif objective.needs_reference:
+        raise ValueError(f"loss {config.loss!r} needs reference log-probs but reference is 'none'")
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(config.lora)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.pop("r", 16),
+                lora_alpha=lora.pop("alpha", 32),
+                lora_dropout=lora.pop("dropout", 0.0),
+                task_type="CAUSAL_LM",
+                **lora,
+            ),
+        )
+    model.to(device)
+    fallback = None if config.packing else "packing: false in the config"
+    fallback = fallback or check_packing(model, pairs, config, pad_token_id, device, dtype)
+    if fallback:
+        log.info(f"using the naive forward (two padded rows per pair): {fallback}")
+
+    reference_chosen = reference_rejected = None
+    eval_reference = (None, None)
+    reference_start = time.perf_counter()
+    if objective.needs_reference:
+        ref_module = reference_model.to(device) if reference_model is not None else model
+        adapter_off = model.disable_adapter if (config.lora and reference_model is None) else nullcontext
+
+        def reference_for(subset: list[TokenizedPair], name: str):
+            settings = {"ld_alpha": config.ld_alpha, "dtype": str(dtype), "row_tokens": config.row_tokens}
+            with adapter_off():
+                key = cache_key(weights_fingerprint(ref_module), pairs_fingerprint(subset), settings)
+                with progress_bar(
+                    config.progress and accelerator.is_main_process, f"reference log-probs ({name})", len(subset)
+                ) as advance:
+                    return cached_reference_logps(
+                        config.cache_dir,
+                        key,
+                        lambda: compute_reference_logps(
+                            ref_module,
+                            subset,
+                            config.batch_size,
+                            config.row_tokens,
+                            pad_token_id,
+                            device,
+                            ld_alpha=config.ld_alpha,
+                            progress=advance,
+                        ),
+                    )
+
+        reference_chosen, reference_rejected, hit = reference_for(pairs, "train")
+        log.info(f"reference log-probs: {'reused from cache' if hit else 'computed and cached'} in {config.cache_dir}")
+        if eval_pairs:
+            eval_reference = reference_for(eval_pairs, "eval")[:2]
+        del ref_module, reference_model  # cached: the reference model is not needed while training
+        reference_model = None
+    reference_seconds = time.perf_counter() - reference_start
+
+    # --- optimiser and schedule -------------------------------------------------------------
+    pairs_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = max(1, math.ceil(len(pairs) / pairs_per_step))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def micro_batches():
+        """Endless stream of this process's micro-batches; a new seeded shuffle every epoch."""
+        epoch = 0
+        while True:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+            order = order[accelerator.process_index :: accelerator.num_processes]
+            for start in range(0, len(order), config.batch_size):
+                ids = order[start : start + config.batch_size]
+                yield epoch, ids
+            epoch += 1
+
+    def forward(ids: list[int], subset: list[TokenizedPair], reference: tuple) -> tuple:
+        batch = pack([subset[i] for i in ids], ids, config.row_tokens, pad_token_id).to(device)
+        with accelerator.autocast():
+            if fallback:
+                logps = naive_logps(model, [subset[i] for i in ids], pad_token_id, device)
+            else:
+                logps = packed_logps(model, batch, ld_alpha=config.ld_alpha, with_log_sum_sq=config.use_weighting)
+        inputs = PreferenceLogps(
+            logps.chosen.float(),
+            logps.rejected.float(),
+            None if reference[0] is None else reference[0][ids].to(device),
+            None if reference[1] is None else reference[1][ids].to(device),
+            batch.chosen_lengths,
+            batch.rejected_lengths,
+        )
+        result = objective(inputs)
+        losses = result.losses
+        if config.use_weighting and not fallback:
+            losses = losses * wpo_weights(batch, logps)
+        return losses, inputs, result, batch
+
+    def pair_metrics(inputs: PreferenceLogps, result, losses) -> dict[str, torch.Tensor]:
+        metrics = {
+            "loss": losses.detach(),
+            "logps/chosen": inputs.policy_chosen_logps.detach(),
+            "logps/rejected": inputs.policy_rejected_logps.detach(),
+            "rewards/chosen": result.chosen_rewards,
+            "rewards/rejected": result.rejected_rewards,
+            "rewards/margins": result.chosen_rewards - result.rejected_rewards,
+            "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float(),
+        }
+        if inputs.reference_chosen_logps is not None:
+            metrics["logratio/chosen"] = inputs.policy_chosen_logps.detach() - inputs.reference_chosen_logps
+            metrics["logratio/rejected"] = inputs.policy_rejected_logps.detach() - inputs.reference_rejected_logps
+        metrics.update({name: value for name, value in result.terms.items()})
+        return metrics
+
+    def evaluate(step: int) -> dict:
+        if not eval_pairs:
+            return {}
+        model.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for start in range(0, len(eval_pairs), config.batch_size):
+                ids = list(range(start, min(start + config.batch_size, len(eval_pairs))))
+                losses, inputs, result, _ = forward(ids, eval_pairs, eval_reference)
+                for name, value in pair_metrics(inputs, result, losses).items():
+                    sums[name] = sums.get(name, 0.0) + float(value.float().sum())
+        model.train()
+        values = {f"eval/{name}": total / len(eval_pairs) for name, total in sums.items()}
+        log.write(step, values)
+        log.info(
+            f"eval at step {step}: loss {values['eval/loss']:.4f}, "
+            f"accuracy {values['eval/rewards/accuracies']:.3f}, margin {values['eval/rewards/margins']:.4f}"
+        )
+        return values
+
+    # --- the loop ---------------------------------------------------------------------------
+    model.train()
+    stream = micro_batches()
+    tokens_seen = pairs_seen = 0
+    train_start = time.perf_counter()
+    last_eval: dict = {}
+    with progress_bar(
+        config.progress and accelerator.is_main_process, "training", total_steps, show_metrics=True
+    ) as advance:
+        for step in range(1, total_steps + 1):
+            sums: dict[str, float] = {}
+            step_pairs = step_tokens = 0
+            for micro in range(config.gradient_accumulation_steps):
+                epoch, ids = next(stream)
+                sync = micro == config.gradient_accumulation_steps - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    losses, inputs, result, batch = forward(ids, pairs, (reference_chosen, reference_rejected))
+                    accelerator.backward(losses.mean() / config.gradient_accumulation_steps)
+                for name, value in pair_metrics(inputs, result, losses).items():
+                    sums[name] = sums.get(name, 0.0) + float(value.float().sum())
+                step_pairs += len(ids)
+                step_tokens += batch.real_tokens
+            if config.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            pairs_seen += step_pairs
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - train_start
+            metrics = {name: total / step_pairs for name, total in sums.items()}
+            metrics.update(
+                {
+                    "grad_norm": grad_norm,
+                    "learning_rate": learning_rate,
+                    "epoch": epoch + 1,
+                    "pairs_per_second": pairs_seen / elapsed,
+                    "tokens_per_second": tokens_seen / elapsed,
+                    "pairs": pairs_seen,
+                    "tokens": tokens_seen,
+                    "elapsed_seconds": elapsed,
+                }
+            )
+            if step % config.logging_steps == 0 or step == total_steps:
+                log.write(step, metrics)
+            advance(1, loss=metrics["loss"], margin=metrics["rewards/margins"], accuracy=metrics["rewards/accuracies"])
+            if config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
+                last_eval = evaluate(step)
+    last_eval = evaluate(total_steps) or last_eval
+
+    # --- save -------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if config.save_model and accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(out / "model", safe_serialization=True)
+        tokenizer.save_pretrained(out / "model")
+    summary = {
+        "steps": total_steps,
+        "pairs_seen": pairs_seen,
+        "tokens_seen": tokens_seen,
+        "train_seconds": time.perf_counter() - train_start,
+        "total_seconds": time.perf_counter() - start_time,
+        "reference_seconds": reference_seconds,
+        "forward": "naive" if fallback else "packed",
+        "fallback_reason": fallback,
+        "final": metrics,
+        "eval": last_eval,
+        "data": {**report.as_dict(), "bad_rows_skipped": len(bad_rows)},
+    }
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        f"done: {total_steps} steps, {pairs_seen} pairs in {summary['train_seconds']:.1f} s "
+        f"({pairs_seen / summary['train_seconds']:.1f} pairs/s); outputs in {out}"
+    )
+    log.close()
+    return summary

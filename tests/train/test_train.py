@@ -1,0 +1,282 @@
+"""`dpolab train` end to end on tiny local models; config errors; parity with TRL 1.16's DPOTrainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dpolab.train import TrainConfig, load_config, run
+from tests.tiny import save_tiny_model
+
+PAIRS = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
+    for a in range(6)
+    for b in range(4)
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")
+    save_tiny_model(root / "llama", seed=0)
+    save_tiny_model(root / "llama_ref", seed=1)
+    save_tiny_model(root / "gpt2", seed=0, architecture="gpt2")
+    return root
+
+
+def base(workspace, tmp_path, **overrides) -> TrainConfig:
+    settings = dict(
+        model=str(workspace / "llama"),
+        data=str(workspace / "pairs.jsonl"),
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        progress=False,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_metrics(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_run_writes_metrics_tensorboard_and_a_loadable_model(workspace, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {workspace / 'llama'}\ndata: {workspace / 'pairs.jsonl'}\nloss: dpop\n"
+        f"loss_params: {{beta: 0.3, lam: 50}}\nlearning_rate: 1e-3\nbatch_size: 4\nmax_steps: 4\n"
+        f"eval_fraction: 0.25\neval_steps: 2\ncache_dir: {tmp_path / 'cache'}\n"
+    )
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "train", str(config), "--output_dir", str(out), "--progress", "false"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reference log-probs: computed and cached" in result.stderr
+    metrics = read_metrics(out)
+    train_steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_steps] == [1, 2, 3, 4]
+    for key in (
+        "loss",
+        "dpop_penalty",
+        "logps/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_second",
+        "pairs_per_second",
+        "elapsed_seconds",
+        "logratio/chosen",
+    ):
+        assert key in train_steps[0] and train_steps[0][key] == train_steps[0][key], key  # present and not NaN
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(out / "model")
+    assert (out / "model" / "model.safetensors").exists()
+    original = AutoModelForCausalLM.from_pretrained(workspace / "llama")
+    assert not torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["forward"] == "packed" and summary["steps"] == 4
+
+    # Same inputs again: the reference log-probs come from the cache.
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpolab",
+            "train",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "run2"),
+            "--progress",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "reference log-probs: reused from cache" in again.stderr
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_packed_and_naive_training_take_the_same_steps(workspace, tmp_path, architecture):
+    losses = {}
+    for packing in (True, False):
+        config = base(
+            workspace,
+            tmp_path / str(packing),
+            model=str(workspace / architecture),
+            packing=packing,
+            save_model=False,
+            tensorboard=False,
+            reference=str(workspace / "llama_ref") if architecture == "llama" else "auto",
+        )
+        summary = run(config)
+        assert summary["forward"] == ("packed" if packing else "naive")
+        losses[packing] = [m["loss"] for m in read_metrics(tmp_path / str(packing) / "run")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--learning_rate", "-1"], "learning_rate: must be > 0; got -1"),
+        (["--loss_params.beta", "0"], "loss: dpo.beta must be > 0; got 0"),
+        (["--loss", "dpoo"], "loss: unknown loss 'dpoo'"),
+        (["--batch_size", "two"], "batch_size: expected int; got 'two'"),
+        (["--learning_rat", "1e-5"], "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
+        (["--data", "missing.jsonl"], "data: file not found: missing.jsonl"),
+        (["--lr_scheduler", "step"], "lr_scheduler: must be one of linear, cosine, constant; got 'step'"),
+        (["--model", ""], "model: required"),
+    ],
+)
+def test_config_errors_name_the_key(workspace, overrides, message):
+    args = ["--model", str(workspace / "llama"), "--data", str(workspace / "pairs.jsonl")] + overrides
+    with pytest.raises(ValueError) as error:
+        load_config(None, args)
+    assert message in str(error.value)
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "train", "--model", "./nope", "--data", "x.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dpolab train: error: data: file not found: x.jsonl"
+
+
+TRL_LOSSES = [
+    ("sigmoid", {}),
+    ("hinge", {}),
+    ("ipo", {}),
+    ("exo_pair", {"label_smoothing": 1e-3}),
+    ("nca_pair", {}),
+    ("robust", {"label_smoothing": 0.1}),
+    ("bco_pair", {}),
+    ("sppo_hard", {}),
+    ("aot", {}),
+    ("aot_unpaired", {}),
+    ("apo_zero", {}),
+    ("apo_down", {}),
+    ("discopop", {}),
+    ("sft", {}),
+    ("sigmoid_norm", {}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type, extra", TRL_LOSSES, ids=[name for name, _ in TRL_LOSSES])
+def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra):
+    """Same tiny model, data, batch and hyper-parameters: the first logged step agrees to 1e-4."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.losses import objective_from_trl
+
+    rows = PAIRS[:8]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    beta = 0.2
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        loss_type=[loss_type],
+        beta=beta,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        **extra,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(workspace / "llama"),
+            ref_model=AutoModelForCausalLM.from_pretrained(workspace / "llama_ref"),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(workspace / "llama"),
+        )
+        trainer.train()
+    theirs = trainer.state.log_history[0]
+
+    # The dpolab loss that computes TRL's, with its parameters, as a config.
+    (term,) = objective_from_trl(loss_type=[loss_type], beta=beta, **extra).terms
+    spec, _, params = term
+    config = base(
+        workspace,
+        tmp_path,
+        data=str(tmp_path / "pairs.jsonl"),
+        reference=str(workspace / "llama_ref"),
+        loss=spec.name,
+        loss_params={k: v for k, v in params.items()},
+        batch_size=8,
+        max_steps=1,
+        save_model=False,
+        tensorboard=False,
+    )
+    run(config)
+    (ours,) = read_metrics(tmp_path / "run")
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4, rel=1e-4)
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        if key.startswith("rewards") and spec.name == "sft":
+            continue  # TRL logs β·log-ratio for sft; dpolab's sft has no reference, its rewards are log-probs
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4, rel=1e-4), key
+
+
+def test_docs_list_every_config_key():
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    for item in dataclasses.fields(TrainConfig):
+        assert f"| `{item.name}` |" in text, f"docs/training.md does not document {item.name}"
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_disabled(workspace, tmp_path):
+    """LoRA's B matrices start at zero, so at step 1 the policy *is* the reference: log-ratios are 0."""
+    config = base(
+        workspace,
+        tmp_path,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        max_steps=3,
+        tensorboard=False,
+    )
+    summary = run(config)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["logratio/chosen"] == pytest.approx(0, abs=1e-6)
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2
+    assert abs(metrics[-1]["logratio/chosen"]) > 1e-5  # the adapter trained
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
+    assert summary["forward"] == "packed"

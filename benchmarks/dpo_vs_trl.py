@@ -40,26 +40,16 @@ SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verifica
 def build_workspace(root: Path, pairs: int) -> None:
     """Tokenizer, model and pairs in ``root`` (deterministic)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpolab.data.tokenizer import train_bpe_tokenizer
 
     texts = []
     with open(SHARED / "train.jsonl") as handle:
         for line in handle:
             row = json.loads(line)
             texts.append(row["question"] + "\n" + row["answer"])
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        special_tokens=["<pad>", "<eos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    hf_tokenizer = train_bpe_tokenizer(texts, vocab_size=4096)
     config = LlamaConfig(
         vocab_size=4096,
         hidden_size=256,

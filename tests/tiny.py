@@ -6,8 +6,8 @@ Nothing here downloads anything.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dpolab.data.tokenizer import train_bpe_tokenizer
 
 CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -18,37 +18,79 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
-    from tokenizers import decoders
-
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+def tiny_tokenizer(vocab_size: int = 400):
+    return train_bpe_tokenizer(CORPUS * 4, vocab_size)
 
 
-def tiny_llama(tokenizer, seed: int, initializer_range: float = 0.02, dtype=torch.float64) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+def tiny_causal_lm(
+    architecture: str,
+    vocab_size: int,
+    seed: int = 0,
+    dtype=torch.float32,
+    attention: str = "sdpa",
+    initializer_range: float = 0.02,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+):
+    """A 2-layer, width-32 Llama, Qwen2 or GPT-2 with random weights, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    special = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    if architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            initializer_range=initializer_range,
+            attn_implementation=attention,
+            **special,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        config_class, model_class = {
+            "llama": (LlamaConfig, LlamaForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        }[architecture]
+        config = config_class(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=initializer_range,
+            attn_implementation=attention,
+            **special,
+        )
+        model = model_class(config)
+    return model.to(dtype).eval()
+
+
+def tiny_llama(tokenizer, seed: int, initializer_range: float = 0.02, dtype=torch.float64):
+    return tiny_causal_lm(
+        "llama",
+        len(tokenizer),
+        seed,
+        dtype,
         initializer_range=initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_tiny_model(directory, seed: int = 0, architecture: str = "llama"):
+    """A random-init tiny causal LM and its tokenizer saved in HF format (what `from_pretrained` loads)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(
+        architecture, len(tokenizer), seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def sequence_logps(model, input_ids, attention_mask, completion_mask):
@@ -62,30 +104,3 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask):
     token_logps = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None])[..., 0]
     mask = completion_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(1), completion_mask[:, 1:].sum(1)
-
-
-def save_tiny_model(directory, seed: int = 0, architecture: str = "llama"):
-    """A random-init tiny causal LM and its tokenizer saved in HF format (what `from_pretrained` loads)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = tiny_tokenizer()
-    if architecture == "llama":
-        model = tiny_llama(tokenizer, seed, dtype=torch.float32)
-    elif architecture == "gpt2":
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=256,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ValueError(architecture)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return str(directory)

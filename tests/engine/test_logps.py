@@ -6,11 +6,11 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from dpolab.data.packing import CHOSEN, PROMPT, REJECTED, pack, plan_rows
 from dpolab.data.tokenize import TokenizedPair
 from dpolab.engine.logps import naive_logps, packed_logps
+from tests.tiny import tiny_causal_lm
 
 VOCAB = 300
 
@@ -25,33 +25,7 @@ def random_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
 
 
 def build(architecture: str, attention: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    small = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attention,
-    )
-    if architecture == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**small))
-    elif architecture == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**small))
-    else:
-        model = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                bos_token_id=1,
-                eos_token_id=1,
-                attn_implementation=attention,
-            )
-        )
-    return model.to(dtype).eval()
+    return tiny_causal_lm(architecture, VOCAB, seed=0, dtype=dtype, attention=attention)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])

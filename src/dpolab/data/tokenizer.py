@@ -1,0 +1,26 @@
+"""Train a byte-level BPE tokenizer locally (no download), wrapped as a Hugging Face fast tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """A byte-level BPE with ``<pad>`` (id 0), ``<eos>`` (id 1) and ``<unk>`` (id 2), trained on ``texts``.
+
+    Byte-level means any text can be encoded. The result saves and loads with ``save_pretrained`` /
+    ``AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)

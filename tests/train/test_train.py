@@ -185,10 +185,8 @@ TRL_LOSSES = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss_type, extra", TRL_LOSSES, ids=[name for name, _ in TRL_LOSSES])
-def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra):
-    """Same tiny model, data, batch and hyper-parameters: the first logged step agrees to 1e-4."""
+def compare_first_step_with_trl(workspace, tmp_path, loss_type: str, extra: dict, engine_extra: dict | None = None):
+    """Same tiny model, reference, data, batch and hyper-parameters: the first logged step agrees to 1e-4."""
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,6 +196,7 @@ def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra
     rows = PAIRS[:8]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     beta = 0.2
+    engine_extra = engine_extra or {}
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"),
         loss_type=[loss_type],
@@ -211,6 +210,7 @@ def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra
         bf16=False,
         save_strategy="no",
         **extra,
+        **engine_extra,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -233,11 +233,12 @@ def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra
         data=str(tmp_path / "pairs.jsonl"),
         reference=str(workspace / "llama_ref"),
         loss=spec.name,
-        loss_params={k: v for k, v in params.items()},
+        loss_params=dict(params),
         batch_size=8,
         max_steps=1,
         save_model=False,
         tensorboard=False,
+        **engine_extra,
     )
     run(config)
     (ours,) = read_metrics(tmp_path / "run")
@@ -253,6 +254,56 @@ def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra
         if key.startswith("rewards") and spec.name == "sft":
             continue  # TRL logs β·log-ratio for sft; dpolab's sft has no reference, its rewards are log-probs
         assert ours[key] == pytest.approx(theirs[key], abs=1e-4, rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type, extra", TRL_LOSSES, ids=[name for name, _ in TRL_LOSSES])
+def test_first_step_equals_trl_dpo_trainer(workspace, tmp_path, loss_type, extra):
+    compare_first_step_with_trl(workspace, tmp_path, loss_type, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine_extra",
+    [{"ld_alpha": 0.5}, {"ld_alpha": 0.0}, {"use_weighting": True}],
+    ids=["ld_alpha=0.5", "ld_alpha=0", "wpo"],
+)
+def test_first_step_equals_trl_with_ld_dpo_and_wpo(workspace, tmp_path, engine_extra):
+    compare_first_step_with_trl(workspace, tmp_path, "sigmoid", {}, engine_extra)
+
+
+def test_a_model_that_cannot_take_the_mask_falls_back_to_the_naive_path(workspace, tmp_path):
+    """Bloom builds ALiBi biases from a 2D mask: the packed forward fails and the trainer says so."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from tests.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    BloomForCausalLM(
+        BloomConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            n_layer=2,
+            n_head=4,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        )
+    ).save_pretrained(tmp_path / "bloom")
+    tokenizer.save_pretrained(tmp_path / "bloom")
+    summary = run(base(workspace, tmp_path, model=str(tmp_path / "bloom"), save_model=False, tensorboard=False))
+    assert summary["forward"] == "naive"
+    assert "the packed forward failed" in summary["fallback_reason"]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+def test_bf16_autocast_runs_on_cpu(workspace, tmp_path):
+    summary = run(base(workspace, tmp_path, mixed_precision="bf16", save_model=False, tensorboard=False))
+    assert summary["forward"] == "packed"
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(0.6931, abs=2e-2)  # policy = reference at step 1: ≈ log 2 in bf16
 
 
 def test_docs_list_every_config_key():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dpolab.data.packing import pack
 from dpolab.data.tokenize import TokenizedPair
-from dpolab.engine.logps import packed_logps
+from dpolab.engine.logps import naive_logps, packed_logps
 
 
 def weights_fingerprint(model) -> str:
@@ -52,9 +52,14 @@ def compute_reference_logps(
     device,
     ld_alpha: float | None = None,
     autocast=None,
+    naive: bool = False,
     progress: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) reference log-probs of every pair, in data-set order (float32)."""
+    """(chosen, rejected) reference log-probs of every pair, in data-set order (float32).
+
+    ``naive=True`` uses separate padded rows (no ``ld_alpha`` weighting there: the trainer refuses
+    ``ld_alpha`` without the packed path).
+    """
     chosen = torch.empty(len(pairs), dtype=torch.float32)
     rejected = torch.empty(len(pairs), dtype=torch.float32)
     was_training = model.training
@@ -62,9 +67,12 @@ def compute_reference_logps(
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             ids = list(range(start, min(start + batch_size, len(pairs))))
-            batch = pack([pairs[i] for i in ids], ids, row_tokens, pad_token_id).to(device)
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                out = packed_logps(model, batch, ld_alpha=ld_alpha)
+                if naive:  # the model cannot take the packed mask (see dpolab.train.loop.check_packing)
+                    out = naive_logps(model, [pairs[i] for i in ids], pad_token_id, device)
+                else:
+                    batch = pack([pairs[i] for i in ids], ids, row_tokens, pad_token_id).to(device)
+                    out = packed_logps(model, batch, ld_alpha=ld_alpha)
             chosen[ids] = out.chosen.float().cpu()
             rejected[ids] = out.rejected.float().cpu()
             if progress:

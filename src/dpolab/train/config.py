@@ -25,8 +25,10 @@ class TrainConfig:
     """Tokenizer directory or id; default: the model's."""
     reference: str = "auto"
     """``auto``: a frozen copy of the initial policy (with LoRA: the base model, adapter disabled) when the loss needs a reference, none otherwise; ``none``; or a path/id of another model."""
-    dtype: str = "auto"
-    """Weights dtype: ``auto`` (float32 on CPU, bfloat16 where the GPU supports it), ``float32``, ``bfloat16``, ``float16``."""
+    dtype: str = "float32"
+    """Weights dtype: ``float32`` (master weights, the default), ``bfloat16`` or ``float16`` (halves memory; no fp32 master copy), or ``auto`` (the checkpoint's)."""
+    mixed_precision: str = "auto"
+    """Autocast of forward passes: ``auto`` (bf16 where the GPU supports it, else off), ``no``, ``bf16``, ``fp16``."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the source."""
     lora: dict | None = None

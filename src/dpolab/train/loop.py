@@ -34,12 +34,10 @@ from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import MetricsLog, progress_bar
 
 
-def _resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def _mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def load_model_and_tokenizer(config: TrainConfig, dtype: torch.dtype):
@@ -95,7 +93,7 @@ def lr_lambda(config: TrainConfig, total_steps: int):
 
 
 def check_packing(
-    model, pairs: list[TokenizedPair], config: TrainConfig, pad_token_id: int, device, dtype
+    model, pairs: list[TokenizedPair], config: TrainConfig, pad_token_id: int, device, dtype, autocast=nullcontext
 ) -> str | None:
     """Compare packed and naive log-probs on a few pairs; the reason to fall back, or None if they agree."""
     sample = pairs[: min(4, len(pairs))]
@@ -103,7 +101,7 @@ def check_packing(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             fast = packed_logps(model, batch)
             slow = naive_logps(model, sample, pad_token_id, device)
     except Exception as error:  # noqa: BLE001 - any failure of the custom mask means: use the naive path
@@ -119,6 +117,15 @@ def check_packing(
     return None
 
 
+def _reset_single_process_accelerate_state() -> None:
+    """Accelerate keeps one process-wide state; let a second ``run`` in one process (a notebook, the
+    tests) choose its own mixed precision. Never touched under ``accelerate launch``."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def run(config: TrainConfig) -> dict:
     """Train with ``config``; returns the final summary (also written to output_dir/summary.json)."""
     from accelerate import Accelerator
@@ -127,9 +134,10 @@ def run(config: TrainConfig) -> dict:
     config.validate()
     start_time = time.perf_counter()
     set_seed(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _reset_single_process_accelerate_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(config))
     device = accelerator.device
-    dtype = _resolve_dtype(config, device)
+    dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
@@ -145,6 +153,8 @@ def run(config: TrainConfig) -> dict:
         log.info(f"skipped {len(bad_rows) - 10} more bad rows")
     examples, eval_examples = split_eval(examples, config)
     model, tokenizer = load_model_and_tokenizer(config, dtype)
+    dtype = model.dtype
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, dtype)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = tokenize_pairs(tokenizer, examples, config.max_length)
     eval_pairs, eval_report = (
@@ -173,7 +183,9 @@ def run(config: TrainConfig) -> dict:
         else:
             from transformers import AutoModelForCausalLM
 
-            reference_model = AutoModelForCausalLM.from_pretrained(config.reference, dtype=dtype)
+            reference_model = AutoModelForCausalLM.from_pretrained(
+                config.reference, dtype=dtype, trust_remote_code=config.trust_remote_code
+            )
         if reference_model is not None and config.disable_dropout:
             disable_dropout(reference_model)
     elif objective.needs_reference:
@@ -194,9 +206,15 @@ def run(config: TrainConfig) -> dict:
         )
     model.to(device)
     fallback = None if config.packing else "packing: false in the config"
-    fallback = fallback or check_packing(model, pairs, config, pad_token_id, device, dtype)
+    fallback = fallback or check_packing(
+        model, pairs, config, pad_token_id, device, compute_dtype, accelerator.autocast
+    )
     if fallback:
         log.info(f"using the naive forward (two padded rows per pair): {fallback}")
+        if config.ld_alpha is not None or config.use_weighting:
+            raise ValueError(
+                f"ld_alpha and use_weighting need the packed forward, which this model cannot take: {fallback}"
+            )
 
     reference_chosen = reference_rejected = None
     eval_reference = (None, None)
@@ -206,7 +224,12 @@ def run(config: TrainConfig) -> dict:
         adapter_off = model.disable_adapter if (config.lora and reference_model is None) else nullcontext
 
         def reference_for(subset: list[TokenizedPair], name: str):
-            settings = {"ld_alpha": config.ld_alpha, "dtype": str(dtype), "row_tokens": config.row_tokens}
+            settings = {
+                "ld_alpha": config.ld_alpha,
+                "dtype": str(compute_dtype),
+                "row_tokens": config.row_tokens,
+                "forward": "naive" if fallback else "packed",
+            }
             with adapter_off():
                 key = cache_key(weights_fingerprint(ref_module), pairs_fingerprint(subset), settings)
                 with progress_bar(
@@ -223,6 +246,8 @@ def run(config: TrainConfig) -> dict:
                             pad_token_id,
                             device,
                             ld_alpha=config.ld_alpha,
+                            autocast=accelerator.autocast,
+                            naive=bool(fallback),
                             progress=advance,
                         ),
                     )

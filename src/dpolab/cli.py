@@ -143,13 +143,43 @@ def toy_figures_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_check_command(args: argparse.Namespace) -> int:
+    from dpolab.data.check import check_file, print_report
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.max_length is not None:
+        raise ValueError("--max-length needs --tokenizer (lengths are counted in tokens)")
+    report = check_file(args.file, tokenizer, args.max_length, args.allow_extra)
+    print_report(report, args.show)
+    return 0 if report.clean else 1
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
+    from dpolab.train.guard import NonFiniteError, TrainingInterrupted
 
     rest = list(args.rest)
     config_path = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    resume, overwrite = None, False
+    if "--overwrite" in rest:
+        rest.remove("--overwrite")
+        overwrite = True
+    if "--resume" in rest:
+        at = rest.index("--resume")
+        rest.pop(at)
+        resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
     config = load_config(config_path, rest)
-    run(config)
+    try:
+        run(config, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        return stop.exit_code
+    except NonFiniteError as error:
+        print(f"dpolab train: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -180,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config file (optional when the required keys are flags), then overrides",
     )
     train.set_defaults(handler=train_command)
+
+    data = commands.add_parser("data", help="preference data tools")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    check = data_commands.add_parser(
+        "check",
+        help="list every bad row of a preference file; exit 0 only when it is clean",
+        description="Reports per row: invalid JSON or UTF-8 (with line numbers), missing or extra fields, wrong "
+        "types, empty prompt or completion, chosen identical to rejected, duplicate pairs, and (with --tokenizer "
+        "and --max-length) prompts that alone reach max_length. Ends with a summary table.",
+    )
+    check.add_argument("file", help=".jsonl, .json, .parquet or .csv file (or a datasets id)")
+    check.add_argument("--tokenizer", help="tokenizer directory or id, to check prompt lengths in tokens")
+    check.add_argument("--max-length", type=int, default=None, help="as the training config's max_length")
+    check.add_argument("--allow-extra", action="store_true", help="accept fields beyond prompt/chosen/rejected")
+    check.add_argument("--show", type=int, default=50, help="problems to list before the table (default 50)")
+    check.set_defaults(handler=data_check_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

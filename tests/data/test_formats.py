@@ -89,8 +89,27 @@ def test_bad_rows_name_the_row(row, message):
 def test_bad_files(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1 \(line 2\): invalid JSON"):
         load_examples(str(bad_json))
+    raw = tmp_path / "latin1.jsonl"
+    raw.write_bytes(
+        b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    )
+    examples, bad = load_examples(str(raw), on_bad_rows="skip")
+    assert len(examples) == 1 and bad == [f"{raw}: row 1 (line 2): not UTF-8 (at byte offset 15)"]
+    same = write_jsonl(
+        tmp_path / "same.jsonl",
+        [
+            {"prompt": "Q", "chosen": "a", "rejected": "a"},
+            {"prompt": "Q", "chosen": "a", "rejected": "b"},
+            {"prompt": "Q", "chosen": "a", "rejected": "b"},
+        ],
+    )
+    _, bad = load_examples(same, on_bad_rows="skip")
+    assert [b.split(": ", 1)[1] for b in bad] == [
+        "row 0: chosen and rejected are identical",
+        "row 2: duplicate of row 1",
+    ]
     with pytest.raises(DataError, match="data file not found"):
         load_examples(str(tmp_path / "missing.jsonl"))
     (tmp_path / "x.txt").write_text("hi")

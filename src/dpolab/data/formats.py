@@ -35,6 +35,14 @@ class DataError(ValueError):
     """Bad input data; the message names the source and the row."""
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a JSONL file that is not a row: invalid UTF-8 or invalid JSON (1-based line number)."""
+
+    line: int
+    reason: str
+
+
 # Where an implicit prompt may end (the text after it starts the completion), most specific first.
 _BOUNDARIES = ("\n\nAssistant:", "\nAssistant:", "Assistant:", "\n", " ")
 
@@ -69,6 +77,8 @@ def _is_messages(value: object) -> bool:
 def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceExample:
     """Validate one row and turn it into a :class:`PreferenceExample`."""
     where = f"{source}: row {index}"
+    if isinstance(row, BadLine):
+        raise DataError(f"{where} (line {row.line}): {row.reason}")
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with chosen/rejected, got {type(row).__name__}")
     for key in ("chosen", "rejected"):
@@ -105,6 +115,8 @@ def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceE
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not value.strip():
             raise DataError(f"{where}: empty {key} completion")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are identical")
     return PreferenceExample(prompt, chosen, rejected, index)
 
 
@@ -114,16 +126,7 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     if path.exists():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"{path}: line {line_number + 1}: invalid JSON ({error.msg})") from None
-            return rows
+            return [row for _, row in read_jsonl_lines(path)]
         if suffix == ".json":
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
@@ -150,6 +153,30 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     raise DataError(f"data file not found: {source}")
 
 
+def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
+    """(1-based line number, parsed row or :class:`BadLine`) for every non-blank line."""
+    rows: list[tuple[int, object]] = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                rows.append((number, BadLine(number, f"not UTF-8 (at byte offset {error.start})")))
+                continue
+            if not text.strip():
+                continue
+            try:
+                rows.append((number, json.loads(text)))
+            except json.JSONDecodeError as error:
+                rows.append((number, BadLine(number, f"invalid JSON ({error.msg}, column {error.colno})")))
+    return rows
+
+
+def pair_key(example: PreferenceExample) -> str:
+    """Identity of a pair, for finding duplicates."""
+    return json.dumps([example.prompt, example.chosen, example.rejected], sort_keys=True)
+
+
 def load_examples(
     source: str, split: str = "train", on_bad_rows: str = "error"
 ) -> tuple[list[PreferenceExample], list[str]]:
@@ -164,11 +191,19 @@ def load_examples(
     if not rows:
         raise DataError(f"{source}: no rows")
     examples, bad = [], []
+    seen: dict[str, int] = {}
     for index, row in enumerate(rows):
         try:
-            examples.append(example_from_row(row, index, source))
+            example = example_from_row(row, index, source)
         except DataError as error:
             bad.append(str(error))
+            continue
+        key = pair_key(example)
+        if key in seen:
+            bad.append(f"{source}: row {index}: duplicate of row {seen[key]}")
+            continue
+        seen[key] = index
+        examples.append(example)
     if bad and on_bad_rows == "error":
         shown = "\n  ".join(bad[:10])
         more = f"\n  … and {len(bad) - 10} more" if len(bad) > 10 else ""

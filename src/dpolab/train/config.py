@@ -111,6 +111,16 @@ class TrainConfig:
     """Save the final model and tokenizer (safetensors, HF format) to output_dir/model."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (needs the tensorboard package)."""
+    checkpoint_steps: int | None = None
+    """Write a checkpoint every N steps (always one at the end and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    skip_nonfinite: bool = False
+    """On NaN/inf in the loss or gradients: false stops the run naming the step and data rows; true skips the batch (no update) and counts it."""
+    max_nonfinite: int = 10
+    """With skip_nonfinite, stop after this many skipped batches."""
+    allow_pickle: bool = False
+    """Allow loading model weights from pickle files (.bin); off, only safetensors are read."""
     cache_dir: str = "~/.cache/dpolab"
     """Where reference log-probs are cached across runs."""
     progress: bool = True
@@ -138,11 +148,11 @@ class TrainConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0; got {getattr(self, key)!r}")
-        for key in ("max_steps", "eval_steps", "max_length", "max_grad_norm"):
+        for key in ("max_steps", "eval_steps", "max_length", "max_grad_norm", "checkpoint_steps"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"{key}: must be > 0 or null; got {value!r}")
-        for key in ("weight_decay", "warmup_steps", "sft_weight"):
+        for key in ("weight_decay", "warmup_steps", "sft_weight", "max_nonfinite"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0; got {getattr(self, key)!r}")
         for key in ("warmup_ratio", "adam_beta1", "adam_beta2"):
@@ -276,3 +286,24 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     config = TrainConfig(**data)
     config.validate()
     return config
+
+
+def markdown_table() -> str:
+    """The "Every key" table of docs/training.md: ``python -m dpolab.train.config``."""
+    docs = field_docs()
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for item in dataclasses.fields(TrainConfig):
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if default is None:
+            shown = "`null`"
+        elif isinstance(default, str):
+            shown = f"`{default}`" if default else "(required)"
+        else:
+            shown = f"`{default!r}`"
+        meaning = docs[item.name].replace("|", "\\|")
+        lines.append(f"| `{item.name}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

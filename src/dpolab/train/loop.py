@@ -30,7 +30,14 @@ from dpolab.engine.reference import (
     weights_fingerprint,
 )
 from dpolab.losses import PreferenceLogps, objective_from_config
+from dpolab.train.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from dpolab.train.config import TrainConfig
+from dpolab.train.guard import (
+    NonFiniteError,
+    TrainingInterrupted,
+    catch_stop_signals,
+    prepare_output_dir,
+)
 from dpolab.train.metrics import MetricsLog, progress_bar
 
 
@@ -46,7 +53,12 @@ def load_model_and_tokenizer(config: TrainConfig, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer or config.model, trust_remote_code=config.trust_remote_code
     )
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model,
+        dtype=dtype,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=None if config.allow_pickle else True,
+    )
     return model, tokenizer
 
 
@@ -126,8 +138,13 @@ def _reset_single_process_accelerate_state() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def run(config: TrainConfig) -> dict:
-    """Train with ``config``; returns the final summary (also written to output_dir/summary.json)."""
+def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Train with ``config``; returns the final summary (also written to output_dir/summary.json).
+
+    ``resume``: ``"latest"`` or a checkpoint folder, to continue a stopped run exactly. ``overwrite``:
+    replace a finished or unfinished run in ``output_dir``. Raises :class:`TrainingInterrupted` after
+    SIGINT/SIGTERM (a checkpoint is written first) and :class:`NonFiniteError` on NaN/inf.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -139,7 +156,17 @@ def run(config: TrainConfig) -> dict:
     device = accelerator.device
     dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock, resume_from = prepare_output_dir(out, resume, overwrite, accelerator.is_main_process)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "state.json").read_text())["config"]
+        changed = config_differences(saved, config.to_dict())
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
+            lock.release()
+            raise ValueError(
+                f"cannot resume {resume_from}: the config changed in keys that change the result "
+                f"({details}); use a new output_dir or --overwrite"
+            )
     log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
     log.info(
         f"dpolab train → {out} ({device.type}, {str(dtype).removeprefix('torch.')}, {accelerator.num_processes} process(es))"
@@ -166,9 +193,8 @@ def run(config: TrainConfig) -> dict:
         log.info(f"eval data: {eval_report.lines()[0]}")
     if not pairs:
         raise ValueError(f"{config.data}: no usable pairs after tokenisation ({'; '.join(report.lines())})")
-    (out / "config.yaml").write_text(
-        yaml.safe_dump({**config.to_dict(), "data_report": report.as_dict()}, sort_keys=False)
-    )
+    (out / "data_report.json").write_text(json.dumps({**report.as_dict(), "bad_rows": bad_rows}, indent=2))
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     # --- model, objective, reference --------------------------------------------------------
     objective = objective_from_config(
@@ -184,7 +210,10 @@ def run(config: TrainConfig) -> dict:
             from transformers import AutoModelForCausalLM
 
             reference_model = AutoModelForCausalLM.from_pretrained(
-                config.reference, dtype=dtype, trust_remote_code=config.trust_remote_code
+                config.reference,
+                dtype=dtype,
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=None if config.allow_pickle else True,
             )
         if reference_model is not None and config.disable_dropout:
             disable_dropout(reference_model)
@@ -343,40 +372,93 @@ def run(config: TrainConfig) -> dict:
         )
         return values
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- resume, signals -------------------------------------------------------------------
     model.train()
     stream = micro_batches()
-    tokens_seen = pairs_seen = 0
+    tokens_seen = pairs_seen = nonfinite_skipped = 0
+    first_step, elapsed_before = 1, 0.0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        for _ in range(state["micro_batches"]):
+            next(stream)  # the data order is a pure function of (seed, epoch): skip what was consumed
+        first_step = state["step"] + 1
+        pairs_seen, tokens_seen = state["pairs_seen"], state["tokens_seen"]
+        nonfinite_skipped, elapsed_before = state["nonfinite_skipped"], state["elapsed_seconds"]
+        log.truncate_after(state["step"])
+        log.info(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
+    micro_batches_consumed = (first_step - 1) * config.gradient_accumulation_steps
+
+    def checkpoint(step: int) -> Path | None:
+        if not accelerator.is_main_process:
+            return None
+        trainer_state = {
+            "micro_batches": micro_batches_consumed,
+            "pairs_seen": pairs_seen,
+            "tokens_seen": tokens_seen,
+            "nonfinite_skipped": nonfinite_skipped,
+            "elapsed_seconds": elapsed,
+            "total_steps": total_steps,
+            "config": config.to_dict(),
+        }
+        return save_checkpoint(
+            out, step, accelerator.unwrap_model(model), optimizer, scheduler, trainer_state, config.keep_checkpoints
+        )
+
+    # --- the loop ---------------------------------------------------------------------------
     train_start = time.perf_counter()
+    elapsed = elapsed_before
     last_eval: dict = {}
-    with progress_bar(
-        config.progress and accelerator.is_main_process, "training", total_steps, show_metrics=True
-    ) as advance:
-        for step in range(1, total_steps + 1):
+    metrics: dict = {}
+    with (
+        catch_stop_signals() as stop,
+        progress_bar(
+            config.progress and accelerator.is_main_process, "training", total_steps, show_metrics=True
+        ) as advance,
+    ):
+        advance(0, completed=first_step - 1)
+        for step in range(first_step, total_steps + 1):
             sums: dict[str, float] = {}
             step_pairs = step_tokens = 0
+            step_rows: list[int] = []
+            finite = True
             for micro in range(config.gradient_accumulation_steps):
                 epoch, ids = next(stream)
+                micro_batches_consumed += 1
                 sync = micro == config.gradient_accumulation_steps - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     losses, inputs, result, batch = forward(ids, pairs, (reference_chosen, reference_rejected))
+                    finite = finite and bool(torch.isfinite(losses).all())
                     accelerator.backward(losses.mean() / config.gradient_accumulation_steps)
                 for name, value in pair_metrics(inputs, result, losses).items():
                     sums[name] = sums.get(name, 0.0) + float(value.float().sum())
                 step_pairs += len(ids)
                 step_tokens += batch.real_tokens
+                step_rows += [pairs[i].row for i in ids]
             if config.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
             else:
                 grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
             learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if finite and math.isfinite(grad_norm):
+                optimizer.step()
+            else:  # never let NaN/inf reach the weights (or a checkpoint)
+                what = "loss" if not finite else "gradient norm"
+                message = f"step {step}: non-finite {what} in the batch of data rows {sorted(step_rows)}"
+                nonfinite_skipped += 1
+                if not config.skip_nonfinite:
+                    raise NonFiniteError(message + " (set skip_nonfinite: true to skip such batches)")
+                if nonfinite_skipped > config.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{message}; {nonfinite_skipped} non-finite batches, more than "
+                        f"max_nonfinite={config.max_nonfinite}"
+                    )
+                log.info(f"skipped {message}")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             pairs_seen += step_pairs
             tokens_seen += step_tokens
-            elapsed = time.perf_counter() - train_start
+            elapsed = elapsed_before + time.perf_counter() - train_start
             metrics = {name: total / step_pairs for name, total in sums.items()}
             metrics.update(
                 {
@@ -388,6 +470,7 @@ def run(config: TrainConfig) -> dict:
                     "pairs": pairs_seen,
                     "tokens": tokens_seen,
                     "elapsed_seconds": elapsed,
+                    "nonfinite_skipped": nonfinite_skipped,
                 }
             )
             if step % config.logging_steps == 0 or step == total_steps:
@@ -395,6 +478,15 @@ def run(config: TrainConfig) -> dict:
             advance(1, loss=metrics["loss"], margin=metrics["rewards/margins"], accuracy=metrics["rewards/accuracies"])
             if config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
                 last_eval = evaluate(step)
+            periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
+            if periodic or step == total_steps or stop.signal:
+                saved = checkpoint(step)
+            if stop.signal:
+                log.info(
+                    f"stopped by {stop.name} after step {step}; checkpoint: {saved}\n"
+                    f"resume with: dpolab train {out / 'config.yaml'} --resume"
+                )
+                raise TrainingInterrupted(stop.signal)
     last_eval = evaluate(total_steps) or last_eval
 
     # --- save -------------------------------------------------------------------------------
@@ -405,9 +497,11 @@ def run(config: TrainConfig) -> dict:
         tokenizer.save_pretrained(out / "model")
     summary = {
         "steps": total_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "nonfinite_skipped": nonfinite_skipped,
         "pairs_seen": pairs_seen,
         "tokens_seen": tokens_seen,
-        "train_seconds": time.perf_counter() - train_start,
+        "train_seconds": elapsed,
         "total_seconds": time.perf_counter() - start_time,
         "reference_seconds": reference_seconds,
         "forward": "naive" if fallback else "packed",
@@ -423,4 +517,5 @@ def run(config: TrainConfig) -> dict:
         f"({pairs_seen / summary['train_seconds']:.1f} pairs/s); outputs in {out}"
     )
     log.close()
+    lock.release()
     return summary

@@ -45,6 +45,16 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(name, value, step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after ``step`` (a resumed run redoes those steps)."""
+        if not self.main:
+            return
+        self.handle.close()
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.handle = open(self.path, "a")
+
     def close(self) -> None:
         if self.handle:
             self.handle.close()

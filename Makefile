@@ -13,6 +13,9 @@ demo: $(STAMP)
 	$(BIN)/dpolab toy figures --out runs/toy
 
 test: $(STAMP)
+	# The report test renders HTML in Debian's chromium; CI installs it when missing.
+	if [ "$$CI" = "true" ] && ! command -v chromium >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 

@@ -158,6 +158,19 @@ def data_check_command(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def report_command(args: argparse.Namespace) -> int:
+    import time
+
+    from dpolab.report.html import write_report
+
+    start = time.perf_counter()
+    out = write_report(args.runs, args.out, args.title)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {len(args.runs)} run(s)) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -210,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config file (optional when the required keys are flags), then overrides",
     )
     train.set_defaults(handler=train_command)
+
+    report = commands.add_parser(
+        "report", help="one self-contained HTML report (inline plots, no network) of training and toy runs"
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="dpolab train output_dir or dpolab toy run folders")
+    report.add_argument("--out", required=True, help="the HTML file to write")
+    report.add_argument("--title", default="dpolab report")
+    report.set_defaults(handler=report_command)
 
     data = commands.add_parser("data", help="preference data tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -100,6 +100,10 @@ class TrainConfig:
     packing: bool = True
     """Prefix-shared packed forward; false forces the naive path (two padded rows per pair)."""
 
+    # --- monitoring ---------------------------------------------------------------------------
+    monitor: dict = field(default_factory=dict)
+    """The 3D monitor (docs/monitor.md): ``{enabled: true, window: 20, probe_steps: 50, probe_pairs: 8, sample_prompts: 4, sample_tokens: 32, on_alarm: warn, …thresholds}``; ``{enabled: false}`` turns it off."""
+
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = "runs/dpo"
     """Run directory: config, metrics.jsonl, TensorBoard events, final model."""
@@ -178,6 +182,9 @@ class TrainConfig:
         if _looks_like_path(self.model) and not Path(self.model).exists():
             raise ValueError(f"model: directory not found: {self.model}")
         from dpolab.losses import objective_from_config
+        from dpolab.train.monitor import monitor_config
+
+        monitor_config(self.monitor)
 
         try:
             objective_from_config(self.loss, self.loss_weights, self.loss_params, self.sft_weight, self.sft_reduction)

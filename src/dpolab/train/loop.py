@@ -39,6 +39,8 @@ from dpolab.train.guard import (
     prepare_output_dir,
 )
 from dpolab.train.metrics import MetricsLog, progress_bar
+from dpolab.train.monitor import Monitor, monitor_config
+from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
 
 
 def _mixed_precision(config: TrainConfig) -> str:
@@ -78,6 +80,16 @@ def split_eval(examples: list[PreferenceExample], config: TrainConfig):
     held = max(1, round(len(examples) * config.eval_fraction))
     held_out = set(order[:held])
     return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
+
+
+def concatenate(parts: list[PreferenceLogps]) -> PreferenceLogps:
+    """One PreferenceLogps for a whole step (all micro-batches), detached."""
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat([v.detach() for v in values])
+
+    return PreferenceLogps(*(cat(name) for name in PreferenceLogps.__dataclass_fields__))
 
 
 def wpo_weights(batch, logps: SequenceLogps) -> torch.Tensor:
@@ -200,6 +212,10 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
     objective = objective_from_config(
         config.loss, config.loss_weights, config.loss_params, config.sft_weight, config.sft_reduction
     )
+    monitor_settings = monitor_config(config.monitor)
+    monitor = Monitor(monitor_settings) if monitor_settings.enabled and objective.needs_reference else None
+    probing = monitor is not None and monitor_settings.probe_steps > 0
+    sampling = probing and monitor_settings.sample_prompts > 0
     if config.disable_dropout:
         disable_dropout(model)
     reference_model = None
@@ -285,8 +301,10 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         log.info(f"reference log-probs: {'reused from cache' if hit else 'computed and cached'} in {config.cache_dir}")
         if eval_pairs:
             eval_reference = reference_for(eval_pairs, "eval")[:2]
-        del ref_module, reference_model  # cached: the reference model is not needed while training
-        reference_model = None
+        # Cached: the reference model is not needed while training, unless the monitor scores samples with it.
+        if not (sampling and reference_model is not None):
+            reference_model = None
+        del ref_module
     reference_seconds = time.perf_counter() - reference_start
 
     # --- optimiser and schedule -------------------------------------------------------------
@@ -372,6 +390,47 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         )
         return values
 
+    # --- the monitor's probe set: the eval pairs if any, else the first training pairs --------------
+    if probing:
+        if eval_pairs:
+            probe_pairs = eval_pairs[: monitor_settings.probe_pairs]
+            probe_reference = tuple(None if r is None else r[: len(probe_pairs)] for r in eval_reference)
+        else:
+            probe_pairs = pairs[: monitor_settings.probe_pairs]
+            probe_reference = (reference_chosen[: len(probe_pairs)], reference_rejected[: len(probe_pairs)])
+        probe_prompts = [p.prompt_ids for p in probe_pairs[: monitor_settings.sample_prompts]]
+        lora_reference = config.lora and reference_model is None
+
+    def run_probes(step: int) -> dict[str, float]:
+        unwrapped = accelerator.unwrap_model(model)
+        values = gradient_split_and_likelihood(
+            unwrapped,
+            objective,
+            probe_pairs,
+            probe_reference,
+            config.row_tokens,
+            pad_token_id,
+            device,
+            accelerator.autocast,
+            naive=bool(fallback),
+        )
+        if sampling:
+            values.update(
+                sample_probe(
+                    unwrapped,
+                    reference_model,
+                    probe_prompts,
+                    monitor_settings.sample_tokens,
+                    pad_token_id,
+                    tokenizer.eos_token_id,
+                    config.seed + step,
+                    device,
+                    reference_context=unwrapped.disable_adapter if lora_reference else nullcontext,
+                )
+            )
+        monitor.record_probe(step, values)
+        return values
+
     # --- resume, signals -------------------------------------------------------------------
     model.train()
     stream = micro_batches()
@@ -385,6 +444,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         pairs_seen, tokens_seen = state["pairs_seen"], state["tokens_seen"]
         nonfinite_skipped, elapsed_before = state["nonfinite_skipped"], state["elapsed_seconds"]
         log.truncate_after(state["step"])
+        if monitor is not None and state.get("monitor"):
+            monitor.load_state(state["monitor"])
         log.info(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
     micro_batches_consumed = (first_step - 1) * config.gradient_accumulation_steps
 
@@ -405,6 +466,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         )
 
     # --- the loop ---------------------------------------------------------------------------
+    stopped_by_alarm = None
+    total_steps_done = total_steps
     train_start = time.perf_counter()
     elapsed = elapsed_before
     last_eval: dict = {}
@@ -420,6 +483,7 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
             sums: dict[str, float] = {}
             step_pairs = step_tokens = 0
             step_rows: list[int] = []
+            step_inputs: list[PreferenceLogps] = []
             finite = True
             for micro in range(config.gradient_accumulation_steps):
                 epoch, ids = next(stream)
@@ -434,6 +498,7 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
                 step_pairs += len(ids)
                 step_tokens += batch.real_tokens
                 step_rows += [pairs[i].row for i in ids]
+                step_inputs.append(inputs)
             if config.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
             else:
@@ -473,21 +538,38 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
                     "nonfinite_skipped": nonfinite_skipped,
                 }
             )
-            if step % config.logging_steps == 0 or step == total_steps:
+            new_alarms = []
+            if monitor is not None:
+                metrics.update(monitor.step_metrics(objective, concatenate(step_inputs)))
+                if probing and (step == 1 or step % monitor_settings.probe_steps == 0):
+                    metrics.update(run_probes(step))
+                new_alarms = monitor.update(step, metrics)
+            if step % config.logging_steps == 0 or step == total_steps or new_alarms:
                 log.write(step, metrics)
+            for alarm in new_alarms:
+                log.alarm(alarm)
             advance(1, loss=metrics["loss"], margin=metrics["rewards/margins"], accuracy=metrics["rewards/accuracies"])
+            if new_alarms and monitor_settings.on_alarm == "stop":
+                stopped_by_alarm = new_alarms[0]["alarm"]
             if config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
                 last_eval = evaluate(step)
             periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-            if periodic or step == total_steps or stop.signal:
+            if periodic or step == total_steps or stop.signal or stopped_by_alarm:
                 saved = checkpoint(step)
+            if stopped_by_alarm:
+                log.info(
+                    f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; "
+                    f"checkpoint: {saved}"
+                )
+                total_steps_done = step
+                break
             if stop.signal:
                 log.info(
                     f"stopped by {stop.name} after step {step}; checkpoint: {saved}\n"
                     f"resume with: dpolab train {out / 'config.yaml'} --resume"
                 )
                 raise TrainingInterrupted(stop.signal)
-    last_eval = evaluate(total_steps) or last_eval
+    last_eval = evaluate(total_steps_done) or last_eval
 
     # --- save -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -496,7 +578,9 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         unwrapped.save_pretrained(out / "model", safe_serialization=True)
         tokenizer.save_pretrained(out / "model")
     summary = {
-        "steps": total_steps,
+        "steps": total_steps_done,
+        "stopped_by_alarm": stopped_by_alarm,
+        "alarms": monitor.alarms if monitor else [],
         "resumed_from": str(resume_from) if resume_from else None,
         "nonfinite_skipped": nonfinite_skipped,
         "pairs_seen": pairs_seen,

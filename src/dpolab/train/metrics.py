@@ -45,6 +45,23 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(name, value, step)
 
+    def alarm(self, alarm: dict) -> None:
+        """An alarm: on the console (with its remedy) and as its own line in metrics.jsonl."""
+        if not self.main:
+            return
+        console.print(
+            f"ALARM at step {alarm['step']}: {alarm['alarm']}: {alarm['message']}\n  remedy: {alarm['remedy']}",
+            style="bold red",
+            highlight=False,
+            markup=False,
+        )
+        self.handle.write(json.dumps(alarm) + "\n")
+        self.handle.flush()
+        if self.writer is not None:
+            self.writer.add_text(
+                "alarms", f"{alarm['alarm']}: {alarm['message']} — remedy: {alarm['remedy']}", alarm["step"]
+            )
+
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after ``step`` (a resumed run redoes those steps)."""
         if not self.main:

@@ -1,0 +1,207 @@
+"""``dpolab report``: one self-contained HTML file (inline PNG plots, no network) for one or more runs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from dpolab.report.runs import Run, load_run
+from dpolab.train.monitor import REMEDIES
+
+MAX_POINTS = 1000  # per series; longer runs are strided so 10 runs of 10k steps stay fast
+COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4", "#b2df8a"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _thin(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    stride = max(1, math.ceil(len(steps) / MAX_POINTS))
+    return steps[::stride], values[::stride]
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+PANELS = [
+    # title, [(key, label suffix, style)], y scale
+    ("loss", [("loss", "", "-")], "linear"),
+    ("reward margin", [("rewards/margins", "", "-")], "linear"),
+    ("reward accuracy", [("rewards/accuracies", "", "-")], "linear"),
+    (
+        "log-ratio r = log π_θ − log π_ref (mean; solid chosen, dashed rejected)",
+        [("monitor/logratio_chosen_mean", " chosen", "-"), ("monitor/logratio_rejected_mean", " rejected", "--")],
+        "linear",
+    ),
+    ("share of pairs with chosen below the reference", [("monitor/chosen_below_reference", "", "-")], "linear"),
+    (
+        "gradient split: ‖∇θ‖ of the chosen (solid) and rejected (dashed) terms",
+        [
+            ("monitor/param_grad_norm_chosen", " chosen", "-o"),
+            ("monitor/param_grad_norm_rejected", " rejected", "--o"),
+            ("grad_chosen", " chosen |∂L/∂π_w|", "-"),
+            ("grad_rejected", " rejected |∂L/∂π_l|", "--"),
+        ],
+        "log",
+    ),
+    (
+        "dispersion probes (solid: held-out data log-likelihood; dashed: the policy's own samples)",
+        [("monitor/probe_chosen_logp", " data", "-o"), ("monitor/sample_logp_policy", " samples", "--o")],
+        "linear",
+    ),
+]
+
+
+def plot_panel(runs: list[Run], title: str, curves: list[tuple[str, str, str]], scale: str) -> str | None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 3.2))
+    drawn = False
+    for index, run in enumerate(runs):
+        colour = COLOURS[index % len(COLOURS)]
+        for key, suffix, style in curves:
+            steps, values = run.values(key)
+            if not values:
+                continue
+            if scale == "log":
+                pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
+                steps, values = [p[0] for p in pairs], [p[1] for p in pairs]
+                if not values:
+                    continue
+            steps, values = _thin(steps, values)
+            marker = "o" in style
+            ax.plot(
+                steps,
+                values,
+                style.replace("o", ""),
+                color=colour,
+                marker="." if marker else None,
+                markersize=4,
+                linewidth=1.3,
+                label=run.name + suffix,
+            )
+            drawn = True
+        for alarm in run.alarms:
+            ax.axvline(alarm["step"], color=colour, linestyle=":", linewidth=1)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_yscale(scale)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def verdict(run: Run) -> str:
+    """One paragraph: what happened to chosen and rejected, and what the alarms say."""
+    chosen, rejected = run.last("monitor/logratio_chosen_mean"), run.last("monitor/logratio_rejected_mean")
+    if chosen != chosen:
+        chosen, rejected = run.last("logratio/chosen"), run.last("logratio/rejected")
+    parts = [f"After {run.steps[-1] if run.steps else 0} steps"]
+    if chosen == chosen:
+        direction = "rose" if chosen > 0 else "fell"
+        parts.append(
+            f"the chosen log-likelihood {direction} relative to the reference (mean r_w = {chosen:+.3g} nats) "
+            f"and the rejected one moved by {rejected:+.3g} nats"
+        )
+    accuracy, margin = run.last("rewards/accuracies"), run.last("rewards/margins")
+    if accuracy == accuracy:
+        parts.append(f"reward accuracy {accuracy:.2f}, margin {margin:+.3g}")
+    text = ", ".join(parts) + "."
+    if run.alarms:
+        kinds = ", ".join(f"{a['alarm']} (step {a['step']})" for a in run.alarms)
+        remedies = "; ".join(f"{a['alarm']}: {REMEDIES[a['alarm']]}" for a in run.alarms)
+        text += f" Alarms: {kinds}. Suggested: {remedies}."
+    else:
+        text += " No alarm fired: no sign of the 3D failure modes by the monitor's rules."
+    return text
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+def config_table(runs: list[Run]) -> str:
+    flat = [_flatten({k: v for k, v in run.config.items() if k not in ("targets", "sft")}) for run in runs]
+    keys = sorted(set().union(*flat))
+    header = "".join(f"<th>{html.escape(run.name)}</th>" for run in runs)
+    rows = []
+    for key in keys:
+        values = [f.get(key, "—") for f in flat]
+        differs = len(set(values)) > 1
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in values)
+        rows.append(f'<tr class="{"differs" if differs else ""}"><th>{html.escape(key)}</th>{cells}</tr>')
+    return f"<table class='config'><tr><th>key</th>{header}</tr>{''.join(rows)}</table>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1500px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots img { border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: left; }
+tr.differs { background: #fff3c4; font-weight: 600; }
+.alarm { color: #b00020; } .verdict { background: #f6f8fa; padding: 8px 12px; border-left: 4px solid #888; }
+"""
+
+
+def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
+    runs = [load_run(p) for p in paths]
+    names = [run.name for run in runs]
+    for index, run in enumerate(runs):  # keep legend names unique
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({index + 1})"
+    panels = [plot_panel(runs, *panel) for panel in PANELS]
+    images = "".join(f'<img alt="plot" src="{png}">' for png in panels if png)
+    alarm_rows = (
+        "".join(
+            f"<tr class='alarm'><td>{a['step']}</td><td>{html.escape(run.name)}</td><td>{a['alarm']}</td>"
+            f"<td>{html.escape(a['message'])}</td><td>{html.escape(a['remedy'])}</td></tr>"
+            for run in runs
+            for a in sorted(run.alarms, key=lambda a: a["step"])
+        )
+        or "<tr><td colspan='5'>no alarm fired</td></tr>"
+    )
+    verdicts = "".join(
+        f"<h3>{html.escape(run.name)} <small>({run.kind}, {html.escape(str(run.path))})</small></h3>"
+        f"<p class='verdict'>{html.escape(verdict(run))}</p>"
+        for run in runs
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{len(runs)} run(s). Every plot is inline; this file needs no network. Dotted vertical lines mark alarms.</p>
+<h2>Verdicts</h2>{verdicts}
+<h2>Alarms</h2><table><tr><th>step</th><th>run</th><th>alarm</th><th>evidence</th><th>remedy</th></tr>{alarm_rows}</table>
+<h2>Training curves and the 3D monitor</h2><div class="plots">{images}</div>
+<h2>Configurations (differing keys highlighted)</h2>{config_table(runs)}
+</body></html>
+"""
+
+
+def write_report(paths: list[str | Path], out: str | Path, title: str = "dpolab report") -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_report(paths, title), encoding="utf-8")
+    return out

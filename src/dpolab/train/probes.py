@@ -35,8 +35,8 @@ def gradient_split_and_likelihood(
         logps = naive_logps(model, probe, pad_token_id, device) if naive else packed_logps(model, batch)
     chosen, rejected = logps.chosen.float(), logps.rejected.float()
     metrics = {
-        "monitor/probe_chosen_logp": float((chosen / batch.chosen_lengths).mean()),
-        "monitor/probe_rejected_logp": float((rejected / batch.rejected_lengths).mean()),
+        "monitor/probe_chosen_logp": float((chosen.detach() / batch.chosen_lengths).mean()),
+        "monitor/probe_rejected_logp": float((rejected.detach() / batch.rejected_lengths).mean()),
     }
     leaves = [chosen.detach().requires_grad_(True), rejected.detach().requires_grad_(True)]
     inputs = PreferenceLogps(

@@ -171,6 +171,21 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_corrupt_command(args: argparse.Namespace) -> int:
+    from dpolab.data.corrupt import corrupt_file
+
+    result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final)
+    for reason in result["skipped"][: args.show]:
+        print(f"skipped {reason}")
+    if len(result["skipped"]) > args.show:
+        print(f"… {len(result['skipped']) - args.show} more skipped rows")
+    print(
+        f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
+        f"{len(result['skipped'])} rows could not be corrupted"
+    )
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -247,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-extra", action="store_true", help="accept fields beyond prompt/chosen/rejected")
     check.add_argument("--show", type=int, default=50, help="problems to list before the table (default 50)")
     check.set_defaults(handler=data_check_command)
+    corrupt = data_commands.add_parser(
+        "corrupt-math",
+        help="maths solutions → low-edit pairs: rejected = one intermediate result changed",
+        description="For each row, chosen = the solution and rejected = the same solution with one result "
+        "(a GSM8K <<a*b=c>>c annotation or a plain '= c') changed. Seeded; rows with nothing to change are "
+        "listed, never dropped silently.",
+    )
+    corrupt.add_argument("file", help=".jsonl (or .json/.parquet/.csv) with a question and a solution per row")
+    corrupt.add_argument("--out", required=True, help="output .jsonl of prompt/chosen/rejected pairs")
+    corrupt.add_argument("--solution-field", default="answer")
+    corrupt.add_argument("--prompt-field", default="question")
+    corrupt.add_argument(
+        "--final",
+        choices=["keep", "change"],
+        default="keep",
+        help="keep the final answer (change an intermediate result) or change the final answer",
+    )
+    corrupt.add_argument("--seed", type=int, default=0)
+    corrupt.add_argument("--show", type=int, default=20, help="skipped rows to list (default 20)")
+    corrupt.set_defaults(handler=data_corrupt_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

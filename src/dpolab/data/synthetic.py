@@ -1,0 +1,85 @@
+"""Procedural maths word problems with GSM8K-style step-by-step solutions: deterministic, no downloads.
+
+Each problem is a chain of ``steps`` arithmetic operations on a quantity. The solution has one line per
+step with a calculator annotation ``<<a+b=c>>`` and ends with ``#### N``, as GSM8K's answers do::
+
+    Mia has 12 marbles. She buys 5 more. Then she gives away 3. Then she doubles what she has.
+    How many marbles does Mia have now?
+
+    Mia starts with 12 marbles and buys 5 more: 12 + 5 = <<12+5=17>>17.
+    She gives away 3: 17 - 3 = <<17-3=14>>14.
+    She doubles them: 14 * 2 = <<14*2=28>>28.
+    #### 28
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Iris", "Theo", "Lena", "Ravi", "Sara", "Hugo"]
+ITEMS = ["marbles", "apples", "stickers", "books", "coins", "pencils", "shells", "cards"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # GSM8K style: steps with <<…>> annotations, then "#### N"
+    result: int
+
+    def as_row(self) -> dict:
+        return {"question": self.question, "answer": self.answer}
+
+
+def _step(rng: random.Random, value: int, max_value: int) -> tuple[str, str, str, int]:
+    """One operation: (question phrase, solution phrase, operator text, new value)."""
+    choices = ["add", "sub", "mul"] if value * 2 <= max_value else ["add", "sub"]
+    if value <= 2:
+        choices = [c for c in choices if c != "sub"]
+    kind = rng.choice(choices)
+    if kind == "add":
+        amount = rng.randint(2, max(2, min(20, max_value - value)))
+        return f"buys {amount} more", f"buys {amount} more", f"{value} + {amount}", value + amount
+    if kind == "sub":
+        amount = rng.randint(1, value - 1)
+        return f"gives away {amount}", f"gives away {amount}", f"{value} - {amount}", value - amount
+    factor = rng.randint(2, max(2, min(4, max_value // max(value, 1))))
+    word = {2: "doubles", 3: "triples", 4: "quadruples"}[factor]
+    return f"{word} what they have", f"{word} them", f"{value} * {factor}", value * factor
+
+
+def make_problem(rng: random.Random, steps: int = 3, max_value: int = 200) -> Problem:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(3, 30)
+    question = [f"{name} has {value} {item}."]
+    lines = []
+    for index in range(steps):
+        asked, told, expression, new = _step(rng, value, max_value)
+        question.append(f"Then {name} {asked}." if index else f"{name} {asked}.")
+        lead = f"{name} starts with {value} {item} and {told}" if index == 0 else f"Then {name} {told}"
+        compact = expression.replace(" ", "")
+        lines.append(f"{lead}: {expression} = <<{compact}={new}>>{new}.")
+        value = new
+    question.append(f"How many {item} does {name} have now?")
+    return Problem(" ".join(question), "\n".join(lines + [f"#### {value}"]), value)
+
+
+def make_problems(
+    count: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4, max_value: int = 200
+) -> list[Problem]:
+    """``count`` problems, deterministic for ``seed``; difficulty = number of steps and size of numbers."""
+    if count < 0 or min_steps < 1 or max_steps < min_steps or max_value < 10:
+        raise ValueError("need count >= 0, 1 <= min_steps <= max_steps and max_value >= 10")
+    rng = random.Random(seed)
+    return [make_problem(rng, rng.randint(min_steps, max_steps), max_value) for _ in range(count)]
+
+
+def final_answer(text: str) -> str | None:
+    """The final number of a solution: GSM8K's ``#### N`` or the ``A: N`` form; None if absent."""
+    import re
+
+    for pattern in (r"####\s*(-?[\d,]*\.?\d+)", r"A:\s*\$?(-?[\d,]*\.?\d+)"):
+        found = re.findall(pattern, text)
+        if found:
+            return found[-1].replace(",", "")
+    return None

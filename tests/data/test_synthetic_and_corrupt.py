@@ -1,0 +1,112 @@
+"""Procedural maths problems are correct and deterministic; corruption changes exactly one result."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rapidfuzz.distance import Levenshtein
+
+from dpolab.data.corrupt import ANNOTATED, corrupt_solution
+from dpolab.data.synthetic import final_answer, make_problems
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def test_problems_are_deterministic_and_arithmetically_correct():
+    problems = make_problems(200, seed=3)
+    assert problems == make_problems(200, seed=3)
+    assert problems != make_problems(200, seed=4)
+    for problem in problems:
+        for match in ANNOTATED.finditer(problem.answer):
+            expression = match.group("expr")
+            assert re.fullmatch(r"[\d+\-*]+", expression)
+            assert eval(expression) == int(match.group("value")) == int(match.group("written"))  # noqa: S307
+        assert final_answer(problem.answer) == str(problem.result)
+        assert problem.result >= 0
+
+
+def test_difficulty_parameters_and_errors():
+    steps = {p.answer.count("<<") for p in make_problems(50, seed=0, min_steps=4, max_steps=4)}
+    assert steps == {4}
+    with pytest.raises(ValueError):
+        make_problems(3, min_steps=3, max_steps=2)
+
+
+def numbers(text: str) -> list[str]:
+    return re.findall(r"-?\d+(?:\.\d+)?", text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_corruption_changes_one_intermediate_result_only(problem_seed, corruption_seed):
+    (problem,) = make_problems(1, seed=problem_seed, min_steps=2, max_steps=5)
+    corruption = corrupt_solution(problem.answer, random.Random(corruption_seed))
+    assert corruption is not None and corruption.text != problem.answer
+    assert final_answer(corruption.text) == final_answer(problem.answer)  # final="keep"
+    assert corruption.step < corruption.results - 1
+    changed = [(a, b) for a, b in zip(numbers(problem.answer), numbers(corruption.text), strict=True) if a != b]
+    assert changed and {a for a, _ in changed} == {corruption.original_value}
+    assert {b for _, b in changed} == {corruption.new_value}
+    assert len(changed) == 2  # the annotation's result and the written result of that one step
+
+
+def test_change_final_and_nothing_to_corrupt():
+    (problem,) = make_problems(1, seed=7)
+    changed = corrupt_solution(problem.answer, random.Random(0), final="change")
+    assert final_answer(changed.text) == changed.new_value != final_answer(problem.answer)
+    assert corrupt_solution("The answer is obvious.\n#### 5", random.Random(0)) is None
+    one_step = "2 + 3 = <<2+3=5>>5\n#### 5"
+    assert corrupt_solution(one_step, random.Random(0)) is None  # only the final result exists
+    with pytest.raises(ValueError, match="final must be 'keep' or 'change'"):
+        corrupt_solution(one_step, random.Random(0), final="maybe")
+
+
+def test_plain_equals_results_are_corrupted_too():
+    text = "3/5 x 100 = 60 balls missed.\n2/3 x 75 = 50 balls missed.\n60 + 50 = <<60+50=110>>110\n#### 110"
+    corruption = corrupt_solution(text, random.Random(0))
+    assert corruption is not None and corruption.original_value in ("60", "50")
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
+def test_real_gsm8k_solutions_are_corruptible_at_low_edit_distance():
+    rows = [json.loads(line) for line in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    distances = []
+    for row in rows:
+        corruption = corrupt_solution(row["answer"], rng)
+        if corruption is not None:
+            distances.append(Levenshtein.normalized_distance(row["answer"], corruption.text))
+    assert len(distances) / len(rows) > 0.99  # measured: 7,436 of 7,473
+    assert sum(distances) / len(distances) < 0.02  # measured mean normalised character distance 0.0108
+
+
+def test_cli_corrupt_math_writes_trainable_pairs_and_lists_skips(tmp_path):
+    import subprocess
+    import sys
+
+    from dpolab.data.check import check_file
+    from dpolab.data.formats import load_examples
+
+    source = tmp_path / "solutions.jsonl"
+    rows = [p.as_row() for p in make_problems(20, seed=1)] + [{"question": "Q?", "answer": "#### 4"}, {"question": 1}]
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "data", "corrupt-math", str(source), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 20 pairs from 22 rows" in result.stdout and "2 rows could not be corrupted" in result.stdout
+    assert "line 21 (row 20): no intermediate result to change" in result.stdout
+    assert "line 22 (row 21): needs string fields" in result.stdout
+    assert check_file(str(out), allow_extra=True).clean
+    examples, bad = load_examples(str(out))
+    assert len(examples) == 20 and not bad

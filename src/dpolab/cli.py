@@ -200,7 +200,8 @@ def train_command(args: argparse.Namespace) -> int:
         at = rest.index("--resume")
         rest.pop(at)
         resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
-    config = load_config(config_path, rest)
+    defaults = {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}} if args.sft else None
+    config = load_config(config_path, rest, defaults)
     try:
         run(config, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:
@@ -237,7 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[CONFIG.yaml] [--key value ...]",
         help="YAML config file (optional when the required keys are flags), then overrides",
     )
-    train.set_defaults(handler=train_command)
+    train.set_defaults(handler=train_command, sft=False)
+    sft = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
+        description="dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only). "
+        "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/training.md.",
+    )
+    sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
+    sft.set_defaults(handler=train_command, sft=True)
 
     report = commands.add_parser(
         "report", help="one self-contained HTML report (inline plots, no network) of training and toy runs"
@@ -311,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # argparse cannot hand "--key value" pairs of arbitrary keys to a subcommand: route them directly.
-        args = argparse.Namespace(command="train", handler=train_command, rest=argv[1:])
+        args = argparse.Namespace(command="train", handler=train_command, rest=argv[1:], sft=False)
+    elif argv[:1] == ["sft"] and not {"-h", "--help"} & set(argv[1:]):
+        args = argparse.Namespace(command="sft", handler=train_command, rest=argv[1:], sft=True)
     else:
         args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

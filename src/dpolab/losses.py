@@ -177,7 +177,9 @@ def _nll(logps: PreferenceLogps, reduction: str, loss: str) -> Tensor:
     """
     if reduction == "sum":
         return -logps.policy_chosen_logps
-    chosen_lengths, _ = logps.require_lengths(f"{loss} (reduction={reduction!r})")
+    if logps.chosen_lengths is None:  # the NLL needs only the chosen side's counts (SFT has no rejected side)
+        raise ValueError(f"loss {loss!r} (reduction={reduction!r}) needs chosen_lengths (completion token counts)")
+    chosen_lengths = logps.chosen_lengths.to(logps.policy_chosen_logps.dtype)
     if reduction == "token_mean":
         return -logps.policy_chosen_logps / chosen_lengths
     if reduction == "batch_token_mean":

@@ -116,3 +116,15 @@ def test_plan_rows_respects_the_budget_and_keeps_every_pair():
     for row in rows:
         size = sum(pairs[i].unique_tokens for i in row)
         assert size <= 50 or len(row) == 1
+
+
+def test_empty_rejected_branches_sft_pairs_pack_correctly():
+    """SFT pairs have no rejected tokens; several in one row must still line up with their targets."""
+    model = build("llama", "sdpa", torch.float64)
+    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, (), p.row) for p in random_pairs(6, seed=7)]
+    batch = pack(pairs, list(range(6)), row_tokens=128, pad_token_id=0)
+    assert batch.input_ids.shape[0] < 6  # several pairs share a row
+    with torch.no_grad():
+        packed, naive = packed_logps(model, batch), naive_logps(model, pairs, pad_token_id=0)
+    torch.testing.assert_close(packed.chosen, naive.chosen, rtol=0, atol=1e-7)
+    assert torch.all(packed.rejected == 0)

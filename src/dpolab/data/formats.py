@@ -153,6 +153,33 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     raise DataError(f"data file not found: {source}")
 
 
+def sft_example_from_row(row: dict, index: int, source: str = "data") -> PreferenceExample:
+    """An SFT row: ``prompt`` + ``completion`` strings, or ``messages`` (the last assistant message is the
+    completion, the messages before it the prompt). Returned as a pair whose rejected side is empty."""
+    where = f"{source}: row {index}"
+    if isinstance(row, BadLine):
+        raise DataError(f"{where} (line {row.line}): {row.reason}")
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not _is_messages(messages) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise DataError(
+                f"{where}: 'messages' must be a list of role/content messages ending with an assistant turn"
+            )
+        if not str(messages[-1]["content"]).strip():
+            raise DataError(f"{where}: empty completion (last assistant message)")
+        return PreferenceExample(messages[:-1], messages[-1:], [], index, conversational=True)
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (SFT rows need prompt + completion, or messages)")
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        if not row[key].strip():
+            raise DataError(f"{where}: empty {key}")
+    return PreferenceExample(row["prompt"], row["completion"], "", index)
+
+
 def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
     """(1-based line number, parsed row or :class:`BadLine`) for every non-blank line."""
     rows: list[tuple[int, object]] = []
@@ -178,7 +205,7 @@ def pair_key(example: PreferenceExample) -> str:
 
 
 def load_examples(
-    source: str, split: str = "train", on_bad_rows: str = "error"
+    source: str, split: str = "train", on_bad_rows: str = "error", sft: bool = False
 ) -> tuple[list[PreferenceExample], list[str]]:
     """Examples and the reasons for skipped rows.
 
@@ -194,7 +221,7 @@ def load_examples(
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
         try:
-            example = example_from_row(row, index, source)
+            example = (sft_example_from_row if sft else example_from_row)(row, index, source)
         except DataError as error:
             bad.append(str(error))
             continue

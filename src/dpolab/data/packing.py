@@ -108,7 +108,7 @@ def pack(pairs: list[TokenizedPair], pair_ids: list[int], row_tokens: int, pad_t
                 position_ids[row_number, span] = torch.arange(start, start + n)
                 segment_ids[row_number, span] = slot
                 branch_ids[row_number, span] = branch
-                if branch != PROMPT:
+                if branch != PROMPT and n > 0:  # an empty branch (SFT's rejected) predicts nothing
                     flat = row_number * length + column
                     predict.extend([last_prompt] + [flat + k for k in range(n - 1)])
                     targets.extend(ids)

@@ -87,16 +87,20 @@ def _encode(tokenizer, example: PreferenceExample) -> tuple[list[int], list[int]
             ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
             return list(ids if isinstance(ids, list) else ids["input_ids"])  # a list, or a BatchEncoding
 
-        return (
-            render(example.prompt, True),
-            render(example.prompt + example.chosen),
-            render(example.prompt + example.rejected),
-        )
+        prompt = render(example.prompt, True)
+        rejected = render(example.prompt + example.rejected) if example.rejected else list(prompt)
+        return prompt, render(example.prompt + example.chosen), rejected
     eos = tokenizer.eos_token or ""
-    chosen = example.chosen if example.chosen.endswith(eos) else example.chosen + eos
-    rejected = example.rejected if example.rejected.endswith(eos) else example.rejected + eos
-    encode = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
-    return encode(example.prompt), encode(example.prompt + chosen), encode(example.prompt + rejected)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text)["input_ids"])
+
+    def with_eos(text: str) -> str:
+        return text if text.endswith(eos) else text + eos
+
+    prompt = encode(example.prompt)
+    rejected = encode(example.prompt + with_eos(example.rejected)) if example.rejected else list(prompt)
+    return prompt, encode(example.prompt + with_eos(example.chosen)), rejected
 
 
 def tokenize_pairs(
@@ -115,6 +119,8 @@ def tokenize_pairs(
         if shared < len(prompt):
             report.prompt_not_prefix += 1
         prompt_ids, chosen_ids, rejected_ids = prompt[:shared], prompt_chosen[shared:], prompt_rejected[shared:]
+        if not example.rejected:  # SFT: no rejected branch, even if tokens merged across the prompt boundary
+            rejected_ids = []
         if max_length is not None:
             room = max_length - len(prompt_ids)
             if room <= 0 or not prompt_ids:
@@ -123,7 +129,7 @@ def tokenize_pairs(
             if len(chosen_ids) > room or len(rejected_ids) > room:
                 report.truncated_rows.append(example.row)
                 chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-        if not prompt_ids or not chosen_ids or not rejected_ids:
+        if not prompt_ids or not chosen_ids or (not rejected_ids and example.rejected):
             report.dropped_rows.append(example.row)
             continue
         pairs.append(TokenizedPair(tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids), example.row))

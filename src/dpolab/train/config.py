@@ -18,6 +18,9 @@ import yaml
 
 @dataclass
 class TrainConfig:
+    task: str = "preference"
+    """``preference`` (pairs: prompt, chosen, rejected) or ``sft`` (prompt + completion, or messages; `dpolab sft` sets it)."""
+
     # --- model -----------------------------------------------------------------------------
     model: str = ""
     """Policy to train: a local Hugging Face directory or a hub id (loaded with AutoModelForCausalLM). Required."""
@@ -171,6 +174,7 @@ class TrainConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "sft_reduction": ("token_mean", "sum", "batch_token_mean"),
             "on_bad_rows": ("error", "skip"),
+            "task": ("preference", "sft"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -185,6 +189,9 @@ class TrainConfig:
         from dpolab.train.monitor import monitor_config
 
         monitor_config(self.monitor)
+        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
+        if self.task == "sft" and names != ["sft"]:
+            raise ValueError(f"loss: task sft trains with loss: sft; got {self.loss!r}")
 
         try:
             objective_from_config(self.loss, self.loss_weights, self.loss_params, self.sft_weight, self.sft_reduction)
@@ -242,7 +249,9 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+) -> TrainConfig:
     """YAML file (safe loader) plus ``--key value`` overrides (values parsed as YAML, ``--a.b v`` sets a nested key)."""
     data: dict = {}
     if path:
@@ -255,6 +264,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{path}: invalid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
+    data = {**(defaults or {}), **data}
     tokens = list(overrides or [])
     while tokens:
         flag = tokens.pop(0)

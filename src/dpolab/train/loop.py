@@ -72,7 +72,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def split_eval(examples: list[PreferenceExample], config: TrainConfig):
     if config.eval_data:
-        return examples, load_examples(config.eval_data, config.data_split, config.on_bad_rows)[0]
+        return examples, load_examples(config.eval_data, config.data_split, config.on_bad_rows, config.task == "sft")[0]
     if config.eval_fraction <= 0:
         return examples, []
     order = list(range(len(examples)))
@@ -185,7 +185,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
     )
 
     # --- data -------------------------------------------------------------------------------
-    examples, bad_rows = load_examples(config.data, config.data_split, config.on_bad_rows)
+    sft = config.task == "sft"
+    examples, bad_rows = load_examples(config.data, config.data_split, config.on_bad_rows, sft)
     for reason in bad_rows[:10]:
         log.info(f"skipped {reason}")
     if len(bad_rows) > 10:
@@ -346,7 +347,7 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
             None if reference[0] is None else reference[0][ids].to(device),
             None if reference[1] is None else reference[1][ids].to(device),
             batch.chosen_lengths,
-            batch.rejected_lengths,
+            None if sft else batch.rejected_lengths,
         )
         result = objective(inputs)
         losses = result.losses
@@ -355,6 +356,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         return losses, inputs, result, batch
 
     def pair_metrics(inputs: PreferenceLogps, result, losses) -> dict[str, torch.Tensor]:
+        if sft:  # no rejected side: the loss, the completion log-probs and the NLL
+            return {"loss": losses.detach(), "logps/chosen": inputs.policy_chosen_logps.detach(), **result.terms}
         metrics = {
             "loss": losses.detach(),
             "logps/chosen": inputs.policy_chosen_logps.detach(),
@@ -384,10 +387,12 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         model.train()
         values = {f"eval/{name}": total / len(eval_pairs) for name, total in sums.items()}
         log.write(step, values)
-        log.info(
-            f"eval at step {step}: loss {values['eval/loss']:.4f}, "
-            f"accuracy {values['eval/rewards/accuracies']:.3f}, margin {values['eval/rewards/margins']:.4f}"
+        details = ", ".join(
+            f"{name.split('/')[-1]} {values[f'eval/{name}']:.4f}"
+            for name in ("loss", "rewards/accuracies", "rewards/margins")
+            if f"eval/{name}" in values
         )
+        log.info(f"eval at step {step}: {details}")
         return values
 
     # --- the monitor's probe set: the eval pairs if any, else the first training pairs --------------
@@ -548,7 +553,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
                 log.write(step, metrics)
             for alarm in new_alarms:
                 log.alarm(alarm)
-            advance(1, loss=metrics["loss"], margin=metrics["rewards/margins"], accuracy=metrics["rewards/accuracies"])
+            shown = ("loss", "rewards/margins", "rewards/accuracies")
+            advance(1, **{name.split("/")[-1]: metrics[name] for name in shown if name in metrics})
             if new_alarms and monitor_settings.on_alarm == "stop":
                 stopped_by_alarm = new_alarms[0]["alarm"]
             if config.eval_steps and step % config.eval_steps == 0 and step != total_steps:

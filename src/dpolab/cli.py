@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dpolab import __version__
 
@@ -186,6 +187,41 @@ def data_corrupt_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_edit_stats_command(args: argparse.Namespace) -> int:
+    import time
+
+    from dpolab.data.edit_stats import edit_stats, write_outputs
+    from dpolab.data.formats import load_examples
+
+    start = time.perf_counter()
+    examples, bad = load_examples(args.file, on_bad_rows="skip")
+    if not examples:
+        raise ValueError(f"{args.file}: no usable pairs ({len(bad)} bad rows)")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    text = lambda value: value if isinstance(value, str) else json.dumps(value)  # noqa: E731
+    stats = edit_stats([text(e.chosen) for e in examples], [text(e.rejected) for e in examples], tokenizer)
+    summary = write_outputs(stats, args.out, Path(args.file).name)
+    c = summary["char_distance"]
+    print(f"{summary['pairs']} pairs ({len(bad)} bad rows skipped) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"normalised character edit distance: mean {c['mean']:.4f}, median {c['median']:.4f}, "
+        f"p10 {c['p10']:.4f}, p90 {c['p90']:.4f}; below 0.1: {100 * c['share_below']['0.1']:.1f}%"
+    )
+    if "token_distance" in summary:
+        t = summary["token_distance"]
+        print(f"normalised token edit distance: mean {t['mean']:.4f}, median {t['median']:.4f}")
+    r = summary["first_difference_relative"]
+    print(
+        f"first difference at {100 * r['median']:.1f}% of the completion (median); "
+        f"wrote {args.out}/summary.json and histogram.png"
+    )
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -291,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     corrupt.add_argument("--seed", type=int, default=0)
     corrupt.add_argument("--show", type=int, default=20, help="skipped rows to list (default 20)")
     corrupt.set_defaults(handler=data_corrupt_command)
+    stats = data_commands.add_parser(
+        "edit-stats",
+        help="edit distance between chosen and rejected: summary.json and a histogram",
+        description="Normalised Levenshtein distance of the completions in characters (and tokens with "
+        "--tokenizer), and where they first differ. Bad rows are skipped and counted.",
+    )
+    stats.add_argument("file", help="preference pairs (any format dpolab train reads)")
+    stats.add_argument("--out", required=True, help="folder for summary.json and histogram.png")
+    stats.add_argument("--tokenizer", help="tokenizer directory or id, for the token-level distance")
+    stats.set_defaults(handler=data_edit_stats_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

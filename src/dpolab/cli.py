@@ -222,6 +222,24 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_from_choices_command(args: argparse.Namespace) -> int:
+    from dpolab.data.choices import Schema, pairs_from_choices
+    from dpolab.data.formats import read_rows
+
+    rows = read_rows(args.file, args.split)
+    schema = Schema(args.schema, args.question_field, args.choices_field, args.answer_field)
+    pairs, skipped = pairs_from_choices(rows, schema, args.file)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        for pair in pairs:
+            handle.write(json.dumps(pair) + "\n")
+    for reason in skipped[: args.show]:
+        print(f"skipped {reason}")
+    if len(skipped) > args.show:
+        print(f"… {len(skipped) - args.show} more skipped rows")
+    print(f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; {len(skipped)} rows skipped")
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -337,6 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--out", required=True, help="folder for summary.json and histogram.png")
     stats.add_argument("--tokenizer", help="tokenizer directory or id, for the token-level distance")
     stats.set_defaults(handler=data_edit_stats_command)
+    choices = data_commands.add_parser(
+        "from-choices",
+        help="multiple-choice data → pairs: chosen = the correct choice, rejected = each wrong one",
+        description="Smaug's ARC / HellaSwag pairs (3 per 4-choice question). Schemas: arc, hellaswag, or generic "
+        "with --question-field/--choices-field/--answer-field. Unusable rows are listed with their row numbers.",
+    )
+    choices.add_argument("file", help="local .jsonl/.json/.parquet/.csv or a datasets id")
+    choices.add_argument("--schema", choices=["arc", "hellaswag", "generic"], required=True)
+    choices.add_argument("--out", required=True, help="output .jsonl of prompt/chosen/rejected pairs")
+    choices.add_argument("--split", default="train", help="split, for a datasets id")
+    choices.add_argument("--question-field", default="question")
+    choices.add_argument("--choices-field", default="choices")
+    choices.add_argument("--answer-field", default="answer", help="generic: an index or the correct choice's text")
+    choices.add_argument("--show", type=int, default=20)
+    choices.set_defaults(handler=data_from_choices_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

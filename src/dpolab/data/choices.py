@@ -1,0 +1,121 @@
+"""Multiple-choice data → preference pairs (Smaug's ARC and HellaSwag pairs).
+
+chosen = the correct choice, rejected = each wrong choice: 3 pairs per 4-choice question. Schemas:
+
+- ``arc``: ``question``, ``choices: {text: [...], label: [...]}``, ``answerKey`` (a label such as "B" or "2");
+  prompt ``"{question}\\nAnswer:"``, completions ``" {choice}"``;
+- ``hellaswag``: ``ctx`` (or ``ctx_a`` + ``ctx_b``), ``endings`` (list), ``label`` (index, int or digit
+  string); prompt = the context, completions ``" {ending}"``;
+- ``generic``: your column names for the question, the list of choices and the answer (an index, or
+  the text of the correct choice).
+
+Rows that cannot give pairs (missing answer, label out of range, choices and labels of different
+lengths, fewer than two choices) are reported with their row numbers, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpolab.data.formats import BadLine
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    question: str = "question"
+    choices: str = "choices"
+    answer: str = "answer"
+
+
+def _arc(row: dict) -> tuple[str, list[str], int]:
+    choices = row.get("choices")
+    if (
+        not isinstance(choices, dict)
+        or not isinstance(choices.get("text"), list)
+        or not isinstance(choices.get("label"), list)
+    ):
+        raise ValueError("'choices' must be {text: [...], label: [...]}")
+    texts, labels = choices["text"], [str(label) for label in choices["label"]]
+    if len(texts) != len(labels):
+        raise ValueError(f"choices have {len(texts)} texts but {len(labels)} labels")
+    if "answerKey" not in row:
+        raise ValueError("missing answerKey")
+    key = str(row["answerKey"])
+    if key not in labels:
+        raise ValueError(f"answerKey {key!r} is not among the labels {labels}")
+    if not isinstance(row.get("question"), str):
+        raise ValueError("missing question")
+    return f"{row['question']}\nAnswer:", [str(t) for t in texts], labels.index(key)
+
+
+def _hellaswag(row: dict) -> tuple[str, list[str], int]:
+    context = row.get("ctx")
+    if not isinstance(context, str):
+        if isinstance(row.get("ctx_a"), str):
+            context = (row["ctx_a"] + " " + str(row.get("ctx_b", ""))).strip()
+        else:
+            raise ValueError("missing ctx (or ctx_a + ctx_b)")
+    endings = row.get("endings")
+    if not isinstance(endings, list):
+        raise ValueError("'endings' must be a list")
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise ValueError(f"missing or non-integer label ({label!r})")
+    if not 0 <= label < len(endings):
+        raise ValueError(f"label {label} is out of range for {len(endings)} endings")
+    return context, [str(e) for e in endings], label
+
+
+def _generic(row: dict, schema: Schema) -> tuple[str, list[str], int]:
+    question, choices, answer = row.get(schema.question), row.get(schema.choices), row.get(schema.answer)
+    if not isinstance(question, str):
+        raise ValueError(f"missing {schema.question!r}")
+    if not isinstance(choices, list):
+        raise ValueError(f"{schema.choices!r} must be a list")
+    choices = [str(c) for c in choices]
+    if isinstance(answer, str) and answer in choices:
+        return question, choices, choices.index(answer)
+    if isinstance(answer, str) and answer.strip().isdigit():
+        answer = int(answer)
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise ValueError(f"{schema.answer!r} = {answer!r} is neither a choice nor an index in range")
+    return question, choices, answer
+
+
+def pairs_from_choices(rows: list, schema: Schema, source: str = "data") -> tuple[list[dict], list[str]]:
+    """(pairs, reasons for skipped rows). Pairs carry ``source_row`` and ``wrong_choice`` provenance."""
+    pairs, skipped = [], []
+    for index, row in enumerate(rows):
+        if isinstance(row, BadLine):
+            skipped.append(f"{source}: row {index} (line {row.line}): {row.reason}")
+            continue
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object, got {type(row).__name__}")
+            if schema.name == "arc":
+                prompt, choices, correct = _arc(row)
+            elif schema.name == "hellaswag":
+                prompt, choices, correct = _hellaswag(row)
+            else:
+                prompt, choices, correct = _generic(row, schema)
+            if len(choices) < 2:
+                raise ValueError("fewer than two choices")
+        except ValueError as error:
+            skipped.append(f"{source}: row {index}: {error}")
+            continue
+        for wrong, text in enumerate(choices):
+            if wrong == correct or text.strip() == choices[correct].strip():
+                continue
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": " " + choices[correct].strip(),
+                    "rejected": " " + text.strip(),
+                    "source_row": index,
+                    "wrong_choice": wrong,
+                }
+            )
+    return pairs, skipped

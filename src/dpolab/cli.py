@@ -240,6 +240,19 @@ def data_from_choices_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
+    from dpolab.data.scenarios import write_scenarios
+
+    counts = write_scenarios(args.file, args.out, args.policy, args.other)
+    print(
+        f"{counts['questions']} questions, {counts['solutions']} model solutions judged "
+        f"({counts['judge_unparsable']} unparsable, {counts['judge_disagrees_with_is_correct']} disagree with is_correct)"
+    )
+    for scenario, size in counts["pairs"].items():
+        print(f"  scenario {scenario}: {size} pairs → {Path(args.out) / f'scenario{scenario}.jsonl'}")
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -370,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     choices.add_argument("--answer-field", default="answer", help="generic: an index or the correct choice's text")
     choices.add_argument("--show", type=int, default=20)
     choices.set_defaults(handler=data_from_choices_command)
+    scenarios = data_commands.add_parser(
+        "gsm8k-scenarios",
+        help="the 3D paper's four chosen/rejected scenarios from GSM8K model solutions",
+        description="Scenario 1: policy-correct vs policy-wrong; 2: reference vs policy-wrong; 3: policy-correct vs "
+        "other-model-wrong; 4: reference vs other-model-wrong. Correctness by the math judge (final number).",
+    )
+    scenarios.add_argument("file", help="../shared/data/gsm8k/model_solutions.jsonl or the same format")
+    scenarios.add_argument("--out", required=True, help="folder for scenario1..4.jsonl")
+    scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
+    scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")
+    scenarios.set_defaults(handler=data_gsm8k_scenarios_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

@@ -1,0 +1,98 @@
+"""The 3D paper's four data scenarios on real data (PAPERS.md §5), and the ``math`` judge.
+
+From GSM8K's ``model_solutions.jsonl`` (test questions, a ground-truth solution, and solutions by a 6B
+and a 175B model), taking the 6B model as "the policy" and the 175B model as "another model":
+
+| scenario | chosen | rejected |
+|---|---|---|
+| 1 | a correct solution of the policy (on-policy) | a wrong solution of the policy (on-policy) |
+| 2 | the data set's reference solution (off-policy) | a wrong solution of the policy |
+| 3 | a correct solution of the policy | a wrong solution of the other model (off-policy) |
+| 4 | the reference solution | a wrong solution of the other model |
+
+Correctness comes from the ``math`` judge (final-number match with the reference); a question enters
+a scenario only when both sides exist. Choice within a pool is deterministic (the first in the
+file's order of solvers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpolab.data.synthetic import final_answer
+
+SOLVERS = {"6b": ("6b_finetuning", "6b_verification"), "175b": ("175b_finetuning", "175b_verification")}
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def math_judge(solution: str, reference: str) -> bool | None:
+    """True when the final numbers match (GSM8K ``#### N`` or ``A: N`` forms); None when unparsable."""
+    got, expected = _number(final_answer(solution)), _number(final_answer(reference))
+    if got is None or expected is None:
+        return None
+    return abs(got - expected) < 1e-6
+
+
+def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -> tuple[dict[int, list[dict]], dict]:
+    """The four scenarios' pairs, and counts (including how often the judge disagrees with ``is_correct``)."""
+    scenarios: dict[int, list[dict]] = {1: [], 2: [], 3: [], 4: []}
+    counts = {"questions": len(rows), "judge_unparsable": 0, "judge_disagrees_with_is_correct": 0, "solutions": 0}
+    for index, row in enumerate(rows):
+        reference = row["ground_truth"]
+        pools: dict[str, dict[bool, list[str]]] = {}
+        for model in (policy, other):
+            pools[model] = {True: [], False: []}
+            for solver in SOLVERS[model]:
+                solution = row[solver]["solution"]
+                verdict = math_judge(solution, reference)
+                counts["solutions"] += 1
+                if verdict is None:
+                    counts["judge_unparsable"] += 1
+                    continue
+                if verdict != bool(row[solver]["is_correct"]):
+                    counts["judge_disagrees_with_is_correct"] += 1
+                pools[model][verdict].append(solution)
+        prompt = row["question"] + "\n"
+        on_policy_good = pools[policy][True][:1]
+        on_policy_bad = pools[policy][False][:1]
+        other_bad = pools[other][False][:1]
+        choices = {
+            1: (on_policy_good, on_policy_bad),
+            2: ([reference], on_policy_bad),
+            3: (on_policy_good, other_bad),
+            4: ([reference], other_bad),
+        }
+        for scenario, (chosen, rejected) in choices.items():
+            if chosen and rejected:
+                scenarios[scenario].append(
+                    {
+                        "prompt": prompt,
+                        "chosen": chosen[0],
+                        "rejected": rejected[0],
+                        "source_row": index,
+                        "scenario": scenario,
+                    }
+                )
+    return scenarios, counts
+
+
+def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b", other: str = "175b") -> dict:
+    rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
+    scenarios, counts = gsm8k_scenarios(rows, policy, other)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for scenario, pairs in scenarios.items():
+        with open(out / f"scenario{scenario}.jsonl", "w", encoding="utf-8") as handle:
+            for pair in pairs:
+                handle.write(json.dumps(pair) + "\n")
+    counts["pairs"] = {scenario: len(pairs) for scenario, pairs in scenarios.items()}
+    return counts

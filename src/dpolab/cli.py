@@ -172,14 +172,19 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_skipped(reasons: list[str], show: int) -> None:
+    """The first ``show`` reasons a builder skipped rows for, then how many more."""
+    for reason in reasons[:show]:
+        print(f"skipped {reason}")
+    if len(reasons) > show:
+        print(f"… {len(reasons) - show} more skipped rows")
+
+
 def data_corrupt_command(args: argparse.Namespace) -> int:
     from dpolab.data.corrupt import corrupt_file
 
     result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final)
-    for reason in result["skipped"][: args.show]:
-        print(f"skipped {reason}")
-    if len(result["skipped"]) > args.show:
-        print(f"… {len(result['skipped']) - args.show} more skipped rows")
+    print_skipped(result["skipped"], args.show)
     print(
         f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
         f"{len(result['skipped'])} rows could not be corrupted"
@@ -232,10 +237,7 @@ def data_from_choices_command(args: argparse.Namespace) -> int:
     with open(args.out, "w", encoding="utf-8") as handle:
         for pair in pairs:
             handle.write(json.dumps(pair) + "\n")
-    for reason in skipped[: args.show]:
-        print(f"skipped {reason}")
-    if len(skipped) > args.show:
-        print(f"… {len(skipped) - args.show} more skipped rows")
+    print_skipped(skipped, args.show)
     print(f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; {len(skipped)} rows skipped")
     return 0
 

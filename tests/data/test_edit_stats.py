@@ -66,3 +66,16 @@ def test_cli_on_real_data_low_and_high_edit(tmp_path):
     assert results["gsm8k"]["char_distance"]["share_below"]["0.1"] == 1.0
     assert results["hh"]["char_distance"]["mean"] > 0.5 and results["hh"]["pairs"] == 1796
     assert results["hh"]["first_difference_relative"]["median"] < 0.05
+
+
+def test_cli_without_usable_pairs_is_one_error(tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_text(json.dumps({"prompt": "Q", "chosen": "a"}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "data", "edit-stats", str(source), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"dpolab data: error: {source}: no usable pairs (1 bad rows)"

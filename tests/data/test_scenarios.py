@@ -68,3 +68,41 @@ def test_real_model_solutions(tmp_path):
     assert sizes == {1: 269, 2: 825, 3: 207, 4: 708}
     first = json.loads((tmp_path / "scenario1.jsonl").read_text().splitlines()[0])
     assert set(first) >= {"prompt", "chosen", "rejected", "source_row", "scenario"}
+
+
+def test_bad_input_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q", "ground_truth": "#### 1"}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "data", "gsm8k-scenarios", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"dpolab data: error: {bad}: row 0: missing field '6b_finetuning' (model_solutions.jsonl format)"
+    )
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{nope\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpolab",
+            "data",
+            "gsm8k-scenarios",
+            str(broken),
+            "--out",
+            str(tmp_path / "o"),
+            "--policy",
+            "6b",
+            "--other",
+            "6b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "must be different models" in result.stderr

@@ -47,6 +47,14 @@ def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -
     scenarios: dict[int, list[dict]] = {1: [], 2: [], 3: [], 4: []}
     counts = {"questions": len(rows), "judge_unparsable": 0, "judge_disagrees_with_is_correct": 0, "solutions": 0}
     for index, row in enumerate(rows):
+        needed = ["question", "ground_truth", *SOLVERS[policy], *SOLVERS[other]]
+        missing = [key for key in needed if key not in row] if isinstance(row, dict) else needed
+        if missing:
+            raise ValueError(f"row {index}: missing field {missing[0]!r} (model_solutions.jsonl format)")
+        for solver in (*SOLVERS[policy], *SOLVERS[other]):
+            entry = row[solver]
+            if not isinstance(entry, dict) or not isinstance(entry.get("solution"), str) or "is_correct" not in entry:
+                raise ValueError(f"row {index}: {solver!r} must be {{solution: str, is_correct: bool}}")
         reference = row["ground_truth"]
         pools: dict[str, dict[bool, list[str]]] = {}
         for model in (policy, other):
@@ -86,8 +94,21 @@ def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -
 
 
 def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b", other: str = "175b") -> dict:
-    rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
-    scenarios, counts = gsm8k_scenarios(rows, policy, other)
+    from dpolab.data.formats import BadLine, read_jsonl_lines
+
+    if policy == other:
+        raise ValueError("--policy and --other must be different models")
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"file not found: {source}")
+    numbered = read_jsonl_lines(path)
+    for line, row in numbered:
+        if isinstance(row, BadLine):
+            raise ValueError(f"{source}: line {line}: {row.reason}")
+    try:
+        scenarios, counts = gsm8k_scenarios([row for _, row in numbered], policy, other)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for scenario, pairs in scenarios.items():

@@ -255,6 +255,120 @@ def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def quickstart_command(args: argparse.Namespace) -> int:
+    from dpolab.quickstart import run_quickstart
+
+    run_quickstart(args.out, args.size, args.seed, args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def _progress(enabled: bool, description: str):
+    """A ``progress(total, done)`` factory for the resumable data commands: a rich bar with ETA."""
+    import contextlib
+
+    from dpolab.train.metrics import progress_bar
+
+    stack = contextlib.ExitStack()
+
+    def start(total: int, done: int):
+        advance = stack.enter_context(progress_bar(enabled, description, total))
+        if done:
+            advance(done)
+        return advance
+
+    return start, stack
+
+
+def data_sample_command(args: argparse.Namespace) -> int:
+    from dpolab.data.onpolicy import sample_file
+
+    progress, stack = _progress(not args.no_progress, f"sampling {args.n} per prompt")
+    with stack:
+        result = sample_file(
+            args.model,
+            args.prompts,
+            args.out,
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            prompt_field=args.prompt_field,
+            reference_field=args.reference_field,
+            allow_pickle=args.allow_pickle,
+            restart=args.restart,
+            progress=progress,
+        )
+    print(
+        f"{result['prompts']} prompts: sampled {result['sampled']} now, {result['resumed']} already in {args.out}; "
+        f"{result['empty_candidates']} empty generations (the judge records them as unscored)"
+    )
+    return 0
+
+
+def data_judge_command(args: argparse.Namespace) -> int:
+    from dpolab.data import judges
+    from dpolab.data.onpolicy import judge_file
+
+    if args.judge == "math":
+        judge = judges.MathJudge()
+    elif args.judge == "reward-model":
+        if not args.model:
+            raise ValueError("--judge reward-model needs --model (a sequence-classification model directory)")
+        judge = judges.RewardModelJudge(args.model, args.batch_size, allow_pickle=args.allow_pickle)
+    else:
+        if not (args.base_url and args.llm_model):
+            raise ValueError("--judge llm needs --base-url (e.g. https://api.openai.com/v1) and --llm-model")
+        rubric = Path(args.rubric).read_text() if args.rubric else judges.MATH_RUBRIC
+        judge = judges.LLMJudge(
+            args.base_url,
+            args.llm_model,
+            args.api_key_env,
+            rubric,
+            retries=args.retries,
+            timeout=args.timeout,
+            concurrency=args.concurrency,
+        )
+    progress, stack = _progress(not args.no_progress, f"judging ({args.judge})")
+    try:
+        with stack:
+            result = judge_file(args.file, args.out, judge, restart=args.restart, progress=progress)
+    except RuntimeError as error:
+        print(f"dpolab data judge: error: {error}\nthe prompts judged so far are in {args.out}; "
+              "run the same command again to continue", file=sys.stderr)  # fmt: skip
+        return 1
+    print(
+        f"{result['prompts']} prompts: judged {result['judged']} now, {result['resumed']} already in {args.out}; "
+        f"{result['unscored']} candidates unscored (reasons in the 'notes' field)"
+    )
+    return 0
+
+
+def data_pairs_command(args: argparse.Namespace) -> int:
+    from dpolab.data.onpolicy import pairs_file
+
+    result = pairs_file(args.file, args.out)
+    print(f"wrote {result['pairs']} best-vs-worst pairs from {result['prompts']} prompts to {args.out}")
+    for reason, prompt_ids in result["dropped"].items():
+        if prompt_ids:
+            shown = ", ".join(map(str, prompt_ids[:20])) + (" …" if len(prompt_ids) > 20 else "")
+            print(f"dropped {len(prompt_ids)} prompts: {reason} (prompt_id {shown})")
+    return 0
+
+
+def data_scenario_command(args: argparse.Namespace) -> int:
+    from dpolab.data.onpolicy import SCENARIOS, scenario_files
+
+    summary = scenario_files(args.policy, args.other, args.out, args.good_score)
+    print(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
+    for number, counts in summary["scenarios"].items():
+        chosen, rejected = SCENARIOS[number]
+        dropped = ", ".join(f"{v} {k}" for k, v in counts["dropped"].items() if v) or "none dropped"
+        print(f"  scenario {number} (chosen: {chosen}, rejected: {rejected}): {counts['pairs']} pairs ({dropped})")
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -317,6 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
     sft.set_defaults(handler=train_command, sft=True)
 
+    quickstart = commands.add_parser(
+        "quickstart",
+        help="the Smaug result on a tiny model, offline: data → SFT → low-edit pairs → DPO vs DPOP → accuracy → report",
+    )
+    quickstart.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    quickstart.add_argument(
+        "--size", choices=["small", "full"], default="full", help="full: < 10 min on 2 cores; small: < 2 min"
+    )
+    quickstart.add_argument("--seed", type=int, default=0, help="seeds the data, the model and every run")
+    quickstart.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart in --out")
+    quickstart.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    quickstart.set_defaults(handler=quickstart_command)
     report = commands.add_parser(
         "report", help="one self-contained HTML report (inline plots, no network) of training and toy runs"
     )
@@ -396,6 +522,71 @@ def build_parser() -> argparse.ArgumentParser:
     scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
     scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")
     scenarios.set_defaults(handler=data_gsm8k_scenarios_command)
+
+    sample = data_commands.add_parser(
+        "sample",
+        help="N candidates per prompt from a causal LM (resumable, progress bar)",
+        description="One JSONL line per prompt: prompt_id, prompt, candidates (and reference, and the other "
+        "fields of the prompt row). Appends as it goes; rerun the same command to continue after an interruption.",
+    )
+    sample.add_argument("prompts", help=".jsonl with a prompt per row")
+    sample.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
+    sample.add_argument("--out", required=True, help="output .jsonl (appended to; see --restart)")
+    sample.add_argument("--n", type=int, default=8, help="candidates per prompt (default 8, as the 3D paper)")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--max-new-tokens", type=int, default=256)
+    sample.add_argument("--batch-size", type=int, default=8, help="prompts per write (default 8)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--prompt-field", default="prompt")
+    sample.add_argument("--reference-field", default=None, help="field with the reference solution/answer to carry")
+    sample.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights")
+    sample.add_argument("--restart", action="store_true", help="discard an existing --out instead of continuing it")
+    sample.add_argument("--no-progress", action="store_true")
+    sample.set_defaults(handler=data_sample_command)
+    judge = data_commands.add_parser(
+        "judge",
+        help="score every candidate: math (final number), reward-model, or llm (OpenAI-compatible)",
+        description="Adds 'scores' and 'notes' to each line of a sample output. A candidate without a score "
+        "(empty, unparsable judge reply) gets null and a note. The llm judge reads its key from the environment "
+        "variable named by --api-key-env and never writes it. Resumable like sample.",
+    )
+    judge.add_argument("file", help="output of dpolab data sample")
+    judge.add_argument("--judge", choices=["math", "reward-model", "llm"], required=True)
+    judge.add_argument("--out", required=True)
+    judge.add_argument("--model", help="reward-model: sequence-classification model directory (num_labels 1)")
+    judge.add_argument("--batch-size", type=int, default=16, help="reward-model batch size")
+    judge.add_argument("--allow-pickle", action="store_true")
+    judge.add_argument("--base-url", help="llm: e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    judge.add_argument("--llm-model", help="llm: the model name the endpoint expects")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="llm: environment variable with the key")
+    judge.add_argument("--rubric", help="llm: a text file with the system prompt (default: the 1-5 maths rubric)")
+    judge.add_argument("--retries", type=int, default=4, help="llm: retries with exponential back-off")
+    judge.add_argument("--timeout", type=float, default=60.0, help="llm: seconds per request")
+    judge.add_argument("--concurrency", type=int, default=4, help="llm: requests in flight")
+    judge.add_argument("--restart", action="store_true")
+    judge.add_argument("--no-progress", action="store_true")
+    judge.set_defaults(handler=data_judge_command)
+    pairs = data_commands.add_parser(
+        "pairs",
+        help="best vs worst candidate per prompt of a judge output",
+        description="Ties go to the lowest candidate index. Prompts whose candidates all score the same, or with "
+        "fewer than two scored candidates, are dropped and listed.",
+    )
+    pairs.add_argument("file", help="output of dpolab data judge")
+    pairs.add_argument("--out", required=True, help="preference .jsonl for dpolab train")
+    pairs.set_defaults(handler=data_pairs_command)
+    scenario = data_commands.add_parser(
+        "scenario",
+        help="the 3D paper's four scenarios from two judged pools (the policy's and another model's)",
+        description="1: policy vs policy; 2: reference vs policy; 3: policy vs other; 4: reference vs other. Chosen "
+        "= the best good candidate (score >= --good-score) or the reference; rejected = the worst bad one.",
+    )
+    scenario.add_argument("--policy", required=True, help="judge output of the policy's candidates (with reference)")
+    scenario.add_argument("--other", required=True, help="judge output of another model's candidates")
+    scenario.add_argument("--out", required=True, help="folder for scenario1..4.jsonl and summary.json")
+    scenario.add_argument("--good-score", type=float, default=None, help="default: the highest score in the pools")
+    scenario.set_defaults(handler=data_scenario_command)
 
     toy = commands.add_parser("toy", help="the 3D-properties toy lab: categorical policy, seconds per run")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rapidfuzz.distance import Levenshtein
 
 from dpolab.data.corrupt import ANNOTATED, corrupt_solution
-from dpolab.data.synthetic import final_answer, make_problems
+from dpolab.data.synthetic import final_answer, make_problems, wrong_solution
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -110,3 +110,42 @@ def test_cli_corrupt_math_writes_trainable_pairs_and_lists_skips(tmp_path):
     assert check_file(str(out), allow_extra=True).clean
     examples, bad = load_examples(str(out))
     assert len(examples) == 20 and not bad
+
+
+def test_distinct_and_excluded_problems():
+    first = make_problems(300, seed=0, min_steps=1, max_steps=2, max_value=30, distinct=True)
+    questions = [p.question for p in first]
+    assert len(set(questions)) == 300
+    held_out = make_problems(100, seed=1, min_steps=1, max_steps=2, max_value=30, exclude=set(questions))
+    assert not {p.question for p in held_out} & set(questions)
+    # The space of one-step problems with small numbers is finite: asking for too many fails clearly.
+    with pytest.raises(ValueError, match="could only make"):
+        make_problems(100_000, seed=0, min_steps=1, max_steps=1, max_value=10, distinct=True)
+
+
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+@settings(max_examples=150, deadline=None)
+def test_wrong_solution_is_wrong_parsable_and_far_from_the_correct_one(problem_seed, rng_seed):
+    problem = make_problems(1, seed=problem_seed, min_steps=1, max_steps=4)[0]
+    wrong = wrong_solution(problem, random.Random(rng_seed))
+    answer = final_answer(wrong)
+    assert answer is not None and int(answer) != problem.result and int(answer) >= 0
+    for match in ANNOTATED.finditer(wrong):  # its own arithmetic is right; it answers the wrong question
+        assert eval(match.group("expr")) == int(match.group("value"))  # noqa: S307
+    assert Levenshtein.normalized_distance(problem.answer, wrong) > 0.3
+
+
+def test_digit_splitting_tokenizer_gives_one_token_per_digit(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dpolab.data.tokenizer import train_bpe_tokenizer
+
+    texts = [p.question + "\n" + p.answer for p in make_problems(200, seed=0)]
+    plain = train_bpe_tokenizer(texts, 600)
+    split = train_bpe_tokenizer(texts, 600, split_digits=True)
+    split.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.tokenize("12*34=408") == ["1", "2", "*", "3", "4", "=", "4", "0", "8"]
+    assert loaded.decode(loaded("x = 1234 apples")["input_ids"]) == "x = 1234 apples"
+    merged = lambda vocab: [t for t in vocab if len(t.lstrip("Ġ")) > 1 and t.lstrip("Ġ").isdigit()]  # noqa: E731
+    assert merged(plain.get_vocab()) and not merged(split.get_vocab())  # without the option, digits merge

@@ -65,13 +65,73 @@ def make_problem(rng: random.Random, steps: int = 3, max_value: int = 200) -> Pr
 
 
 def make_problems(
-    count: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4, max_value: int = 200
+    count: int,
+    seed: int = 0,
+    min_steps: int = 2,
+    max_steps: int = 4,
+    max_value: int = 200,
+    distinct: bool = False,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[Problem]:
-    """``count`` problems, deterministic for ``seed``; difficulty = number of steps and size of numbers."""
+    """``count`` problems, deterministic for ``seed``; difficulty = number of steps and size of numbers.
+
+    ``distinct``: no two problems share a question. ``exclude``: questions never to produce (e.g. the
+    training set's, so that held-out problems are really held out). Either raises ``ValueError`` when
+    the settings cannot give ``count`` such problems.
+    """
     if count < 0 or min_steps < 1 or max_steps < min_steps or max_value < 10:
         raise ValueError("need count >= 0, 1 <= min_steps <= max_steps and max_value >= 10")
     rng = random.Random(seed)
-    return [make_problem(rng, rng.randint(min_steps, max_steps), max_value) for _ in range(count)]
+    if not distinct and not exclude:
+        return [make_problem(rng, rng.randint(min_steps, max_steps), max_value) for _ in range(count)]
+    problems, seen = [], set(exclude)
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 20 * count + 1000:
+            raise ValueError(
+                f"could only make {len(problems)} of {count} distinct problems with steps {min_steps}-{max_steps} "
+                f"and max_value {max_value}; allow more steps or larger numbers"
+            )
+        problem = make_problem(rng, rng.randint(min_steps, max_steps), max_value)
+        if problem.question in seen:
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+    return problems
+
+
+def wrong_solution(problem: Problem, rng: random.Random) -> str:
+    """A wrong solution of a *different shape* (the high-edit-distance rejected of the quickstart).
+
+    It misreads the problem: one line that combines the numbers written in the question in a way the
+    problem does not ask for (adds them all, subtracts the rest from the first, or multiplies the first
+    two), with its own wording, and a final answer different from the correct one.
+    """
+    import re
+
+    numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
+    first, rest = numbers[0], numbers[1:]
+    if rest:
+        strategies = [
+            ("Adding up every number in the question", " + ".join(map(str, numbers)), sum(numbers)),
+            ("Taking the others away from the first number", " - ".join(map(str, numbers)), first - sum(rest)),
+            ("Multiplying the first two numbers", f"{first} * {rest[0]}", first * rest[0]),
+            ("Adding the first two numbers and one more", f"{first} + {rest[0]} + 1", first + rest[0] + 1),
+        ]
+    else:  # every operation is a word ("doubles"): misread it
+        strategies = [
+            ("Doubling the number in the question", f"{first} * 2", first * 2),
+            ("Adding ten to the number in the question", f"{first} + 10", first + 10),
+        ]
+    rng.shuffle(strategies)
+    wrong = [s for s in strategies if s[2] != problem.result and s[2] >= 0]
+    # Should every strategy happen to hit the answer: be off by ten.
+    lead, expression, value = (wrong or [("Adding ten to the answer", f"{problem.result} + 10", problem.result + 10)])[
+        0
+    ]
+    compact = expression.replace(" ", "")
+    return f"{lead}: {expression} = <<{compact}={value}>>{value}.\nThe answer is {value}.\n#### {value}"
 
 
 def final_answer(text: str) -> str | None:

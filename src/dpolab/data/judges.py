@@ -1,0 +1,224 @@
+"""Judges for ``dpolab data judge``: a score per (prompt, candidate, reference), or None with a reason.
+
+- :class:`MathJudge`: 1 when the candidate's final number equals the reference's (GSM8K ``#### N`` or
+  ``A: N``), 0 when it differs or the candidate states none; the reference must have one.
+- :class:`RewardModelJudge`: the scalar output of a Hugging Face sequence-classification model
+  (``num_labels = 1``) on prompt + candidate, e.g. a reward model trained with dpolab.
+- :class:`LLMJudge`: an OpenAI-compatible chat-completions endpoint grading with a rubric (by default
+  the 3D paper's 1–5 maths rubric, PAPERS.md §5). The API key is read from an environment variable at
+  request time and never written; transient failures are retried with exponential back-off; a reply
+  without a parsable score is recorded as such (score None, the reply kept in the note), never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float | None
+    note: str | None = None  # why there is no score, or what the judge said
+
+
+Item = tuple[str, str, "str | None"]  # prompt, candidate, reference
+
+
+class MathJudge:
+    name = "math"
+    needs_reference = True
+
+    def score(self, items: list[Item]) -> list[Verdict]:
+        from dpolab.data.scenarios import _number
+        from dpolab.data.synthetic import final_answer
+
+        verdicts = []
+        for _, candidate, reference in items:
+            expected = _number(final_answer(reference or "")) if reference is not None else None
+            if expected is None and reference is not None:
+                expected = _number(reference.strip().replace(",", ""))  # a bare number as the reference
+            if expected is None:
+                verdicts.append(Verdict(None, f"the reference has no final number: {str(reference)[:80]!r}"))
+                continue
+            if not candidate.strip():
+                verdicts.append(Verdict(None, "empty generation"))
+                continue
+            got = _number(final_answer(candidate))
+            if got is None:
+                verdicts.append(Verdict(0.0, "no final number (scored as wrong)"))
+                continue
+            verdicts.append(Verdict(float(abs(got - expected) < 1e-6)))
+        return verdicts
+
+    def describe(self) -> dict:
+        return {"kind": self.name}
+
+
+class RewardModelJudge:
+    name = "reward-model"
+    needs_reference = False
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.path = path
+        labels = AutoConfig.from_pretrained(path).num_labels
+        if labels != 1:
+            raise ValueError(f"{path}: a reward model has num_labels = 1; this one has {labels}")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=None if allow_pickle else True
+        ).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # needed to find each row's last token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+
+    def score(self, items: list[Item]) -> list[Verdict]:
+        import torch
+
+        verdicts: list[Verdict | None] = [None] * len(items)
+        texts = []
+        for index, (prompt, candidate, _) in enumerate(items):
+            if not candidate.strip():
+                verdicts[index] = Verdict(None, "empty generation")
+            else:
+                texts.append((index, prompt + candidate))
+        self.tokenizer.padding_side = "right"
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            encoded = self.tokenizer(
+                [text for _, text in chunk],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            ).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**encoded).logits[:, 0].float().tolist()
+            for (index, _), value in zip(chunk, logits, strict=True):
+                verdicts[index] = Verdict(value)
+        return verdicts  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "model": str(self.path)}
+
+
+MATH_RUBRIC = """You grade solutions to maths problems. Compare the response with the reference answer and \
+judge both the final answer and the reasoning process. Scores:
+5: the final answer is correct and the process is correct and complete.
+4: the final answer is correct but the process is missing steps or is very verbose.
+3: the final answer is wrong but the process is mostly correct, or the final answer is correct but the \
+process has clear errors.
+2: the final answer is wrong and the process is mostly wrong.
+1: everything is wrong, or there is no final result.
+Reply with a one-sentence justification, then a last line of the form "Score: N" with N from 1 to 5."""
+
+SCORE = re.compile(r"score\s*[:=]\s*\**\s*([1-5])\b", re.IGNORECASE)
+
+
+def parse_score(reply: str) -> int | None:
+    """The last ``Score: N`` (N in 1..5) in a reply; None when there is none."""
+    found = SCORE.findall(reply)
+    return int(found[-1]) if found else None
+
+
+class LLMJudge:
+    name = "llm"
+    needs_reference = False
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        rubric: str = MATH_RUBRIC,
+        retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 60.0,
+        concurrency: int = 4,
+        temperature: float = 0.0,
+        sleep=time.sleep,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://; got {base_url!r}")
+        if retries < 0 or backoff < 0 or timeout <= 0 or concurrency < 1:
+            raise ValueError("need retries >= 0, backoff >= 0, timeout > 0 and concurrency >= 1")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env, self.rubric = model, api_key_env, rubric
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.concurrency, self.temperature, self.sleep = concurrency, temperature, sleep
+        self.requests = 0  # HTTP requests sent, retries included
+        self._failed = threading.Event()  # set when a request gave up: queued items then send nothing
+
+    def _request(self, prompt: str, candidate: str, reference: str | None) -> str:
+        user = f"Problem:\n{prompt}\n\nResponse:\n{candidate}\n"
+        if reference is not None:
+            user += f"\nReference answer:\n{reference}\n"
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": self.temperature,
+                "messages": [{"role": "system", "content": self.rubric}, {"role": "user", "content": user}],
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        error: str = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            self.requests += 1
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read())
+                return payload["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as failure:
+                error = f"HTTP {failure.code}"
+                if failure.code not in (408, 409, 429) and failure.code < 500:
+                    hint = f" (is {self.api_key_env} set?)" if failure.code in (401, 403) else ""
+                    raise ValueError(f"{self.url}: HTTP {failure.code} {failure.reason}{hint}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as failure:
+                error = f"{type(failure).__name__}: {getattr(failure, 'reason', failure)}"
+            except (ValueError, KeyError, IndexError, TypeError):
+                error = "a reply that is not a chat completion"
+        raise RuntimeError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {error}")
+
+    def _one(self, item: Item) -> Verdict:
+        prompt, candidate, reference = item
+        if not candidate.strip():
+            return Verdict(None, "empty generation")
+        if self._failed.is_set():
+            return Verdict(None, "not sent: an earlier request gave up")
+        try:
+            reply = self._request(prompt, candidate, reference)
+        except RuntimeError:  # the command stops; nothing of this batch is written, so a rerun redoes it
+            self._failed.set()
+            raise
+        score = parse_score(reply)
+        if score is None:
+            return Verdict(None, f"unparsable judge reply: {reply[:200]!r}")
+        return Verdict(float(score), reply[-200:])
+
+    def score(self, items: list[Item]) -> list[Verdict]:
+        self._failed.clear()
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, items))
+
+    def describe(self) -> dict:  # the key's variable name, never the key
+        return {"kind": self.name, "url": self.url, "model": self.model, "api_key_env": self.api_key_env}

@@ -1,0 +1,379 @@
+"""The 3D paper's on-policy pipeline (PAPERS.md §5): sample → judge → pairs, and the four scenarios.
+
+- :func:`sample_file`: N candidates per prompt from a causal LM (one JSONL line per prompt).
+- :func:`judge_file`: a score per candidate from a judge (:mod:`dpolab.data.judges`).
+- :func:`pairs_file`: best vs worst candidate per prompt; prompts whose candidates all score the same
+  are dropped and counted.
+- :func:`scenario_files`: the four chosen/rejected source combinations (chosen from the policy or the
+  data set's reference, rejected from the policy or another model's pool).
+
+``sample`` and ``judge`` append one line per prompt as they go and skip prompts already in the output,
+so an interrupted run continues where it stopped (a torn last line is dropped first). Every prompt that
+gives no pair is counted with its reason, nothing silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpolab.data.formats import BadLine, read_jsonl_lines
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt_id: int  # the row number in the prompts file (0-based, bad lines included)
+    prompt: str
+    reference: str | None  # the data set's reference solution or answer, if given
+    extra: dict  # every other field of the row, carried along as provenance
+
+
+def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field: str | None = None) -> list[PromptRow]:
+    """The rows of a JSONL prompts file; a bad row is a ``ValueError`` naming the file, line and field."""
+    rows, problems = [], []
+    for number, (line, row) in enumerate(read_jsonl_lines(Path(path))):
+        where = f"{path}: line {line} (row {number})"
+        if isinstance(row, BadLine):
+            problems.append(f"{where}: {row.reason}")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str) or not row[prompt_field].strip():
+            problems.append(f"{where}: needs a non-empty string field {prompt_field!r}")
+            continue
+        reference = None
+        if reference_field is not None:
+            reference = row.get(reference_field)
+            if not isinstance(reference, (str, int, float)) or isinstance(reference, bool):
+                problems.append(f"{where}: needs the reference field {reference_field!r} (a string or number)")
+                continue
+            reference = str(reference)
+        extra = {k: v for k, v in row.items() if k not in (prompt_field, reference_field)}
+        rows.append(PromptRow(number, row[prompt_field], reference, extra))
+    if problems:
+        more = f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"{len(problems)} bad prompt rows:\n  " + "\n  ".join(problems[:10]) + more)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+class AppendLog:
+    """A JSONL output that an interrupted run continues: completed ``prompt_id``\\s are read back first.
+
+    A torn last line (the process died mid-write) is cut off; any other unreadable line is an error,
+    since it means the file is not ours to append to.
+    """
+
+    def __init__(self, path: str | Path, restart: bool = False) -> None:
+        self.path = Path(path)
+        self.done: dict[int, dict] = {}
+        if restart and self.path.exists():
+            self.path.unlink()
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            lines = raw.split(b"\n")
+            keep = len(raw)
+            for index, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    prompt_id = row["prompt_id"]
+                except (ValueError, KeyError, TypeError):
+                    if index == len(lines) - 1:  # torn by an interruption: drop it
+                        keep = len(raw) - len(line)
+                        break
+                    raise ValueError(
+                        f"{self.path}: line {index + 1} is not a record of this command; "
+                        "use another output file or --restart"
+                    ) from None
+                self.done[prompt_id] = row
+            if keep != len(raw):
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(keep)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.done[row["prompt_id"]] = row
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_records(path: str | Path, need: Iterable[str]) -> list[dict]:
+    """The records of a ``sample`` / ``judge`` output, checked for the fields the next step needs."""
+    records = []
+    for number, (line, row) in enumerate(read_jsonl_lines(Path(path))):
+        if isinstance(row, BadLine):
+            raise ValueError(f"{path}: line {line} (row {number}): {row.reason}")
+        missing = [key for key in need if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"{path}: line {line} (row {number}): missing {', '.join(map(repr, missing))}")
+        records.append(row)
+    return records
+
+
+# --- sample ------------------------------------------------------------------------------------
+
+
+def sample_file(
+    model: str,
+    prompts: str | Path,
+    out: str | Path,
+    *,
+    n: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    prompt_field: str = "prompt",
+    reference_field: str | None = None,
+    allow_pickle: bool = False,
+    restart: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> dict:
+    """Sample ``n`` candidates per prompt; one line per prompt in ``out``: prompt_id, prompt, candidates.
+
+    The sampling seed of a prompt depends only on ``seed`` and its ``prompt_id``, so a resumed run
+    gives the candidates an uninterrupted one would have. ``progress(total, done)`` returns an
+    ``advance(k)`` callback.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.engine.generate import generate
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}")
+    rows = read_prompts(prompts, prompt_field, reference_field)
+    if Path(model).exists() and not allow_pickle and not any(Path(model).glob("*.safetensors")):
+        raise ValueError(f"{model}: no .safetensors weights (pickle files are refused without --allow-pickle)")
+    policy = AutoModelForCausalLM.from_pretrained(model, use_safetensors=None if allow_pickle else True)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy.to("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    empty = 0
+    with AppendLog(out, restart) as log:
+        todo = [row for row in rows if row.prompt_id not in log.done]
+        advance = progress(len(rows), len(rows) - len(todo)) if progress else (lambda k: None)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            candidates = []
+            for row in batch:  # one seeded call per prompt keeps candidates independent of batching
+                candidates.extend(
+                    generate(
+                        policy,
+                        tokenizer,
+                        [row.prompt],
+                        max_new_tokens=max_new_tokens,
+                        num_return_sequences=n,
+                        do_sample=True,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=seed * 1_000_003 + row.prompt_id,
+                    )
+                )
+            for row, texts in zip(batch, candidates, strict=True):
+                empty += sum(not text.strip() for text in texts)
+                record = {"prompt_id": row.prompt_id, "prompt": row.prompt, "candidates": texts}
+                if row.reference is not None:
+                    record["reference"] = row.reference
+                log.write({**record, **row.extra, "sampler": {"model": str(model), **settings}})
+            advance(len(batch))
+    return {"prompts": len(rows), "sampled": len(todo), "resumed": len(rows) - len(todo), "empty_candidates": empty}
+
+
+# --- judge -------------------------------------------------------------------------------------
+
+
+def judge_file(
+    source: str | Path,
+    out: str | Path,
+    judge,
+    *,
+    restart: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    batch_prompts: int = 8,
+) -> dict:
+    """Score every candidate of ``source`` (a ``sample`` output) with ``judge``; adds ``scores`` and ``notes``.
+
+    A score is ``None`` when the judge could not give one (an empty generation, an unparsable reply);
+    the note says why. Resumable like ``sample``.
+    """
+    records = read_records(source, ["prompt_id", "prompt", "candidates"])
+    for number, record in enumerate(records):
+        if not isinstance(record["candidates"], list) or not all(isinstance(c, str) for c in record["candidates"]):
+            raise ValueError(f"{source}: row {number}: 'candidates' must be a list of strings")
+        if judge.needs_reference and record.get("reference") is None:
+            raise ValueError(
+                f"{source}: row {number} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a "
+                "'reference' (sample with --reference-field)"
+            )
+    unscored = 0
+    with AppendLog(out, restart) as log:
+        todo = [record for record in records if record["prompt_id"] not in log.done]
+        advance = progress(len(records), len(records) - len(todo)) if progress else (lambda k: None)
+        for start in range(0, len(todo), batch_prompts):
+            batch = todo[start : start + batch_prompts]
+            items = [(r["prompt"], c, r.get("reference")) for r in batch for c in r["candidates"]]
+            verdicts = judge.score(items)
+            at = 0
+            for record in batch:
+                mine = verdicts[at : at + len(record["candidates"])]
+                at += len(record["candidates"])
+                unscored += sum(v.score is None for v in mine)
+                log.write(
+                    {
+                        **record,
+                        "scores": [v.score for v in mine],
+                        "notes": [v.note for v in mine],
+                        "judge": judge.describe(),
+                    }
+                )
+            advance(len(batch))
+    return {"prompts": len(records), "judged": len(todo), "resumed": len(records) - len(todo), "unscored": unscored}
+
+
+# --- pairs -------------------------------------------------------------------------------------
+
+
+def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
+    """Indices of the best and the worst scored candidate; ties go to the lowest index; None if all equal."""
+    scored = [(s, i) for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return None
+    top = max(s for s, _ in scored)
+    bottom = min(s for s, _ in scored)
+    if top == bottom:
+        return None
+    return min(i for s, i in scored if s == top), min(i for s, i in scored if s == bottom)
+
+
+def pairs_file(source: str | Path, out: str | Path) -> dict:
+    """Best vs worst candidate per prompt of a ``judge`` output; writes preference JSONL with provenance."""
+    records = read_records(source, ["prompt_id", "prompt", "candidates", "scores"])
+    written, dropped = 0, {"all candidates scored the same": [], "fewer than two scored candidates": []}
+    with open(out, "w", encoding="utf-8") as handle:
+        for record in records:
+            scores = record["scores"]
+            if len(scores) != len(record["candidates"]):
+                raise ValueError(f"{source}: prompt_id {record['prompt_id']}: {len(scores)} scores for "
+                                 f"{len(record['candidates'])} candidates")  # fmt: skip
+            chosen = best_and_worst(scores)
+            if chosen is None:
+                scored = sum(s is not None for s in scores)
+                reason = "fewer than two scored candidates" if scored < 2 else "all candidates scored the same"
+                dropped[reason].append(record["prompt_id"])
+                continue
+            best, worst = chosen
+            pair = {
+                "prompt": record["prompt"],
+                "chosen": record["candidates"][best],
+                "rejected": record["candidates"][worst],
+                "prompt_id": record["prompt_id"],
+                "chosen_index": best,
+                "rejected_index": worst,
+                "chosen_score": scores[best],
+                "rejected_score": scores[worst],
+                "judge": record.get("judge"),
+            }
+            handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            written += 1
+    return {"prompts": len(records), "pairs": written, "dropped": {k: v for k, v in dropped.items()}}
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+SCENARIOS = {  # number: (chosen from, rejected from) — the 3D paper's Table 4 / PAPERS.md §3
+    1: ("policy", "policy"),
+    2: ("reference", "policy"),
+    3: ("policy", "other"),
+    4: ("reference", "other"),
+}
+
+
+def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, good_score: float | None = None) -> dict:
+    """The four scenarios from two judged candidate pools (the policy's and another model's) and references.
+
+    A candidate is *good* when its score is at least ``good_score`` (default: the highest score in
+    either pool, e.g. 1 for the math judge, 5 for the rubric) and *bad* otherwise; the reference
+    solution counts as good. Per prompt and scenario: chosen = the best good candidate of its source
+    (lowest index among equals), rejected = the worst bad candidate of its source. A prompt without a
+    good chosen or a bad rejected is dropped from that scenario and counted.
+    """
+    pools = {
+        "policy": {r["prompt_id"]: r for r in read_records(policy, ["prompt_id", "prompt", "candidates", "scores"])},
+        "other": {r["prompt_id"]: r for r in read_records(other, ["prompt_id", "prompt", "candidates", "scores"])},
+    }
+    for prompt_id, record in pools["other"].items():
+        mine = pools["policy"].get(prompt_id)
+        if mine is not None and mine["prompt"] != record["prompt"]:
+            raise ValueError(f"prompt_id {prompt_id}: the two pools hold different prompts ({policy} vs {other})")
+    every = [s for pool in pools.values() for r in pool.values() for s in r["scores"] if s is not None]
+    if not every:
+        raise ValueError("no scored candidate in either pool")
+    threshold = max(every) if good_score is None else good_score
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[int, dict] = {}
+    for number, (chosen_from, rejected_from) in SCENARIOS.items():
+        pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0}
+        for prompt_id, record in sorted(pools["policy"].items()):
+            sources = {"policy": record, "other": pools["other"].get(prompt_id)}
+            if sources["other"] is None and "other" in (chosen_from, rejected_from):
+                dropped["prompt missing from a pool"] += 1
+                continue
+            if chosen_from == "reference":
+                chosen = record.get("reference")
+                chosen_score, chosen_index = None, None
+            else:
+                good = [(s, i) for i, s in enumerate(record["scores"]) if s is not None and s >= threshold]
+                chosen_score, chosen_index = (
+                    (max(good)[0], min(i for s, i in good if s == max(good)[0])) if good else (None, None)
+                )
+                chosen = record["candidates"][chosen_index] if good else None
+            if chosen is None:
+                dropped["no good chosen"] += 1
+                continue
+            pool = sources[rejected_from]
+            bad = [(s, i) for i, s in enumerate(pool["scores"]) if s is not None and s < threshold]
+            if not bad:
+                dropped["no bad rejected"] += 1
+                continue
+            low = min(bad)[0]
+            rejected_index = min(i for s, i in bad if s == low)
+            pairs.append(
+                {
+                    "prompt": record["prompt"],
+                    "chosen": chosen,
+                    "rejected": pool["candidates"][rejected_index],
+                    "prompt_id": prompt_id,
+                    "scenario": number,
+                    "chosen_source": chosen_from,
+                    "rejected_source": rejected_from,
+                    "chosen_score": chosen_score,
+                    "chosen_index": chosen_index,
+                    "rejected_score": low,
+                    "rejected_index": rejected_index,
+                }
+            )
+        with open(out / f"scenario{number}.jsonl", "w", encoding="utf-8") as handle:
+            for pair in pairs:
+                handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        counts[number] = {"pairs": len(pairs), "dropped": dropped}
+    summary = {"good_score": threshold, "prompts": len(pools["policy"]), "scenarios": counts}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,90 @@
+"""`dpolab quickstart --size small` end to end, as `make demo` runs it (the full size is documented)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "quickstart", "--size", "small", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_prints_the_table_and_the_report_path(quickstart):
+    out, result = quickstart
+    for header in ("model", "accuracy", "chosen log-ratio", "rejected log-ratio", "margin"):
+        assert header in result.stdout
+    for model in ("sft", "dpo", "dpop", "dpo_high_edit"):
+        assert f"│ {model} " in result.stdout
+    assert f"report: {out / 'report.html'}\n" in result.stdout
+
+
+def test_results_are_finite_and_consistent(quickstart):
+    out, _ = quickstart
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["model"]: row for row in results["table"]}
+    assert set(rows) == {"sft", "dpo", "dpop", "dpo_high_edit"}
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1
+        for key in ("chosen_logratio", "rejected_logratio", "margin"):
+            assert math.isfinite(row[key])
+        assert row["margin"] == pytest.approx(row["chosen_logratio"] - row["rejected_logratio"])
+    assert rows["sft"]["chosen_logratio"] == 0  # the SFT model is every run's reference
+    for name in ("dpo", "dpop", "dpo_high_edit"):  # each run moved its model away from the reference
+        assert rows[name]["chosen_logratio"] != 0 and 0 <= rows[name]["reward_accuracy"] <= 1
+    accuracy = results["accuracy"]["sft"]
+    assert accuracy["correct"] == round(accuracy["accuracy"] * accuracy["problems"])
+    # The pair sets differ as designed: corrupted one number vs a different wrong solution.
+    stats = results["data"]["edit_stats"]
+    assert stats["low_edit"]["char_distance"]["mean"] < 0.1 < 0.3 < stats["high_edit"]["char_distance"]["mean"]
+
+
+def test_held_out_problems_and_pairs_are_disjoint_from_sft(quickstart):
+    out, _ = quickstart
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    sft = {row["prompt"] for row in read(out / "data" / "sft.jsonl")}
+    pairs = {row["prompt"] for kind in ("low_edit", "high_edit") for split in ("train", "eval")
+             for row in read(out / "data" / kind / f"{split}.jsonl")}  # fmt: skip
+    problems = {row["question"] + "\n" for row in read(out / "data" / "eval_problems.jsonl")}
+    assert not sft & pairs and not sft & problems and not pairs & problems
+    train = {row["prompt"] for row in read(out / "data" / "low_edit" / "train.jsonl")}
+    held_out = {row["prompt"] for row in read(out / "data" / "low_edit" / "eval.jsonl")}
+    assert not train & held_out
+
+
+def test_every_model_directory_loads_with_from_pretrained(quickstart):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = quickstart
+    for path in [out / "model" / "init"] + [
+        out / "runs" / n / "model" for n in ("sft", "dpo", "dpop", "dpo_high_edit")
+    ]:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama" and tokenizer.eos_token == "<eos>"
+    report = (out / "report.html").read_text()
+    assert "dpolab quickstart" in report and report.count("<img") >= 3
+
+
+def test_refuses_to_replace_an_earlier_quickstart_without_overwrite(quickstart):
+    out, _ = quickstart
+    result = subprocess.run(
+        [sys.executable, "-m", "dpolab", "quickstart", "--size", "small", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (out / "results.json").exists()  # nothing was deleted

@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml 2>/dev/null | cut -d' '
 
 .PHONY: demo test install lint clean
 
-# The main job until the quickstart lands: the toy lab's figures and summary (~25 s on 2 cores).
+# The main job: the quickstart (docs/quickstart.md), offline, minutes on 2 CPU cores.
 demo: $(STAMP)
-	$(BIN)/dpolab toy figures --out runs/toy
+	$(BIN)/dpolab quickstart --out runs/quickstart --overwrite
 
 test: $(STAMP)
 	# The report test renders HTML in Debian's chromium; CI installs it when missing.

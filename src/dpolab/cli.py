@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--max-new-tokens", type=int, default=256)
-    sample.add_argument("--batch-size", type=int, default=8, help="prompts per write (default 8)")
+    sample.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--prompt-field", default="prompt")
     sample.add_argument("--reference-field", default=None, help="field with the reference solution/answer to carry")
@@ -624,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a bar per weight load/save: ours say what is happening
+    except ImportError:
+        pass
     try:
         return int(args.handler(args) or 0)
     except BrokenPipeError:  # `dpolab losses | head`

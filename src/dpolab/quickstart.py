@@ -76,7 +76,7 @@ RUNS = [  # name, loss, loss parameters, pairs
     ("dpo_high_edit", "dpo", {"beta": TRAINING["beta"]}, "high_edit"),
 ]
 
-OUTPUTS = ("data", "model", "runs", "cache", "results.json", "report.html")
+OUTPUTS = ("data", "model", "runs", "cache", "results.json", "report.html", "logratios.png")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -301,6 +301,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
     from dpolab.report.html import write_report
 
     report = write_report([out / "runs" / name for name, *_ in RUNS], out / "report.html", "dpolab quickstart")
+    plot_logratios(out)
     rows = [table_row("sft", "—", "—", accuracy["sft"], None)]
     for name, loss, _, pairs in RUNS:
         rows.append(table_row(name, loss, pairs.replace("_", "-"), accuracy[name], summaries[name]))
@@ -320,6 +321,34 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
     print_table(rows)
     print(f"report: {report}\nresults: {out / 'results.json'}\ntotal: {timings['total']:.0f} s", flush=True)
     return results
+
+
+def plot_logratios(out: Path) -> Path:
+    """``out/logratios.png``: the training batches' mean chosen and rejected log-ratios of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    colours = {"dpo": "#1b9e77", "dpop": "#d95f02", "dpo_high_edit": "#7570b3"}
+    for name, *_ in RUNS:
+        rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [row for row in rows if "logratio/chosen" in row]
+        steps = [row["step"] for row in rows]
+        for ax, key in zip(axes, ("logratio/chosen", "logratio/rejected"), strict=True):
+            ax.plot(steps, [row[key] for row in rows], label=name, color=colours[name])
+    axes[0].set(title="chosen: log π_θ(y_w|x) − log π_SFT(y_w|x)", xlabel="step", ylabel="nats (batch mean)")
+    axes[1].set(title="rejected: log π_θ(y_l|x) − log π_SFT(y_l|x)", xlabel="step", yscale="symlog")
+    for ax in axes:
+        ax.axhline(0, color="#888", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = out / "logratios.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def table_row(name: str, loss: str, pairs: str, accuracy: dict, summary: dict | None) -> dict:

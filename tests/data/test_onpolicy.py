@@ -328,5 +328,48 @@ def test_cli_sample_judge_pairs_on_synthetic_problems(policy, tmp_path):
     paired = run("pairs", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl"))
     assert paired.returncode == 0 and "wrote 0 best-vs-worst pairs from 6 prompts" in paired.stdout
     assert "dropped 6 prompts: all candidates scored the same (prompt_id 0, 1, 2, 3, 4, 5)" in paired.stdout
+    # Every candidate is wrong and the references are right: only the reference-chosen scenarios have pairs.
+    scenario = run("scenario", "--policy", str(tmp_path / "j.jsonl"), "--other", str(tmp_path / "j.jsonl"),
+                   "--out", str(tmp_path / "scen"), "--good-score", "1")  # fmt: skip
+    assert scenario.returncode == 0, scenario.stderr
+    assert "scenario 1 (chosen: policy, rejected: policy): 0 pairs (6 no good chosen)" in scenario.stdout
+    assert "scenario 2 (chosen: reference, rejected: policy): 6 pairs (none dropped)" in scenario.stdout
     missing = run("judge", str(tmp_path / "c.jsonl"), "--judge", "llm", "--out", str(tmp_path / "x.jsonl"))
     assert missing.returncode == 2 and "--base-url" in missing.stderr
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def test_generic_scenarios_on_gsm8k_pools_agree_with_the_gsm8k_builder(tmp_path):
+    """The shared GSM8K solutions as two judged pools (6B = policy, 175B = other) give the same pairs as
+    `dpolab data gsm8k-scenarios` on every question whose solutions all state a final number. The math
+    judge scores a solution without one as wrong (0); the GSM8K builder leaves it out."""
+    from dpolab.data.scenarios import gsm8k_scenarios
+    from dpolab.data.synthetic import final_answer
+
+    rows = [json.loads(line) for line in (SHARED / "gsm8k" / "model_solutions.jsonl").read_text().splitlines()]
+    solvers = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+    unparsable = {r["question"] + "\n" for r in rows if any(final_answer(r[s]["solution"]) is None for s in solvers)}
+    assert 0 < len(unparsable) < 20
+    for model in ("6b", "175b"):
+        write_jsonl(
+            tmp_path / f"{model}.jsonl",
+            [
+                {"prompt_id": i, "prompt": r["question"] + "\n", "reference": r["ground_truth"],
+                 "candidates": [r[f"{model}_finetuning"]["solution"], r[f"{model}_verification"]["solution"]]}
+                for i, r in enumerate(rows)
+            ],
+        )  # fmt: skip
+        judge_file(tmp_path / f"{model}.jsonl", tmp_path / f"{model}.judged.jsonl", MathJudge())
+    summary = scenario_files(tmp_path / "6b.judged.jsonl", tmp_path / "175b.judged.jsonl", tmp_path / "out")
+    expected, _ = gsm8k_scenarios(rows)
+    for number in (1, 2, 3, 4):
+        ours = [
+            (p["prompt"], p["chosen"], p["rejected"]) for p in judged_rows(tmp_path / "out" / f"scenario{number}.jsonl")
+        ]
+        theirs = [(p["prompt"], p["chosen"], p["rejected"]) for p in expected[number]]
+        assert [t for t in ours if t[0] not in unparsable] == [t for t in theirs if t[0] not in unparsable]
+        assert summary["scenarios"][number]["pairs"] == len(ours)
+        assert abs(len(ours) - len(theirs)) <= len(unparsable)
+    assert [summary["scenarios"][n]["pairs"] for n in (1, 2, 3, 4)] == [269, 825, 208, 710]

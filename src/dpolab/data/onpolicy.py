@@ -147,9 +147,10 @@ def sample_file(
 ) -> dict:
     """Sample ``n`` candidates per prompt; one line per prompt in ``out``: prompt_id, prompt, candidates.
 
-    The sampling seed of a prompt depends only on ``seed`` and its ``prompt_id``, so a resumed run
-    gives the candidates an uninterrupted one would have. ``progress(total, done)`` returns an
-    ``advance(k)`` callback.
+    Prompts are generated ``batch_size`` at a time (each with ``n`` samples). Batches sit at fixed
+    positions of the prompts file with a seed each, so a resumed run (same settings) gives the
+    candidates an uninterrupted one would have. ``progress(total, done)`` returns an ``advance(k)``
+    callback.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,35 +165,46 @@ def sample_file(
     policy = AutoModelForCausalLM.from_pretrained(model, use_safetensors=None if allow_pickle else True)
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy.to("cuda" if torch.cuda.is_available() else "cpu")
-    settings = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    settings = {
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     empty = 0
     with AppendLog(out, restart) as log:
         todo = [row for row in rows if row.prompt_id not in log.done]
         advance = progress(len(rows), len(rows) - len(todo)) if progress else (lambda k: None)
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            candidates = []
-            for row in batch:  # one seeded call per prompt keeps candidates independent of batching
-                candidates.extend(
-                    generate(
-                        policy,
-                        tokenizer,
-                        [row.prompt],
-                        max_new_tokens=max_new_tokens,
-                        num_return_sequences=n,
-                        do_sample=True,
-                        temperature=temperature,
-                        top_p=top_p,
-                        seed=seed * 1_000_003 + row.prompt_id,
-                    )
-                )
+        # Batches sit at fixed positions of the prompts file and each has its own seed, so a resumed run
+        # regenerates an unfinished batch exactly and writes only its missing prompts.
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            missing = [row for row in batch if row.prompt_id not in log.done]
+            if not missing:
+                continue
+            candidates = generate(
+                policy,
+                tokenizer,
+                [row.prompt for row in batch],
+                max_new_tokens=max_new_tokens,
+                batch_size=len(batch),
+                num_return_sequences=n,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed * 1_000_003 + batch[0].prompt_id,
+            )
             for row, texts in zip(batch, candidates, strict=True):
+                if row.prompt_id in log.done:
+                    continue
                 empty += sum(not text.strip() for text in texts)
                 record = {"prompt_id": row.prompt_id, "prompt": row.prompt, "candidates": texts}
                 if row.reference is not None:
                     record["reference"] = row.reference
                 log.write({**record, **row.extra, "sampler": {"model": str(model), **settings}})
-            advance(len(batch))
+            advance(len(missing))
     return {"prompts": len(rows), "sampled": len(todo), "resumed": len(rows) - len(todo), "empty_candidates": empty}
 
 

@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = 42
     """Seeds model init of anything random, data order and the eval split."""
     row_tokens: int = 2048
-    """Token budget of one packed row: several pairs share a row up to this many tokens."""
+    """Token budget of one packed row: several pairs share a row up to this many tokens. Attention is dense within a row, so for small models on CPU a short row (256–512) can be several times faster (docs/quickstart.md)."""
     packing: bool = True
     """Prefix-shared packed forward; false forces the naive path (two padded rows per pair)."""
 

@@ -88,3 +88,13 @@ def test_refuses_to_replace_an_earlier_quickstart_without_overwrite(quickstart):
     )
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "results.json").exists()  # nothing was deleted
+
+
+def test_never_deletes_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("precious")
+    from dpolab.quickstart import run_quickstart
+
+    with pytest.raises(ValueError, match="is not a quickstart folder"):
+        run_quickstart(tmp_path, "small", overwrite=True, progress=False)
+    assert (tmp_path / "data" / "mine.txt").read_text() == "precious"

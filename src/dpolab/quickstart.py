@@ -76,6 +76,7 @@ RUNS = [  # name, loss, loss parameters, pairs
     ("dpo_high_edit", "dpo", {"beta": TRAINING["beta"]}, "high_edit"),
 ]
 
+MARKER = ".dpolab-quickstart"
 OUTPUTS = ("data", "model", "runs", "cache", "results.json", "report.html", "logratios.png")
 
 
@@ -208,12 +209,15 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     out = Path(out)
     existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not (out / MARKER).exists():  # never delete what this command did not write
+        raise ValueError(f"{out} holds {', '.join(existing)} but is not a quickstart folder; choose another --out")
     if existing and not overwrite:
         raise ValueError(f"{out} already holds a quickstart ({', '.join(existing)}); pass --overwrite to replace it")
     for name in existing:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by dpolab quickstart; --overwrite replaces this folder's outputs\n")
     spec = SIZES[size]
     from transformers.utils import logging as transformers_logging
 

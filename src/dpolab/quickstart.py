@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dpolab.train.metrics import console, progress_bar
+from dpolab.train.metrics import console
 
 
 @dataclass(frozen=True)
@@ -166,34 +166,18 @@ def build_model(out: Path, size: Size, seed: int) -> Path:
 
 def greedy_accuracy(model_dir: Path, problems: list[dict], max_new_tokens: int, progress: bool, name: str) -> dict:
     """Share of ``problems`` whose greedy solution ends in the right number (``#### N``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dpolab.evaluate import math_accuracy
 
-    from dpolab.data.synthetic import final_answer
-    from dpolab.engine.generate import generate
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with progress_bar(progress, f"greedy accuracy ({name})", len(problems)) as advance:
-        completions = generate(
-            model,
-            tokenizer,
-            [p["question"] + "\n" for p in problems],
-            max_new_tokens=max_new_tokens,
-            batch_size=64,
-            progress=advance,
-        )
-    answers = [final_answer(c[0]) for c in completions]
-    correct = sum(a is not None and a == str(p["result"]) for a, p in zip(answers, problems, strict=True))
-    return {
-        "accuracy": correct / len(problems),
-        "correct": correct,
-        "problems": len(problems),
-        "no_final_answer": sum(a is None for a in answers),
-        "examples": [
-            {"question": p["question"], "generated": c[0], "expected": p["result"]}
-            for p, c in list(zip(problems, completions, strict=True))[:3]
-        ],
-    }
+    result = math_accuracy(
+        model_dir,
+        [p["question"] + "\n" for p in problems],
+        [str(p["result"]) for p in problems],
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        name=name,
+    )
+    examples = [{**g, "expected": p["result"]} for g, p in zip(result.pop("generations")[:3], problems, strict=False)]
+    return {**result, "examples": examples}
 
 
 def _train(config: dict) -> dict:

@@ -1,0 +1,81 @@
+"""Greedy-decoding accuracy on maths problems (``dpolab eval``): the quickstart's measure, for any model.
+
+Each problem's prompt is decoded greedily (batched, :mod:`dpolab.engine.generate`). The solution
+counts as correct when its final number (``#### N`` or ``A: N``) equals the reference's, where the
+reference is a solution with a final number or a bare number (:class:`dpolab.data.judges.MathJudge`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpolab.train.metrics import progress_bar
+
+
+def math_accuracy(
+    model_dir: str | Path,
+    prompts: list[str],
+    references: list[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    progress: bool = True,
+    name: str = "",
+    allow_pickle: bool = False,
+) -> dict:
+    """Accuracy, counts and every generation of ``model_dir`` on ``prompts`` (greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.data.judges import MathJudge
+    from dpolab.engine.generate import generate
+
+    if len(prompts) != len(references) or not prompts:
+        raise ValueError("need equally many, and at least one, prompts and references")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=None if allow_pickle else True)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with progress_bar(progress, f"greedy accuracy{f' ({name})' if name else ''}", len(prompts)) as advance:
+        completions = [
+            c[0]
+            for c in generate(
+                model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=advance
+            )
+        ]
+    verdicts = MathJudge().score(list(zip(prompts, completions, references, strict=True)))
+    bad_reference = [i for i, v in enumerate(verdicts) if v.note and v.note.startswith("the reference")]
+    if bad_reference:
+        raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
+    correct = sum(v.score == 1.0 for v in verdicts)
+    return {
+        "accuracy": correct / len(prompts),
+        "correct": correct,
+        "problems": len(prompts),
+        "no_final_answer": sum(v.score is None or (v.note or "").startswith("no final number") for v in verdicts),
+        "generations": [
+            {"prompt": p, "generated": c, "reference": r, "correct": v.score == 1.0}
+            for p, c, r, v in zip(prompts, completions, references, verdicts, strict=True)
+        ],
+    }
+
+
+def evaluate_file(
+    model_dir: str,
+    data: str,
+    prompt_field: str = "question",
+    answer_field: str = "answer",
+    prompt_suffix: str = "\n",
+    limit: int | None = None,
+    **options,
+) -> dict:
+    """:func:`math_accuracy` on a JSONL file of problems (e.g. GSM8K's test split or the quickstart's)."""
+    from dpolab.data.onpolicy import read_prompts
+
+    rows = read_prompts(data, prompt_field, answer_field)[:limit]
+    return math_accuracy(model_dir, [r.prompt + prompt_suffix for r in rows], [r.reference for r in rows], **options)
+
+
+def write_result(result: dict, out: str | Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, ensure_ascii=False))

@@ -76,6 +76,9 @@ def test_an_interrupted_sample_resumes_to_the_uninterrupted_result(policy, promp
     assert (result["sampled"], result["resumed"]) == (3, 2)
     assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
     assert sample(policy, prompts, tmp_path / "part.jsonl")["sampled"] == 0  # all done: nothing to do
+    with pytest.raises(ValueError, match=r"prompt_id 0 was written with other settings \(n: 3 → 4\)"):
+        sample(policy, prompts, tmp_path / "part.jsonl", n=4)
+    assert sample(policy, prompts, tmp_path / "part.jsonl", n=4, restart=True)["sampled"] == 5
 
 
 def test_sample_refuses_bad_prompt_rows_and_foreign_output_files(policy, tmp_path):
@@ -234,6 +237,9 @@ def test_llm_judge_gives_up_keeping_finished_prompts_and_stops_on_auth_errors(tm
     finally:
         server.close()
     assert (result["judged"], result["resumed"]) == (1, 1) and len(server.requests) == 3
+    # Another judge model on the same file would mix two judges' scores: refused, naming the change.
+    with pytest.raises(ValueError, match=r"prompt_id 0 was written with other settings \(model: 'm' → 'other'\)"):
+        judge_file(tmp_path / "c.jsonl", tmp_path / "j.jsonl", LLMJudge("http://127.0.0.1:9/v1", "other"))
     server = ChatServer(fail_first=1, status=401)
     try:
         with pytest.raises(ValueError, match="HTTP 401.*is NO_SUCH_KEY set"):

@@ -221,4 +221,13 @@ class LLMJudge:
             return list(pool.map(self._one, items))
 
     def describe(self) -> dict:  # the key's variable name, never the key
-        return {"kind": self.name, "url": self.url, "model": self.model, "api_key_env": self.api_key_env}
+        import hashlib
+
+        return {
+            "kind": self.name,
+            "url": self.url,
+            "model": self.model,
+            "api_key_env": self.api_key_env,
+            "rubric_sha256": hashlib.sha256(self.rubric.encode()).hexdigest()[:16],
+            "temperature": self.temperature,
+        }

@@ -96,6 +96,20 @@ class AppendLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a", encoding="utf-8")
 
+    def require_same(self, key: str, value: dict, ignore: tuple[str, ...] = ()) -> None:
+        """Refuse to continue a file written with other settings: the rows would mix two experiments.
+
+        ``ignore``: settings that may change without changing the result (an endpoint's URL)."""
+        for prompt_id, row in self.done.items():
+            old = row.get(key) or {}
+            changed = sorted(k for k in set(old) | set(value) if k not in ignore and old.get(k) != value.get(k))
+            if changed:
+                details = ", ".join(f"{k}: {old.get(k)!r} → {value.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"{self.path}: prompt_id {prompt_id} was written with other settings ({details}); "
+                    "use the same settings, another output file, or --restart"
+                )
+
     def write(self, row: dict) -> None:
         self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
@@ -174,7 +188,9 @@ def sample_file(
         "batch_size": batch_size,
     }
     empty = 0
+    sampler = {"model": str(model), **settings}
     with AppendLog(out, restart) as log:
+        log.require_same("sampler", sampler)
         todo = [row for row in rows if row.prompt_id not in log.done]
         advance = progress(len(rows), len(rows) - len(todo)) if progress else (lambda k: None)
         # Batches sit at fixed positions of the prompts file and each has its own seed, so a resumed run
@@ -203,7 +219,7 @@ def sample_file(
                 record = {"prompt_id": row.prompt_id, "prompt": row.prompt, "candidates": texts}
                 if row.reference is not None:
                     record["reference"] = row.reference
-                log.write({**record, **row.extra, "sampler": {"model": str(model), **settings}})
+                log.write({**record, **row.extra, "sampler": sampler})
             advance(len(missing))
     return {"prompts": len(rows), "sampled": len(todo), "resumed": len(rows) - len(todo), "empty_candidates": empty}
 
@@ -236,6 +252,7 @@ def judge_file(
             )
     unscored = 0
     with AppendLog(out, restart) as log:
+        log.require_same("judge", judge.describe(), ignore=("url",))
         todo = [record for record in records if record["prompt_id"] not in log.done]
         advance = progress(len(records), len(records) - len(todo)) if progress else (lambda k: None)
         for start in range(0, len(todo), batch_prompts):

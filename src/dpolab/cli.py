@@ -322,6 +322,7 @@ def data_sample_command(args: argparse.Namespace) -> int:
             reference_field=args.reference_field,
             allow_pickle=args.allow_pickle,
             restart=args.restart,
+            chat_template=args.chat_template,
             progress=progress,
         )
     print(
@@ -584,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--reference-field", default=None, help="field with the reference solution/answer to carry")
     sample.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights")
     sample.add_argument("--restart", action="store_true", help="discard an existing --out instead of continuing it")
+    sample.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render prompts with the tokenizer's chat template (instruct models); pairs are then conversational",
+    )
     sample.add_argument("--no-progress", action="store_true")
     sample.set_defaults(handler=data_sample_command)
     judge = data_commands.add_parser(

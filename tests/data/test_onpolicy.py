@@ -94,6 +94,60 @@ def test_sample_refuses_bad_prompt_rows_and_foreign_output_files(policy, tmp_pat
         sample(policy, write_jsonl(tmp_path / "p.jsonl", PROMPTS), foreign)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_policy(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = save_tiny_model(tmp_path_factory.mktemp("chat") / "llama", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_chat_template_sampling_and_conversational_pairs(chat_policy, policy, prompts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.engine.generate import generate
+
+    result = sample(chat_policy, prompts, tmp_path / "c.jsonl", chat_template=True, n=2)
+    assert result["sampled"] == 5
+    rows = judged_rows(tmp_path / "c.jsonl")
+    assert rows[0]["sampler"]["chat_template"] is True and rows[0]["prompt"] == PROMPTS[0]["question"]
+    # The candidates are what the model generates from the rendered prompt (no second BOS added).
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(chat_policy), AutoTokenizer.from_pretrained(chat_policy)
+    rendered = [f"<|user|>{p['question']}<|assistant|>" for p in PROMPTS[:2]]
+    again = generate(model, tokenizer, rendered, max_new_tokens=6, num_return_sequences=2, do_sample=True,
+                     batch_size=2, seed=0, add_special_tokens=False)  # fmt: skip
+    assert [r["candidates"] for r in rows[:2]] == again
+    # Judged and paired, the pairs are conversational, so `dpolab train` renders the same template.
+    for row in rows:
+        row["candidates"] = ["#### 1", "#### 2"]
+        row["reference"] = "#### 1"
+    judge_file(write_jsonl(tmp_path / "c2.jsonl", rows), tmp_path / "j.jsonl", MathJudge())
+    pairs_file(tmp_path / "j.jsonl", tmp_path / "pairs.jsonl")
+    examples, bad = load_examples(str(tmp_path / "pairs.jsonl"))
+    assert len(examples) == 5 and not bad and all(e.conversational for e in examples)
+    assert examples[0].prompt == [{"role": "user", "content": PROMPTS[0]["question"]}]
+    assert examples[0].chosen == [{"role": "assistant", "content": "#### 1"}]
+    with pytest.raises(ValueError, match="chat template"):
+        sample(policy, prompts, tmp_path / "x.jsonl", chat_template=True)
+
+
+def test_message_list_prompts_are_accepted_and_named_when_malformed(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": [{"role": "user"}]}, {"prompt": []}]
+    with pytest.raises(ValueError) as error:
+        read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert "2 bad prompt rows" in str(error.value) and "line 2 (row 1)" in str(error.value)
+    assert read_prompts(write_jsonl(tmp_path / "ok.jsonl", rows[:1]))[0].prompt == rows[0]["prompt"]
+
+
 # --- judges ------------------------------------------------------------------------------------
 
 
@@ -144,6 +198,16 @@ def test_reward_model_judge_scores_equal_the_model_on_each_text_alone(tmp_path):
             alone = model(input_ids=ids).logits[0, 0].item()
         assert verdict.score == pytest.approx(alone, abs=1e-5)
     assert verdicts[2].score is None and verdicts[2].note == "empty generation"
+    # A chat prompt is scored on the reward model's own chat rendering of the conversation.
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "rm")
+    messages = [{"role": "user", "content": "two plus two is"}]
+    (verdict,) = RewardModelJudge(str(tmp_path / "rm")).score([(messages, "four", None)])
+    ids = torch.tensor(
+        [tokenizer("<|user|>two plus two is<|assistant|>four<eos>", add_special_tokens=False)["input_ids"]]
+    )
+    with torch.no_grad():
+        assert verdict.score == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
     config.num_labels = 2
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "two")
     tokenizer.save_pretrained(tmp_path / "two")

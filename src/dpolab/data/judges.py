@@ -29,7 +29,7 @@ class Verdict:
     note: str | None = None  # why there is no score, or what the judge said
 
 
-Item = tuple[str, str, "str | None"]  # prompt, candidate, reference
+Item = tuple["str | list[dict]", str, "str | None"]  # prompt (text or chat messages), candidate, reference
 
 
 class MathJudge:
@@ -89,26 +89,32 @@ class RewardModelJudge:
     def score(self, items: list[Item]) -> list[Verdict]:
         import torch
 
+        from dpolab.data.onpolicy import prompt_text
+
         verdicts: list[Verdict | None] = [None] * len(items)
         texts = []
         for index, (prompt, candidate, _) in enumerate(items):
             if not candidate.strip():
                 verdicts[index] = Verdict(None, "empty generation")
+            elif isinstance(prompt, list) and getattr(self.tokenizer, "chat_template", None):
+                conversation = prompt + [{"role": "assistant", "content": candidate}]
+                texts.append((index, self.tokenizer.apply_chat_template(conversation, tokenize=False), False))
             else:
-                texts.append((index, prompt + candidate))
+                texts.append((index, prompt_text(prompt) + candidate, True))
         self.tokenizer.padding_side = "right"
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
             encoded = self.tokenizer(
-                [text for _, text in chunk],
+                [text for _, text, _ in chunk],
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
+                add_special_tokens=all(special for *_, special in chunk),  # a chat template writes its own
             ).to(self.device)
             with torch.no_grad():
                 logits = self.model(**encoded).logits[:, 0].float().tolist()
-            for (index, _), value in zip(chunk, logits, strict=True):
+            for (index, *_), value in zip(chunk, logits, strict=True):
                 verdicts[index] = Verdict(value)
         return verdicts  # type: ignore[return-value]
 
@@ -163,8 +169,10 @@ class LLMJudge:
         self.requests = 0  # HTTP requests sent, retries included
         self._failed = threading.Event()  # set when a request gave up: queued items then send nothing
 
-    def _request(self, prompt: str, candidate: str, reference: str | None) -> str:
-        user = f"Problem:\n{prompt}\n\nResponse:\n{candidate}\n"
+    def _request(self, prompt: str | list[dict], candidate: str, reference: str | None) -> str:
+        from dpolab.data.onpolicy import prompt_text
+
+        user = f"Problem:\n{prompt_text(prompt)}\n\nResponse:\n{candidate}\n"
         if reference is not None:
             user += f"\nReference answer:\n{reference}\n"
         body = json.dumps(

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpolab.data.formats import BadLine, read_jsonl_lines
+from dpolab.data.formats import BadLine, _is_messages, read_jsonl_lines
 
 
 @dataclass(frozen=True)
 class PromptRow:
     prompt_id: int  # the row number in the prompts file (0-based, bad lines included)
-    prompt: str
+    prompt: str | list[dict]  # text, or a list of {role, content} messages (rendered with the chat template)
     reference: str | None  # the data set's reference solution or answer, if given
     extra: dict  # every other field of the row, carried along as provenance
 
@@ -39,8 +39,10 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field
         if isinstance(row, BadLine):
             problems.append(f"{where}: {row.reason}")
             continue
-        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str) or not row[prompt_field].strip():
-            problems.append(f"{where}: needs a non-empty string field {prompt_field!r}")
+        value = row.get(prompt_field) if isinstance(row, dict) else None
+        text_prompt = isinstance(value, str) and value.strip()
+        if not (text_prompt or (_is_messages(value) and value)):
+            problems.append(f"{where}: needs a non-empty field {prompt_field!r} (a string or a list of messages)")
             continue
         reference = None
         if reference_field is not None:
@@ -57,6 +59,43 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user message."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The text the model sees for a prompt under its chat template, ending with the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompts need a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as plain text for a judge: message lists as "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def judged_prompt(record: dict) -> str | list[dict]:
+    """The prompt as a judge sees it: messages when sampled with a chat template, else the text."""
+    chat = record.get("sampler", {}).get("chat_template") or isinstance(record["prompt"], list)
+    return as_messages(record["prompt"]) if chat else record["prompt"]
+
+
+def preference_row(record: dict, chosen: str, rejected: str) -> dict:
+    """prompt/chosen/rejected in the format ``dpolab train`` reads: conversational when sampled with a chat
+    template (so training renders the same template), plain text otherwise."""
+    if record.get("sampler", {}).get("chat_template") or isinstance(record["prompt"], list):
+        return {
+            "prompt": as_messages(record["prompt"]),
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected}
 
 
 class AppendLog:
@@ -157,6 +196,7 @@ def sample_file(
     reference_field: str | None = None,
     allow_pickle: bool = False,
     restart: bool = False,
+    chat_template: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> dict:
     """Sample ``n`` candidates per prompt; one line per prompt in ``out``: prompt_id, prompt, candidates.
@@ -164,7 +204,8 @@ def sample_file(
     Prompts are generated ``batch_size`` at a time (each with ``n`` samples). Batches sit at fixed
     positions of the prompts file with a seed each, so a resumed run (same settings) gives the
     candidates an uninterrupted one would have. ``progress(total, done)`` returns an ``advance(k)``
-    callback.
+    callback. ``chat_template``: render each prompt (a string becomes one user message) with the
+    tokenizer's chat template, as instruct models expect; prompts that are message lists always are.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,7 +220,11 @@ def sample_file(
     policy = AutoModelForCausalLM.from_pretrained(model, use_safetensors=None if allow_pickle else True)
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy.to("cuda" if torch.cuda.is_available() else "cpu")
+    chat = chat_template or any(isinstance(row.prompt, list) for row in rows)
+    if chat:
+        render_prompt(tokenizer, rows[0].prompt)  # fails early, before any sampling, without a template
     settings = {
+        "chat_template": chat,
         "n": n,
         "temperature": temperature,
         "top_p": top_p,
@@ -203,9 +248,10 @@ def sample_file(
             candidates = generate(
                 policy,
                 tokenizer,
-                [row.prompt for row in batch],
+                [render_prompt(tokenizer, row.prompt) if chat else row.prompt for row in batch],
                 max_new_tokens=max_new_tokens,
                 batch_size=len(batch),
+                add_special_tokens=not chat,
                 num_return_sequences=n,
                 do_sample=True,
                 temperature=temperature,
@@ -257,7 +303,7 @@ def judge_file(
         advance = progress(len(records), len(records) - len(todo)) if progress else (lambda k: None)
         for start in range(0, len(todo), batch_prompts):
             batch = todo[start : start + batch_prompts]
-            items = [(r["prompt"], c, r.get("reference")) for r in batch for c in r["candidates"]]
+            items = [(judged_prompt(r), c, r.get("reference")) for r in batch for c in r["candidates"]]
             verdicts = judge.score(items)
             at = 0
             for record in batch:
@@ -309,9 +355,7 @@ def pairs_file(source: str | Path, out: str | Path) -> dict:
                 continue
             best, worst = chosen
             pair = {
-                "prompt": record["prompt"],
-                "chosen": record["candidates"][best],
-                "rejected": record["candidates"][worst],
+                **preference_row(record, record["candidates"][best], record["candidates"][worst]),
                 "prompt_id": record["prompt_id"],
                 "chosen_index": best,
                 "rejected_index": worst,
@@ -386,9 +430,7 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
             rejected_index = min(i for s, i in bad if s == low)
             pairs.append(
                 {
-                    "prompt": record["prompt"],
-                    "chosen": chosen,
-                    "rejected": pool["candidates"][rejected_index],
+                    **preference_row(record, chosen, pool["candidates"][rejected_index]),
                     "prompt_id": prompt_id,
                     "scenario": number,
                     "chosen_source": chosen_from,

@@ -25,13 +25,15 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    add_special_tokens: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """For each prompt, ``num_return_sequences`` completions (text after the prompt, special tokens removed).
 
     ``progress(n)`` is called after each batch with the number of prompts it finished. Sampling is
     seeded per batch (``seed`` + the index of the batch's first prompt in length order), so the same
-    call gives the same candidates.
+    call gives the same candidates. ``add_special_tokens=False`` for prompts already rendered with a
+    chat template (which writes its own BOS).
     """
     if max_new_tokens < 1 or batch_size < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens, batch_size and num_return_sequences must be >= 1")
@@ -42,7 +44,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
-    encoded = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
+    encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     was_training = model.training

@@ -129,6 +129,7 @@ def worker_dpolab(root: Path, args) -> dict:
         save_model=False,
         dtype="float32",
         seed=0,
+        row_tokens=args.row_tokens,
     )
     start = time.perf_counter()
     summary = run(config)
@@ -199,7 +200,7 @@ def worker_plain(root: Path, args) -> dict:
     for step in range(args.steps):
         ids = [order[(step * args.batch_size + k) % len(order)] for k in range(args.batch_size)]
         batch = [pairs[i] for i in ids]
-        rows = plan_rows(batch, 2048)
+        rows = plan_rows(batch, args.row_tokens)
         sequences = [
             sum((batch[i].prompt_ids + batch[i].chosen_ids + batch[i].rejected_ids for i in row), ()) for row in rows
         ]
@@ -230,9 +231,19 @@ def main() -> None:
         default=["dpolab", "trl", "trl-precompute", "plain"],
         help="contenders to run (none: only the token statistics)",
     )
+    parser.add_argument(
+        "--row-tokens",
+        type=int,
+        default=None,
+        help="dpolab's (and the plain floor's) packed row budget (default: dpolab's default)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.row_tokens is None:
+        from dpolab.train import TrainConfig
+
+        args.row_tokens = TrainConfig.row_tokens
 
     if args.worker:
         import torch
@@ -279,6 +290,8 @@ def main() -> None:
                 str(args.batch_size),
                 "--steps",
                 str(args.steps),
+                "--row-tokens",
+                str(args.row_tokens),
             ]
             if args.threads:
                 command += ["--threads", str(args.threads)]

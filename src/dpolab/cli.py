@@ -229,14 +229,12 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
 
 def data_from_choices_command(args: argparse.Namespace) -> int:
     from dpolab.data.choices import Schema, pairs_from_choices
-    from dpolab.data.formats import read_rows
+    from dpolab.data.formats import read_rows, write_jsonl
 
     rows = read_rows(args.file, args.split)
     schema = Schema(args.schema, args.question_field, args.choices_field, args.answer_field)
     pairs, skipped = pairs_from_choices(rows, schema, args.file)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair) + "\n")
+    write_jsonl(args.out, pairs)
     print_skipped(skipped, args.show)
     print(f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; {len(skipped)} rows skipped")
     return 0

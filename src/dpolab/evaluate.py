@@ -29,10 +29,14 @@ def math_accuracy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpolab.data.judges import MathJudge
+    from dpolab.data.scenarios import reference_number
     from dpolab.engine.generate import generate
 
     if len(prompts) != len(references) or not prompts:
         raise ValueError("need equally many, and at least one, prompts and references")
+    bad_reference = [i for i, r in enumerate(references) if reference_number(r) is None]
+    if bad_reference:  # before any generation: fail fast
+        raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=None if allow_pickle else True)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -44,9 +48,6 @@ def math_accuracy(
             )
         ]
     verdicts = MathJudge().score(list(zip(prompts, completions, references, strict=True)))
-    bad_reference = [i for i, v in enumerate(verdicts) if v.note and v.note.startswith("the reference")]
-    if bad_reference:
-        raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
     correct = sum(v.score == 1.0 for v in verdicts)
     return {
         "accuracy": correct / len(prompts),

@@ -80,17 +80,11 @@ MARKER = ".dpolab-quickstart"
 OUTPUTS = ("data", "model", "runs", "cache", "results.json", "report.html", "logratios.png")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-
-
 def build_data(out: Path, size: Size, seed: int) -> dict:
     """Problems and pairs under ``out/data``; returns counts and the two pair sets' edit statistics."""
     from dpolab.data.corrupt import corrupt_solution
     from dpolab.data.edit_stats import edit_stats, write_outputs
+    from dpolab.data.formats import write_jsonl
     from dpolab.data.synthetic import make_problems, wrong_solution
 
     data = out / "data"
@@ -102,8 +96,8 @@ def build_data(out: Path, size: Size, seed: int) -> dict:
     )
     seen |= {p.question for p in pair_problems}
     eval_problems = make_problems(size.eval_problems, seed + 2, 1, size.max_steps, size.max_value, exclude=seen)
-    _write_jsonl(data / "sft.jsonl", [{"prompt": p.question + "\n", "completion": p.answer} for p in sft])
-    _write_jsonl(data / "eval_problems.jsonl", [{**p.as_row(), "result": p.result} for p in eval_problems])
+    write_jsonl(data / "sft.jsonl", [{"prompt": p.question + "\n", "completion": p.answer} for p in sft])
+    write_jsonl(data / "eval_problems.jsonl", [{**p.as_row(), "result": p.result} for p in eval_problems])
 
     rng = random.Random(seed)
     low, high = [], []
@@ -115,8 +109,8 @@ def build_data(out: Path, size: Size, seed: int) -> dict:
         high.append({"prompt": prompt, "chosen": problem.answer, "rejected": wrong_solution(problem, rng)})
     stats = {}
     for name, pairs in (("low_edit", low), ("high_edit", high)):
-        _write_jsonl(data / name / "train.jsonl", pairs[: size.pair_problems])
-        _write_jsonl(data / name / "eval.jsonl", pairs[size.pair_problems :])
+        write_jsonl(data / name / "train.jsonl", pairs[: size.pair_problems])
+        write_jsonl(data / name / "eval.jsonl", pairs[size.pair_problems :])
         summary = write_outputs(
             edit_stats([p["chosen"] for p in pairs], [p["rejected"] for p in pairs]),
             data / name / "edit_stats",

@@ -351,6 +351,14 @@ def test_pairs_best_vs_worst_and_dropped_prompts_are_counted(tmp_path):
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("y", "z")]
     examples, bad = load_examples(str(tmp_path / "pairs.jsonl"))  # what dpolab train reads
     assert len(examples) == 2 and not bad
+    # Bad input names the record and writes nothing.
+    rows[3]["scores"] = [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"prompt_id 3: 2 scores for 3 candidates"):
+        pairs_file(write_jsonl(tmp_path / "bad.jsonl", rows), tmp_path / "bad_pairs.jsonl")
+    with pytest.raises(ValueError, match=r"line 2 \(row 1\): missing 'scores'"):
+        pairs_file(write_jsonl(tmp_path / "bad2.jsonl", [rows[0], {"prompt_id": 9, "prompt": "p", "candidates": []}]),
+                   tmp_path / "bad_pairs.jsonl")  # fmt: skip
+    assert not (tmp_path / "bad_pairs.jsonl").exists()
 
 
 def test_four_scenarios_from_two_pools(tmp_path):
@@ -406,6 +414,8 @@ def test_cli_sample_judge_pairs_on_synthetic_problems(policy, tmp_path):
     assert "scenario 2 (chosen: reference, rejected: policy): 6 pairs (none dropped)" in scenario.stdout
     missing = run("judge", str(tmp_path / "c.jsonl"), "--judge", "llm", "--out", str(tmp_path / "x.jsonl"))
     assert missing.returncode == 2 and "--base-url" in missing.stderr
+    no_model = run("judge", str(tmp_path / "c.jsonl"), "--judge", "reward-model", "--out", str(tmp_path / "x.jsonl"))
+    assert no_model.returncode == 2 and "needs --model" in no_model.stderr
 
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"

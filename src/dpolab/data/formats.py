@@ -14,6 +14,7 @@ Errors name the file and the row (0-based, as in the file's line order).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,18 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> Prefere
         if not row[key].strip():
             raise DataError(f"{where}: empty {key}")
     return PreferenceExample(row["prompt"], row["completion"], "", index)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write ``rows`` as JSONL (UTF-8, non-ASCII kept), creating the folder; returns how many."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
 def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:

@@ -37,21 +37,18 @@ class MathJudge:
     needs_reference = True
 
     def score(self, items: list[Item]) -> list[Verdict]:
-        from dpolab.data.scenarios import _number
-        from dpolab.data.synthetic import final_answer
+        from dpolab.data.scenarios import final_number, reference_number
 
         verdicts = []
         for _, candidate, reference in items:
-            expected = _number(final_answer(reference or "")) if reference is not None else None
-            if expected is None and reference is not None:
-                expected = _number(reference.strip().replace(",", ""))  # a bare number as the reference
+            expected = reference_number(reference) if reference is not None else None
             if expected is None:
                 verdicts.append(Verdict(None, f"the reference has no final number: {str(reference)[:80]!r}"))
                 continue
             if not candidate.strip():
                 verdicts.append(Verdict(None, "empty generation"))
                 continue
-            got = _number(final_answer(candidate))
+            got = final_number(candidate)
             if got is None:
                 verdicts.append(Verdict(0.0, "no final number (scored as wrong)"))
                 continue

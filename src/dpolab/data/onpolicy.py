@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpolab.data.formats import BadLine, _is_messages, read_jsonl_lines
+from dpolab.data.formats import BadLine, _is_messages, read_jsonl_lines, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -340,32 +340,32 @@ def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
 def pairs_file(source: str | Path, out: str | Path) -> dict:
     """Best vs worst candidate per prompt of a ``judge`` output; writes preference JSONL with provenance."""
     records = read_records(source, ["prompt_id", "prompt", "candidates", "scores"])
-    written, dropped = 0, {"all candidates scored the same": [], "fewer than two scored candidates": []}
-    with open(out, "w", encoding="utf-8") as handle:
-        for record in records:
-            scores = record["scores"]
-            if len(scores) != len(record["candidates"]):
-                raise ValueError(f"{source}: prompt_id {record['prompt_id']}: {len(scores)} scores for "
-                                 f"{len(record['candidates'])} candidates")  # fmt: skip
-            chosen = best_and_worst(scores)
-            if chosen is None:
-                scored = sum(s is not None for s in scores)
-                reason = "fewer than two scored candidates" if scored < 2 else "all candidates scored the same"
-                dropped[reason].append(record["prompt_id"])
-                continue
-            best, worst = chosen
-            pair = {
-                **preference_row(record, record["candidates"][best], record["candidates"][worst]),
-                "prompt_id": record["prompt_id"],
-                "chosen_index": best,
-                "rejected_index": worst,
-                "chosen_score": scores[best],
-                "rejected_score": scores[worst],
-                "judge": record.get("judge"),
-            }
-            handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
-            written += 1
-    return {"prompts": len(records), "pairs": written, "dropped": {k: v for k, v in dropped.items()}}
+    pairs: list[dict] = []
+    dropped: dict[str, list[int]] = {"all candidates scored the same": [], "fewer than two scored candidates": []}
+    for record in records:
+        scores = record["scores"]
+        if len(scores) != len(record["candidates"]):
+            raise ValueError(f"{source}: prompt_id {record['prompt_id']}: {len(scores)} scores for "
+                             f"{len(record['candidates'])} candidates")  # fmt: skip
+        chosen = best_and_worst(scores)
+        if chosen is None:
+            scored = sum(s is not None for s in scores)
+            reason = "fewer than two scored candidates" if scored < 2 else "all candidates scored the same"
+            dropped[reason].append(record["prompt_id"])
+            continue
+        best, worst = chosen
+        pair = {
+            **preference_row(record, record["candidates"][best], record["candidates"][worst]),
+            "prompt_id": record["prompt_id"],
+            "chosen_index": best,
+            "rejected_index": worst,
+            "chosen_score": scores[best],
+            "rejected_score": scores[worst],
+            "judge": record.get("judge"),
+        }
+        pairs.append(pair)
+    write_jsonl(out, pairs)
+    return {"prompts": len(records), "pairs": len(pairs), "dropped": dropped}
 
 
 # --- scenarios ---------------------------------------------------------------------------------
@@ -441,9 +441,7 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
                     "rejected_index": rejected_index,
                 }
             )
-        with open(out / f"scenario{number}.jsonl", "w", encoding="utf-8") as handle:
-            for pair in pairs:
-                handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        write_jsonl(out / f"scenario{number}.jsonl", pairs)
         counts[number] = {"pairs": len(pairs), "dropped": dropped}
     summary = {"good_score": threshold, "prompts": len(pools["policy"]), "scenarios": counts}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -17,7 +17,6 @@ file's order of solvers).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dpolab.data.synthetic import final_answer
@@ -34,9 +33,20 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+def final_number(text: str) -> float | None:
+    """The final number of a solution (GSM8K ``#### N`` or ``A: N``), or None."""
+    return _number(final_answer(text))
+
+
+def reference_number(reference: str) -> float | None:
+    """A reference answer's number: its final number, or the whole text when it is a bare number."""
+    found = final_number(reference)
+    return found if found is not None else _number(reference.strip().replace(",", ""))
+
+
 def math_judge(solution: str, reference: str) -> bool | None:
     """True when the final numbers match (GSM8K ``#### N`` or ``A: N`` forms); None when unparsable."""
-    got, expected = _number(final_answer(solution)), _number(final_answer(reference))
+    got, expected = final_number(solution), final_number(reference)
     if got is None or expected is None:
         return None
     return abs(got - expected) < 1e-6
@@ -94,7 +104,7 @@ def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -
 
 
 def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b", other: str = "175b") -> dict:
-    from dpolab.data.formats import BadLine, read_jsonl_lines
+    from dpolab.data.formats import BadLine, read_jsonl_lines, write_jsonl
 
     if policy == other:
         raise ValueError("--policy and --other must be different models")
@@ -109,11 +119,7 @@ def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b",
         scenarios, counts = gsm8k_scenarios([row for _, row in numbered], policy, other)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for scenario, pairs in scenarios.items():
-        with open(out / f"scenario{scenario}.jsonl", "w", encoding="utf-8") as handle:
-            for pair in pairs:
-                handle.write(json.dumps(pair) + "\n")
+        write_jsonl(Path(out_dir) / f"scenario{scenario}.jsonl", pairs)
     counts["pairs"] = {scenario: len(pairs) for scenario, pairs in scenarios.items()}
     return counts

@@ -149,9 +149,9 @@ def data_check_command(args: argparse.Namespace) -> int:
 
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from dpolab.engine.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     elif args.max_length is not None:
         raise ValueError("--max-length needs --tokenizer (lengths are counted in tokens)")
     report = check_file(args.file, tokenizer, args.max_length, args.allow_extra)
@@ -204,9 +204,9 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.file}: no usable pairs ({len(bad)} bad rows)")
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from dpolab.engine.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     text = lambda value: value if isinstance(value, str) else json.dumps(value)  # noqa: E731
     stats = edit_stats([text(e.chosen) for e in examples], [text(e.rejected) for e in examples], tokenizer)
     summary = write_outputs(stats, args.out, Path(args.file).name)
@@ -416,6 +416,45 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"dpolab train: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _processes_asked_of_accelerate_cpu() -> int:
+    """N when this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1), else 0.
+
+    accelerate's launcher starts a single process whenever ``--cpu`` is given, whatever
+    ``--num_processes`` says; the parent's command line is the only place the request survives.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return 0
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 0
+    if "--cpu" not in parent:
+        return 0
+    for index, word in enumerate(parent):
+        value = word.split("=", 1)[1] if word.startswith("--num_processes=") else None
+        if word == "--num_processes" and index + 1 < len(parent):
+            value = parent[index + 1]
+        if value is not None and value.isdigit():
+            return int(value) if int(value) > 1 else 0
+    return 0
+
+
+def _relaunch_with_torchrun(processes: int, argv: list[str]) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node N -m dpolab ARGV`` (same environment)."""
+    import os
+
+    print(
+        f"dpolab: accelerate launch --cpu starts one process; starting {processes} with "
+        f"torchrun --standalone --nproc_per_node {processes} -m dpolab {' '.join(argv)}",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    os.execv(sys.executable, [*command, "-m", "dpolab", *argv])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -660,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["sft"]) and (processes := _processes_asked_of_accelerate_cpu()):
+        _relaunch_with_torchrun(processes, argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # argparse cannot hand "--key value" pairs of arbitrary keys to a subcommand: route them directly.
         args = argparse.Namespace(command="train", handler=train_command, rest=argv[1:], sft=False)

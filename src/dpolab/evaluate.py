@@ -25,21 +25,18 @@ def math_accuracy(
     allow_pickle: bool = False,
 ) -> dict:
     """Accuracy, counts and every generation of ``model_dir`` on ``prompts`` (greedy)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dpolab.data.judges import MathJudge
     from dpolab.data.scenarios import reference_number
     from dpolab.engine.generate import generate
+    from dpolab.engine.loading import default_device, load_model, load_tokenizer
 
     if len(prompts) != len(references) or not prompts:
         raise ValueError("need equally many, and at least one, prompts and references")
     bad_reference = [i for i, r in enumerate(references) if reference_number(r) is None]
     if bad_reference:  # before any generation: fail fast
         raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=None if allow_pickle else True)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
+    tokenizer = load_tokenizer(model_dir)
     with progress_bar(progress, f"greedy accuracy{f' ({name})' if name else ''}", len(prompts)) as advance:
         completions = [
             c[0]

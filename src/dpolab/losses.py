@@ -41,6 +41,9 @@ class PreferenceLogps:
         reference_rejected_logps: log π_ref(y_l|x); ``None`` for the reference-free losses.
         chosen_lengths: number of completion tokens of y_w (needed by length-normalised losses).
         rejected_lengths: number of completion tokens of y_l.
+        batch_mean_chosen_length: the mean of ``chosen_lengths`` over the *global* batch, a scalar, for
+            the ``batch_token_mean`` reductions when a batch is split across processes (each process then
+            normalises by the same count, so the result equals one process's); ``None``: this batch's mean.
     """
 
     policy_chosen_logps: Tensor
@@ -49,9 +52,11 @@ class PreferenceLogps:
     reference_rejected_logps: Tensor | None = None
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
+    batch_mean_chosen_length: Tensor | None = None
 
     def fields(self) -> dict[str, Tensor | None]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The per-pair tensors, shape (B,) each."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "batch_mean_chosen_length"}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for bad shapes, dtypes or non-finite values."""
@@ -168,23 +173,62 @@ def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
     return loss
 
 
-def _nll(logps: PreferenceLogps, reduction: str, loss: str) -> Tensor:
-    """Per-pair negative log-likelihood of the chosen completion under the policy.
+def nll(
+    logps: Tensor, lengths: Tensor | None, reduction: str = "token_mean", batch_mean_length: Tensor | None = None
+) -> Tensor:
+    """Per-sequence negative log-likelihood −log π_θ(y|x) of summed log-probs ``logps``, reduced per ``reduction``.
 
-    ``sum``: −log π_θ(y_w|x). ``token_mean``: −log π_θ(y_w|x) / |y_w| (each pair's own token mean).
-    ``batch_token_mean``: −log π_θ(y_w|x) / mean_batch(|y_w|), whose batch mean is the token-weighted
-    mean over every chosen token of the batch (TRL's ``sft`` loss and ORPO's NLL).
+    ``sum``: −log π_θ(y|x). ``token_mean``: −log π_θ(y|x) / |y| (each sequence's own token mean).
+    ``batch_token_mean``: −log π_θ(y|x) / mean_batch(|y|), whose batch mean is the token-weighted mean
+    over every token of the batch (TRL's ``sft`` loss and ORPO's NLL); ``batch_mean_length`` overrides
+    mean_batch(|y|) when the batch is split across processes.
     """
     if reduction == "sum":
-        return -logps.policy_chosen_logps
-    if logps.chosen_lengths is None:  # the NLL needs only the chosen side's counts (SFT has no rejected side)
-        raise ValueError(f"loss {loss!r} (reduction={reduction!r}) needs chosen_lengths (completion token counts)")
-    chosen_lengths = logps.chosen_lengths.to(logps.policy_chosen_logps.dtype)
+        return -logps
+    if lengths is None:
+        raise ValueError(f"reduction {reduction!r} needs the completion token counts")
     if reduction == "token_mean":
-        return -logps.policy_chosen_logps / chosen_lengths
+        return -logps / lengths.to(logps.dtype)
     if reduction == "batch_token_mean":
-        return -logps.policy_chosen_logps / chosen_lengths.mean()
+        mean = lengths.to(logps.dtype).mean() if batch_mean_length is None else batch_mean_length.to(logps.dtype)
+        return -logps / mean
     raise ValueError(f"reduction must be one of sum, token_mean, batch_token_mean; got {reduction!r}")
+
+
+def _nll(logps: PreferenceLogps, reduction: str, loss: str) -> Tensor:
+    """Per-pair negative log-likelihood of the chosen completion under the policy (see :func:`nll`)."""
+    if reduction != "sum" and logps.chosen_lengths is None:  # SFT needs only the chosen side's counts
+        raise ValueError(f"loss {loss!r} (reduction={reduction!r}) needs chosen_lengths (completion token counts)")
+    return nll(logps.policy_chosen_logps, logps.chosen_lengths, reduction, logps.batch_mean_chosen_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token and pair weights that change the objective (applied to the log-probs before the loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def ld_dpo_token_weights(token_index: Tensor, shared_length: Tensor, alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, length desensitisation; TRL's ``ld_alpha``): weight 1 for the first ``shared_length`` tokens
+    of a completion, α beyond.
+
+    ``token_index``: each token's position in its completion; ``shared_length``: min(|y_w|, |y_l|) of the
+    token's pair. log π is then Σ_{t<ℓ} log p_t + α Σ_{t≥ℓ} log p_t for policy and reference alike.
+    """
+    ones = torch.ones(token_index.shape, device=token_index.device)
+    return ones.masked_fill(token_index >= shared_length, alpha)
+
+
+def wpo_pair_weights(
+    chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
+    """WPO (Zhou et al. 2024, Eq. 2; TRL's ``use_weighting``): w = exp(mean_t a_t(y_w)) · exp(mean_t a_t(y_l)),
+    detached.
+
+    ``*_aligned``: Σ_t (log p_t − log Σ_v p_v²) over each completion's tokens, the log-prob aligned to the
+    policy's own sampling distribution. Each pair's loss is multiplied by w.
+    """
+    with torch.no_grad():
+        return torch.exp(chosen_aligned / chosen_lengths) * torch.exp(rejected_aligned / rejected_lengths)
 
 
 # ---------------------------------------------------------------------------------------------

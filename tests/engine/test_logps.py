@@ -1,4 +1,8 @@
-"""The prefix-shared packed forward equals separate forwards of prompt+chosen and prompt+rejected."""
+"""The prefix-shared packed forward equals separate forwards of prompt+chosen and prompt+rejected.
+
+The packed path calls the model's own forward (with the LM head restricted by a hook), so it is also
+checked through a DDP-style container and a PEFT wrapper.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ import pytest
 import torch
 
 from dpolab.data.packing import CHOSEN, PROMPT, REJECTED, pack, plan_rows
-from dpolab.data.tokenize import TokenizedPair
-from dpolab.engine.logps import naive_logps, packed_logps
+from dpolab.data.tokenize import TokenizedPair, TokenizedSequence
+from dpolab.engine.logps import naive_token_logps, output_head, packed_token_logps
 from tests.tiny import tiny_causal_lm
 
 VOCAB = 300
@@ -36,9 +40,8 @@ def test_packed_equals_naive_float64(architecture, attention):
     batch = pack(pairs, list(range(9)), row_tokens=64, pad_token_id=0)
     assert batch.input_ids.shape[0] > 1, "several rows, with padding, must be exercised"
     with torch.no_grad():
-        packed, naive = packed_logps(model, batch), naive_logps(model, pairs, pad_token_id=0)
-    torch.testing.assert_close(packed.chosen, naive.chosen, rtol=0, atol=1e-7)
-    torch.testing.assert_close(packed.rejected, naive.rejected, rtol=0, atol=1e-7)
+        packed, naive = packed_token_logps(model, batch), naive_token_logps(model, pairs, pad_token_id=0)
+    torch.testing.assert_close(packed.sums(), naive.sums(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
@@ -47,10 +50,9 @@ def test_packed_equals_naive_float32(architecture):
     pairs = random_pairs(9, seed=1)
     batch = pack(pairs, list(range(9)), row_tokens=96, pad_token_id=0)
     with torch.no_grad():
-        packed, naive = packed_logps(model, batch), naive_logps(model, pairs, pad_token_id=0)
+        packed, naive = packed_token_logps(model, batch), naive_token_logps(model, pairs, pad_token_id=0)
     # Sums of up to 27 tokens of ~5.7 nats: fp32 rounding alone is ~1e-5 relative to the sum.
-    torch.testing.assert_close(packed.chosen, naive.chosen, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed.rejected, naive.rejected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.sums(), naive.sums(), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_gradients_equal_naive_gradients():
@@ -59,10 +61,10 @@ def test_packed_gradients_equal_naive_gradients():
     for use_packed in (True, False):
         model = build("llama", "sdpa", torch.float64).train()
         if use_packed:
-            out = packed_logps(model, pack(pairs, list(range(5)), 128, 0))
+            out = packed_token_logps(model, pack(pairs, list(range(5)), 128, 0)).sums()
         else:
-            out = naive_logps(model, pairs, 0)
-        (out.chosen.sum() - 2 * out.rejected.sum()).backward()
+            out = naive_token_logps(model, pairs, 0).sums()
+        (out[:, 0].sum() - 2 * out[:, 1].sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     # Not exact even in float64: Hugging Face attention takes its softmax in float32, so sums over the
     # packed row's (masked) key set round differently (~4e-7 on gradients of ~10). A wrong mask or
@@ -70,21 +72,93 @@ def test_packed_gradients_equal_naive_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=2e-6)
 
 
-def test_ld_alpha_weights_tokens_past_the_shorter_completion():
+def test_token_values_are_the_same_in_both_paths_and_sum_to_the_sequences():
+    """Per-token log-probs, with their sequence and position, agree between the paths (LD-DPO and WPO use them)."""
     model = build("llama", "sdpa", torch.float64)
     pairs = random_pairs(6, seed=3)
-    batch = pack(pairs, list(range(6)), 128, 0)
     with torch.no_grad():
-        full = packed_logps(model, batch, with_tokens=True)
-        alpha_one = packed_logps(model, batch, ld_alpha=1.0)
-        alpha = packed_logps(model, batch, ld_alpha=0.25)
-    torch.testing.assert_close(alpha_one.chosen, full.chosen)
-    # By hand from the per-token values: the first min(|y_w|, |y_l|) tokens at 1, the rest at α.
-    for i, pair in enumerate(pairs):
-        shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
-        tokens = full.token_logps[(batch.target_pair == i) & batch.target_is_chosen]
-        expected = tokens[:shared].sum() + 0.25 * tokens[shared:].sum()
-        assert float(alpha.chosen[i]) == pytest.approx(float(expected), abs=1e-10)
+        packed = packed_token_logps(model, pack(pairs, list(range(6)), 48, 0), with_log_sum_sq=True)
+        naive = naive_token_logps(model, pairs, 0, with_log_sum_sq=True)
+    for out in (packed, naive):
+        for s, pair_branch in enumerate((p, b) for p in pairs for b in (0, 1)):
+            pair, branch = pair_branch
+            selected = out.sequence == s
+            assert out.index[selected].tolist() == list(range(len(pair.branches[branch])))
+
+    def by_token(out):
+        return sorted(
+            zip(out.sequence.tolist(), out.index.tolist(), out.values.tolist(), out.log_sum_sq.tolist(), strict=True)
+        )
+
+    for (s1, i1, v1, q1), (s2, i2, v2, q2) in zip(by_token(packed), by_token(naive), strict=True):
+        assert (s1, i1) == (s2, i2)
+        assert v1 == pytest.approx(v2, abs=1e-7) and q1 == pytest.approx(q2, abs=1e-7)
+        assert q1 <= 0  # log Σ p² ≤ log Σ p = 0
+    weights = torch.where(packed.index >= 1, 0.25, 1.0).double()
+    by_hand = torch.zeros(12, dtype=torch.float64).index_add(0, packed.sequence, packed.values * weights)
+    torch.testing.assert_close(packed.sums(weights).flatten(), by_hand)
+
+
+class Container(torch.nn.Module):
+    """What DistributedDataParallel looks like from outside: the model at ``.module``, forward passed through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_the_packed_path_goes_through_wrappers_own_forward():
+    model = build("llama", "sdpa", torch.float64)
+    pairs = random_pairs(5, seed=8)
+    batch = pack(pairs, list(range(5)), 64, 0)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        plain = packed_token_logps(model, batch).sums()
+        wrapped = packed_token_logps(Container(model), batch).sums()
+    handle.remove()
+    assert len(calls) == 2  # the model's own forward ran each time (so a wrapper's hooks would)
+    torch.testing.assert_close(plain, wrapped, rtol=0, atol=0)
+    assert output_head(Container(model)) is model.lm_head
+
+
+def test_the_packed_path_under_peft_lora_equals_the_naive_path():
+    peft = pytest.importorskip("peft")
+    model = build("llama", "sdpa", torch.float64)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config)
+    pairs = random_pairs(5, seed=9)
+    with torch.no_grad():
+        packed = packed_token_logps(wrapped, pack(pairs, list(range(5)), 64, 0)).sums()
+        naive = naive_token_logps(wrapped, pairs, 0).sums()
+        with wrapped.disable_adapter():
+            base = naive_token_logps(wrapped, pairs, 0).sums()
+    torch.testing.assert_close(packed, naive, rtol=0, atol=1e-7)
+    assert (packed - base).abs().max() > 1e-4  # the adapter is active on the packed path
+
+
+def test_a_model_whose_forward_skips_its_head_module_is_refused():
+    model = build("llama", "sdpa", torch.float64)
+    pairs = random_pairs(3, seed=10)
+    batch = pack(pairs, list(range(3)), 64, 0)
+
+    class HeadAsFunction(torch.nn.Module):  # computes logits from the weight, never calling the head module
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kwargs):
+            hidden = self.inner.model(**kwargs).last_hidden_state
+            return type("Out", (), {"logits": hidden @ self.inner.lm_head.weight.T})()
+
+    with pytest.raises(ValueError, match="did not project the selected positions"):
+        packed_token_logps(HeadAsFunction(model), batch)
 
 
 def test_layout_positions_and_mask():
@@ -118,13 +192,19 @@ def test_plan_rows_respects_the_budget_and_keeps_every_pair():
         assert size <= 50 or len(row) == 1
 
 
-def test_empty_rejected_branches_sft_pairs_pack_correctly():
-    """SFT pairs have no rejected tokens; several in one row must still line up with their targets."""
+def test_sft_sequences_pack_several_to_a_row_and_equal_the_naive_path():
+    """SFT items have one branch; several in one row must still line up with their targets."""
     model = build("llama", "sdpa", torch.float64)
-    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, (), p.row) for p in random_pairs(6, seed=7)]
-    batch = pack(pairs, list(range(6)), row_tokens=128, pad_token_id=0)
-    assert batch.input_ids.shape[0] < 6  # several pairs share a row
+    sequences = [TokenizedSequence(p.prompt_ids, p.chosen_ids, p.row) for p in random_pairs(6, seed=7)]
+    batch = pack(sequences, list(range(6)), row_tokens=128, pad_token_id=0)
+    assert batch.input_ids.shape[0] < 6 and batch.num_branches == 1  # several examples share a row
     with torch.no_grad():
-        packed, naive = packed_logps(model, batch), naive_logps(model, pairs, pad_token_id=0)
-    torch.testing.assert_close(packed.chosen, naive.chosen, rtol=0, atol=1e-7)
-    assert torch.all(packed.rejected == 0)
+        packed, naive = packed_token_logps(model, batch), naive_token_logps(model, sequences, pad_token_id=0)
+    assert packed.sums().shape == (6, 1)
+    torch.testing.assert_close(packed.sums(), naive.sums(), rtol=0, atol=1e-7)
+
+
+def test_items_with_different_branch_counts_cannot_share_a_batch():
+    pair, sequence = random_pairs(1)[0], TokenizedSequence((5, 6), (7,), 1)
+    with pytest.raises(ValueError, match="same number of branches"):
+        pack([pair, sequence], [0, 1], 64, 0)

@@ -65,7 +65,7 @@ def test_cli_run_writes_metrics_tensorboard_and_a_loadable_model(workspace, tmp_
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "reference log-probs: computed and cached" in result.stderr
+    assert "reference log-probs (train): computed and cached" in result.stderr
     metrics = read_metrics(out)
     train_steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in train_steps] == [1, 2, 3, 4]
@@ -113,7 +113,7 @@ def test_cli_run_writes_metrics_tensorboard_and_a_loadable_model(workspace, tmp_
         text=True,
         timeout=300,
     )
-    assert "reference log-probs: reused from cache" in again.stderr
+    assert "reference log-probs (train): reused from cache" in again.stderr
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])

@@ -32,6 +32,17 @@ class PreferenceExample:
     conversational: bool = False
 
 
+@dataclass(frozen=True)
+class SFTExample:
+    """One supervised example: a prompt and the completion to learn (strings, or message lists when
+    ``conversational``: the completion is then the final assistant message)."""
+
+    prompt: str | Messages
+    completion: str | Messages
+    row: int
+    conversational: bool = False
+
+
 class DataError(ValueError):
     """Bad input data; the message names the source and the row."""
 
@@ -154,9 +165,9 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     raise DataError(f"data file not found: {source}")
 
 
-def sft_example_from_row(row: dict, index: int, source: str = "data") -> PreferenceExample:
+def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExample:
     """An SFT row: ``prompt`` + ``completion`` strings, or ``messages`` (the last assistant message is the
-    completion, the messages before it the prompt). Returned as a pair whose rejected side is empty."""
+    completion, the messages before it the prompt)."""
     where = f"{source}: row {index}"
     if isinstance(row, BadLine):
         raise DataError(f"{where} (line {row.line}): {row.reason}")
@@ -170,7 +181,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> Prefere
             )
         if not str(messages[-1]["content"]).strip():
             raise DataError(f"{where}: empty completion (last assistant message)")
-        return PreferenceExample(messages[:-1], messages[-1:], [], index, conversational=True)
+        return SFTExample(messages[:-1], messages[-1:], index, conversational=True)
     for key in ("prompt", "completion"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (SFT rows need prompt + completion, or messages)")
@@ -178,7 +189,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> Prefere
             raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
         if not row[key].strip():
             raise DataError(f"{where}: empty {key}")
-    return PreferenceExample(row["prompt"], row["completion"], "", index)
+    return SFTExample(row["prompt"], row["completion"], index)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
@@ -212,19 +223,32 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
-def pair_key(example: PreferenceExample) -> str:
-    """Identity of a pair, for finding duplicates."""
+def pair_key(example: PreferenceExample | SFTExample) -> str:
+    """Identity of an example, for finding duplicates."""
+    if isinstance(example, SFTExample):
+        return json.dumps([example.prompt, example.completion], sort_keys=True)
     return json.dumps([example.prompt, example.chosen, example.rejected], sort_keys=True)
 
 
 def load_examples(
-    source: str, split: str = "train", on_bad_rows: str = "error", sft: bool = False
+    source: str, split: str = "train", on_bad_rows: str = "error"
 ) -> tuple[list[PreferenceExample], list[str]]:
-    """Examples and the reasons for skipped rows.
+    """Preference pairs and the reasons for skipped rows.
 
     ``on_bad_rows="error"`` (default) raises a :class:`DataError` naming up to ten bad rows;
     ``"skip"`` leaves them out and returns one reason per skipped row.
     """
+    return _load(source, split, on_bad_rows, example_from_row)
+
+
+def load_sft_examples(
+    source: str, split: str = "train", on_bad_rows: str = "error"
+) -> tuple[list[SFTExample], list[str]]:
+    """SFT examples (prompt + completion, or messages) and the reasons for skipped rows; as :func:`load_examples`."""
+    return _load(source, split, on_bad_rows, sft_example_from_row)
+
+
+def _load(source: str, split: str, on_bad_rows: str, parse) -> tuple[list, list[str]]:
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip'; got {on_bad_rows!r}")
     rows = read_rows(source, split)
@@ -234,7 +258,7 @@ def load_examples(
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
         try:
-            example = (sft_example_from_row if sft else example_from_row)(row, index, source)
+            example = parse(row, index, source)
         except DataError as error:
             bad.append(str(error))
             continue

@@ -64,23 +64,19 @@ class RewardModelJudge:
     needs_reference = False
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from dpolab.engine.loading import default_device, load_model, load_tokenizer
 
         self.path = path
-        labels = AutoConfig.from_pretrained(path).num_labels
-        if labels != 1:
-            raise ValueError(f"{path}: a reward model has num_labels = 1; this one has {labels}")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=None if allow_pickle else True
-        ).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = load_model(path, "sequence_classification", allow_pickle=allow_pickle).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has num_labels = 1; this one has {self.model.config.num_labels}")
+        self.tokenizer = load_tokenizer(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # needed to find each row's last token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size, self.max_length = batch_size, max_length
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.model.to(self.device)
 
     def score(self, items: list[Item]) -> list[Verdict]:

@@ -207,19 +207,14 @@ def sample_file(
     callback. ``chat_template``: render each prompt (a string becomes one user message) with the
     tokenizer's chat template, as instruct models expect; prompts that are message lists always are.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dpolab.engine.generate import generate
+    from dpolab.engine.loading import default_device, load_model, load_tokenizer
 
     if n < 1:
         raise ValueError(f"n must be >= 1; got {n}")
     rows = read_prompts(prompts, prompt_field, reference_field)
-    if Path(model).exists() and not allow_pickle and not any(Path(model).glob("*.safetensors")):
-        raise ValueError(f"{model}: no .safetensors weights (pickle files are refused without --allow-pickle)")
-    policy = AutoModelForCausalLM.from_pretrained(model, use_safetensors=None if allow_pickle else True)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    policy.to("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_model(model, allow_pickle=allow_pickle, device=default_device())
+    tokenizer = load_tokenizer(model)
     chat = chat_template or any(isinstance(row.prompt, list) for row in rows)
     if chat:
         render_prompt(tokenizer, rows[0].prompt)  # fails early, before any sampling, without a template

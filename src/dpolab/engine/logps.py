@@ -1,48 +1,80 @@
-"""Per-sequence log-probabilities of chosen and rejected completions from a causal LM.
+"""Per-token and per-sequence log-probabilities of completions under a causal LM.
 
-:func:`packed_logps` is the fast path: one forward over prefix-shared, padding-free rows
-(:mod:`dpolab.data.packing`), the LM head and log-softmax at completion positions only.
-:func:`naive_logps` is the reference: two right-padded rows per pair (prompt+chosen, prompt+rejected),
-the model's own full forward. Tests check the two agree to ≤ 1e-5 (fp32); the trainer checks them
-on its first batch and falls back to the naive path, saying why, if a model cannot take the mask.
+The unit is a *sequence*: a prompt followed by one completion (a branch). A preference pair is an item
+with two sequences that share the prompt (chosen, rejected); an SFT example is an item with one.
+
+:func:`packed_token_logps` is the fast path: one forward over prefix-shared, padding-free rows
+(:mod:`dpolab.data.packing`). It calls the model's own ``forward`` — so DDP, FSDP and PEFT wrappers run
+their hooks — and keeps the LM head off every position that predicts no completion token with a
+forward pre-hook on the output embedding that selects those positions (any softcapping after the head
+still runs, inside the model). :func:`naive_token_logps` is the reference: one right-padded row per
+sequence, the model's full forward and logits. Both return :class:`TokenLogps` in the same layout;
+tests check they agree to ≤ 1e-5 (fp32), and :func:`packing_fallback_reason` checks it on a model's
+first batch so the trainer can fall back to the naive path, saying why, if a model cannot take the
+packed mask.
+
+Objective-specific token weights (LD-DPO, WPO) are not applied here: they live with the losses
+(:mod:`dpolab.losses`); :meth:`TokenLogps.sums` takes any weights.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from dpolab.data.packing import PackedBatch
-from dpolab.data.tokenize import TokenizedPair
+from dpolab.data.packing import Item, PackedBatch, pack
 
 
 @dataclass
-class SequenceLogps:
-    """Per-pair sums (``chosen``, ``rejected``) and, when asked for, the per-token values."""
+class TokenLogps:
+    """Log-probs of every completion token of a micro-batch, and where each token belongs."""
 
-    chosen: torch.Tensor  # (B,)
-    rejected: torch.Tensor  # (B,)
-    token_logps: torch.Tensor | None = None  # (n,) in PackedBatch target order
-    token_log_sum_sq: torch.Tensor | None = None  # (n,) log Σ_v p(v)² at each target position (WPO)
+    values: torch.Tensor  # (n,) log π(token | prefix), at least fp32
+    sequence: torch.Tensor  # (n,) sequence number: item × branches + branch
+    index: torch.Tensor  # (n,) position of the token within its completion (0-based)
+    branch_lengths: torch.Tensor  # (items, branches) completion token counts
+    log_sum_sq: torch.Tensor | None = None  # (n,) log Σ_v π(v | prefix)², detached; when asked for (WPO)
+
+    def sums(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over each sequence's tokens of (weight ×) log-prob, shape (items, branches)."""
+        values = self.values if weights is None else self.values * weights
+        items, branches = self.branch_lengths.shape
+        totals = torch.zeros(items * branches, dtype=values.dtype, device=values.device)
+        return totals.index_add(0, self.sequence, values).view(items, branches)
 
 
-def backbone_and_head(model):
-    """The transformer body and the output projection of a causal LM (PEFT-wrapped or not)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, inner.base_model_prefix, None)
-    if body is None:
-        raise ValueError(f"{type(inner).__name__} has no backbone at .{inner.base_model_prefix}")
-    return inner, body, inner.get_output_embeddings()
+def output_head(model) -> torch.nn.Module:
+    """The output projection of a causal LM, through DDP/FSDP/PEFT/compile wrappers."""
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+        inner = inner.module  # DistributedDataParallel and similar containers
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None)")
+    return head
 
 
-def _logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
-    inner, _, head = backbone_and_head(model)
-    logits = head(hidden)
-    softcap = getattr(inner.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return _at_least_fp32(logits)
+@contextmanager
+def head_only_at(model, positions: torch.Tensor):
+    """While active, the LM head sees only the hidden states at ``positions`` (flat row × column indices).
+
+    Yields a list that records each call's input shape, so the caller can check the head ran exactly once.
+    """
+    head = output_head(model)
+    calls: list[tuple[int, ...]] = []
+
+    def select(module, args, kwargs):  # noqa: ARG001 - hook signature
+        hidden = args[0]
+        calls.append(tuple(hidden.shape))
+        return (hidden.reshape(-1, hidden.shape[-1])[positions][None], *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,68 +82,109 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
-def ld_weights(batch: PackedBatch, ld_alpha: float | None) -> torch.Tensor | None:
-    """LD-DPO token weights (Liu et al. 2024): tokens past the shorter completion's length count α.
-
-    The shared length is min(|y_w|, |y_l|) per pair; TRL's ``ld_alpha``.
-    """
-    if ld_alpha is None:
-        return None
-    shared = torch.minimum(batch.chosen_lengths, batch.rejected_lengths)[batch.target_pair]
-    beyond = batch.target_index >= shared
-    weights = torch.ones(batch.target_ids.shape, device=batch.target_ids.device)
-    return weights.masked_fill(beyond, ld_alpha)
+def _mask_dtype(model, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
 
 
-def reduce_tokens(batch: PackedBatch, token_values: torch.Tensor, weights: torch.Tensor | None = None):
-    """Sum per-token values into per-pair (chosen, rejected) sums."""
-    if weights is not None:
-        token_values = token_values * weights
-    totals = torch.zeros(2 * batch.num_pairs, dtype=token_values.dtype, device=token_values.device)
-    slot = batch.target_pair * 2 + (~batch.target_is_chosen).long()
-    totals = totals.index_add(0, slot, token_values)
-    return totals[0::2], totals[1::2]
-
-
-def packed_logps(
-    model, batch: PackedBatch, ld_alpha: float | None = None, with_tokens: bool = False, with_log_sum_sq: bool = False
-) -> SequenceLogps:
-    """One forward over the packed rows; the LM head runs only where a completion token is predicted."""
-    _, body, _ = backbone_and_head(model)
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(batch.input_ids.device.type):
-        dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
-    hidden = body(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask(dtype),
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_positions]
-    log_probs = torch.log_softmax(_logits_at(model, hidden), dim=-1)
-    token_logps = log_probs.gather(1, batch.target_ids[:, None])[:, 0]
-    chosen, rejected = reduce_tokens(batch, token_logps, ld_weights(batch, ld_alpha))
+def _gather(log_probs: torch.Tensor, targets: torch.Tensor, with_log_sum_sq: bool):
+    values = log_probs.gather(-1, targets[..., None])[..., 0]
     log_sum_sq = torch.logsumexp(2 * log_probs.detach(), dim=-1) if with_log_sum_sq else None
-    return SequenceLogps(chosen, rejected, token_logps if with_tokens or with_log_sum_sq else None, log_sum_sq)
+    return values, log_sum_sq
 
 
-def naive_logps(model, pairs: list[TokenizedPair], pad_token_id: int, device=None) -> SequenceLogps:
-    """Reference implementation: separate right-padded rows, the model's full forward and logits."""
-    rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    completion = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+def packed_token_logps(model, batch: PackedBatch, with_log_sum_sq: bool = False) -> TokenLogps:
+    """One forward of the (possibly wrapped) model over the packed rows; the LM head only where a target is predicted."""
+    device = batch.input_ids.device
+    with head_only_at(model, batch.predict_positions) as calls:
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask(_mask_dtype(model, device)),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+    expected = int(batch.predict_positions.shape[0])
+    if len(calls) != 1 or logits.shape[:2] != (1, expected):
+        raise ValueError(
+            f"the model's forward did not project the selected positions through its output embeddings "
+            f"(head calls {calls}, logits {tuple(logits.shape)}, expected (1, {expected}, vocab))"
+        )
+    log_probs = torch.log_softmax(_at_least_fp32(logits[0]), dim=-1)
+    values, log_sum_sq = _gather(log_probs, batch.target_ids, with_log_sum_sq)
+    return TokenLogps(values, batch.target_sequence, batch.target_index, batch.branch_lengths, log_sum_sq)
+
+
+def naive_token_logps(
+    model, items: list[Item], pad_token_id: int, device=None, with_log_sum_sq: bool = False
+) -> TokenLogps:
+    """Reference implementation: one right-padded row per (prompt, branch), the model's full forward and logits."""
+    rows = [item.prompt_ids + ids for item in items for ids in item.branches]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
     if device is not None:
         input_ids, attention = input_ids.to(device), attention.to(device)
     logits = _at_least_fp32(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits)
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, input_ids[:, 1:, None])[..., 0]
-    sums = []
-    for i, row in enumerate(rows):
-        end = len(row) - 1  # log_probs[t] is the log-prob of token t + 1
-        sums.append(log_probs[i, end - completion[i] : end].sum())
-    totals = torch.stack(sums)
-    return SequenceLogps(totals[: len(pairs)], totals[len(pairs) :])
+    # log_probs[s, t] is the log-prob of token t + 1 of row s
+    values, log_sum_sq = _gather(torch.log_softmax(logits[:, :-1], dim=-1), input_ids[:, 1:], with_log_sum_sq)
+    rows_at, columns, sequence, index = [], [], [], []
+    for s, (prompt_length, n) in enumerate((len(item.prompt_ids), len(ids)) for item in items for ids in item.branches):
+        rows_at += [s] * n
+        columns += range(prompt_length - 1, prompt_length - 1 + n)
+        sequence += [s] * n
+        index += range(n)
+    rows_at = torch.tensor(rows_at, dtype=torch.long, device=input_ids.device)
+    columns = torch.tensor(columns, dtype=torch.long, device=input_ids.device)
+    lengths = torch.tensor([[len(ids) for ids in item.branches] for item in items], dtype=torch.long)
+    return TokenLogps(
+        values[rows_at, columns],
+        torch.tensor(sequence, dtype=torch.long, device=input_ids.device),
+        torch.tensor(index, dtype=torch.long, device=input_ids.device),
+        lengths.to(input_ids.device),
+        None if log_sum_sq is None else log_sum_sq[rows_at, columns],
+    )
+
+
+@dataclass
+class LogpEngine:
+    """How a recipe computes log-probs: the packed path (the default) or the naive one, with its settings."""
+
+    row_tokens: int
+    pad_token_id: int
+    device: torch.device
+    naive: bool = False
+
+    def token_logps(self, model, items: list[Item], ids: list[int], with_log_sum_sq: bool = False) -> TokenLogps:
+        """Token log-probs of ``items`` (their data-set indices ``ids``) under ``model``."""
+        if self.naive:
+            return naive_token_logps(model, items, self.pad_token_id, self.device, with_log_sum_sq)
+        batch = pack(items, ids, self.row_tokens, self.pad_token_id).to(self.device)
+        return packed_token_logps(model, batch, with_log_sum_sq)
+
+
+def packing_fallback_reason(
+    model, items: list[Item], engine: LogpEngine, dtype: torch.dtype, autocast=nullcontext
+) -> str | None:
+    """Compare packed and naive log-probs on a few items; the reason to fall back, or None if they agree."""
+    sample = items[: min(4, len(items))]
+    ids = list(range(len(sample)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            fast = LogpEngine(engine.row_tokens, engine.pad_token_id, engine.device).token_logps(model, sample, ids)
+            slow = naive_token_logps(model, sample, engine.pad_token_id, engine.device)
+    except Exception as error:  # noqa: BLE001 - any failure of the custom mask means: use the naive path
+        return f"the packed forward failed ({type(error).__name__}: {error})"
+    finally:
+        model.train(was_training)
+    per_token = (fast.sums() - slow.sums()).abs().sum(1) / fast.branch_lengths.sum(1).to(fast.values.dtype)
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    worst = float(per_token.max())
+    if worst > tolerance:
+        return f"packed and naive log-probs differ by {worst:.2g} nats per token (tolerance {tolerance:g})"
+    return None

@@ -1,23 +1,27 @@
 """Reference log-probs: computed once before training, cached on disk, reused while inputs are unchanged.
 
-The cache key is a fingerprint of (reference weights, tokenised pairs, settings that change the
-numbers: ld_alpha, compute dtype). The tokenised pairs already encode the data, the tokenizer and
-max_length. Any change gives a new key, so a stale cache is never read.
+The cache key is a fingerprint of (reference weights, tokenised items, settings that change the
+numbers: token weighting, compute dtype). The tokenised items already encode the data, the tokenizer
+and max_length. Any change gives a new key, so a stale cache is never read. The number of processes
+that computed the values is not part of the key: a cache written by a 2-process run is reused by a
+1-process run and the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.data.packing import pack
-from dpolab.data.tokenize import TokenizedPair
-from dpolab.engine.logps import naive_logps, packed_logps
+from dpolab.data.packing import Item
+from dpolab.engine.logps import LogpEngine, TokenLogps
+
+CACHE_FORMAT = 2  # 2: one (items, branches) tensor "logps"
 
 
 def weights_fingerprint(model) -> str:
@@ -29,72 +33,66 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
+def items_fingerprint(items: Sequence[Item]) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for pair in pairs:
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+    for item in items:
+        for ids in (item.prompt_ids, *item.branches):
             digest.update(len(ids).to_bytes(4, "little"))
             digest.update(b"".join(i.to_bytes(4, "little") for i in ids))
     return digest.hexdigest()
 
 
-def cache_key(weights: str, pairs: str, settings: dict) -> str:
-    text = weights + pairs + repr(sorted(settings.items()))
+def cache_key(weights: str, items: str, settings: dict) -> str:
+    text = weights + items + repr(sorted({**settings, "format": CACHE_FORMAT}.items()))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def compute_reference_logps(
     model,
-    pairs: list[TokenizedPair],
+    items: Sequence[Item],
+    indices: Sequence[int],
     batch_size: int,
-    row_tokens: int,
-    pad_token_id: int,
-    device,
-    ld_alpha: float | None = None,
-    autocast=None,
-    naive: bool = False,
+    engine: LogpEngine,
+    token_weights: Callable[[TokenLogps], torch.Tensor | None] | None = None,
+    autocast=nullcontext,
     progress: Callable[..., None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) reference log-probs of every pair, in data-set order (float32).
+) -> torch.Tensor:
+    """Summed log-probs of ``items[i]`` for ``i`` in ``indices``: shape (len(indices), branches), float32.
 
-    ``naive=True`` uses separate padded rows (no ``ld_alpha`` weighting there: the trainer refuses
-    ``ld_alpha`` without the packed path).
+    ``token_weights`` turns a micro-batch's :class:`TokenLogps` into per-token weights (LD-DPO) or None.
     """
-    chosen = torch.empty(len(pairs), dtype=torch.float32)
-    rejected = torch.empty(len(pairs), dtype=torch.float32)
+    out = torch.empty(len(indices), len(items[0].branches), dtype=torch.float32)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            ids = list(range(start, min(start + batch_size, len(pairs))))
-            with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                if naive:  # the model cannot take the packed mask (see dpolab.train.loop.check_packing)
-                    out = naive_logps(model, [pairs[i] for i in ids], pad_token_id, device)
-                else:
-                    batch = pack([pairs[i] for i in ids], ids, row_tokens, pad_token_id).to(device)
-                    out = packed_logps(model, batch, ld_alpha=ld_alpha)
-            chosen[ids] = out.chosen.float().cpu()
-            rejected[ids] = out.rejected.float().cpu()
-            if progress:
-                progress(completed=ids[-1] + 1)
-    model.train(was_training)
-    return chosen, rejected
+    try:
+        with torch.no_grad():
+            for start in range(0, len(indices), batch_size):
+                ids = list(indices[start : start + batch_size])
+                with autocast():
+                    tokens = engine.token_logps(model, [items[i] for i in ids], ids)
+                    sums = tokens.sums(token_weights(tokens) if token_weights else None)
+                out[start : start + len(ids)] = sums.float().cpu()
+                if progress:
+                    progress(completed=start + len(ids))
+    finally:
+        model.train(was_training)
+    return out
 
 
-def cached_reference_logps(
-    cache_dir: str | Path, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Load (chosen, rejected) for ``key`` from ``cache_dir`` or compute and store them atomically.
+def cache_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir).expanduser() / f"reference-{key}.safetensors"
 
-    Returns the tensors and whether they came from the cache.
-    """
-    path = Path(cache_dir).expanduser() / f"reference-{key}.safetensors"
-    if path.exists():
-        tensors = load_file(str(path))
-        return tensors["chosen"], tensors["rejected"], True
-    chosen, rejected = compute()
+
+def load_cached(cache_dir: str | Path, key: str) -> torch.Tensor | None:
+    path = cache_path(cache_dir, key)
+    return load_file(str(path))["logps"] if path.exists() else None
+
+
+def store_cached(cache_dir: str | Path, key: str, logps: torch.Tensor) -> Path:
+    """Write atomically (temporary file, then rename): readers see the whole file or none."""
+    path = cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(temporary))
+    save_file({"logps": logps.contiguous()}, str(temporary))
     os.replace(temporary, path)
-    return chosen, rejected, False
+    return path

@@ -1,6 +1,19 @@
-"""Training: ``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``."""
+"""Training: one recipe per method over the shared blocks of :mod:`dpolab.train.blocks`.
+
+``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``: it runs the recipe that
+``config.task`` names — ``preference`` (:mod:`dpolab.train.preference`) or ``sft`` (:mod:`dpolab.train.sft`).
+"""
 
 from dpolab.train.config import TrainConfig, load_config
-from dpolab.train.loop import run
+
+
+def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Train with the recipe of ``config.task``; see :func:`dpolab.train.preference.train`."""
+    if config.task == "sft":
+        from dpolab.train.sft import train
+    else:
+        from dpolab.train.preference import train
+    return train(config, resume=resume, overwrite=overwrite)
+
 
 __all__ = ["TrainConfig", "load_config", "run"]

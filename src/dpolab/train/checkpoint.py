@@ -1,30 +1,39 @@
-"""Checkpoints that resume bitwise-exactly: written atomically, the last K kept.
+"""Checkpoints that resume bitwise-exactly, on one process or many: every stateful component, registered once.
 
 A checkpoint is a folder ``output_dir/checkpoints/step-NNNNNNN`` holding:
 
-- ``model.safetensors``: the trainable weights (the whole model, or the LoRA adapter's parameters);
-- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``s (tensors and numbers only; loaded with
-  ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects);
-- ``rng.safetensors`` + ``rng.json``: Python, NumPy and torch (CPU and CUDA) generator states;
-- ``state.json``: step, micro-batches consumed, counters, and the resolved config.
+- what accelerate's ``save_state`` writes for the prepared model, optimiser and scheduler and for each
+  process's random generators (Python, NumPy, torch CPU and CUDA): ``model.safetensors`` (with LoRA:
+  the adapter's parameters only), ``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``;
+  under FSDP the model and optimiser state are sharded folders written by every process. accelerate
+  reads these back with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects;
+- ``state.json``: the step, the number of processes, the resolved config, and the ``state_dict()`` of
+  every other registered component (data position, counters, the 3D monitor, …) as JSON.
 
-It is written to a temporary folder, every file fsynced, then renamed into place: a crash leaves
-either the old set of checkpoints or the new one, never a partial folder under a step name.
+Every process writes into a temporary folder; after all have finished, the main process fsyncs every
+file and renames the folder into place, so a crash leaves either the old set of checkpoints or the new
+one, never a partial folder under a step name. The newest ``keep`` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from dpolab.train.distributed import any_across
 
 PREFIX = "step-"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -44,37 +53,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_rng_state(directory: Path) -> None:
-    """Generator states as tensors (safetensors) and plain JSON: no pickle."""
-    version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{index}"] = state
-    save_file(tensors, str(directory / "rng.safetensors"))
-    meta = {"python": [version, list(internal), gauss], "numpy": [kind, int(position), int(has_gauss), float(cached)]}
-    (directory / "rng.json").write_text(json.dumps(meta))
-
-
-def load_rng_state(directory: Path) -> None:
-    tensors = load_file(str(directory / "rng.safetensors"))
-    meta = json.loads((directory / "rng.json").read_text())
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, position, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that training changes (all, or only the adapter's with LoRA), detached, contiguous."""
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -83,49 +61,109 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write the checkpoint of ``step`` atomically; keep the newest ``keep`` checkpoints."""
-    weights = trainable_state(model)
-    bad = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
-    if bad:
-        raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[0]})")
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
-    temporary = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_file(weights, str(temporary / "model.safetensors"))
-    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-    torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-    save_rng_state(temporary)
-    (temporary / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for file in temporary.iterdir():
-        _fsync(file)
-    _fsync(temporary)
-    if final.exists():  # the same step written again (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    _fsync(root)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(directory)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return its state.json."""
-    weights = load_file(str(path / "model.safetensors"))
-    parameters = dict(model.named_parameters())
-    missing = sorted(set(weights) ^ {n for n, p in parameters.items() if p.requires_grad})
-    if missing:
-        raise ValueError(f"{path}: checkpoint does not match the model (parameter {missing[0]!r})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    load_rng_state(path)
-    return json.loads((path / "state.json").read_text())
+def _local(parameter: torch.Tensor) -> torch.Tensor:
+    """This process's values of a parameter (its shard under FSDP2, where parameters are DTensors)."""
+    data = parameter.detach()
+    return data.to_local() if hasattr(data, "to_local") else data
+
+
+class Checkpointer:
+    """Saves and restores a run: the accelerator's prepared objects plus named :class:`Stateful` components.
+
+    ``trainable_only``: write only the parameters that train (LoRA adapters), not the frozen base.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, keep: int, model, trainable_only: bool = False) -> None:
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+        self.model = model
+        self.components: dict[str, Stateful] = {}
+        self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.trainable_only = trainable_only
+        if trainable_only:
+            accelerator.register_save_state_pre_hook(self._keep_trainable)
+
+    def register(self, name: str, component: Stateful) -> None:
+        if name in self.components:
+            raise ValueError(f"a component named {name!r} is already registered")
+        self.components[name] = component
+
+    def _keep_trainable(self, models, weights, output_dir) -> None:  # noqa: ARG002 - accelerate's hook signature
+        for state in weights:
+            for name in [n for n in state if n not in self.trainable]:
+                del state[name]
+
+    def save(self, step: int, config: dict) -> Path:
+        """Write the checkpoint of ``step`` (every process calls this); returns its final path."""
+        finite = all(bool(torch.isfinite(_local(p)).all()) for p in self.model.parameters() if p.requires_grad)
+        if any_across(self.accelerator, not finite):
+            raise FloatingPointError("refusing to write a checkpoint with non-finite weights")
+        root = checkpoint_root(self.output_dir)
+        final = root / f"{PREFIX}{step:07d}"
+        temporary = root / f".tmp-{final.name}"
+        if self.accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary), safe_serialization=True)
+        state = {
+            "step": step,
+            "num_processes": self.accelerator.num_processes,
+            "components": {name: component.state_dict() for name, component in self.components.items()},
+            "config": config,
+        }
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (temporary / "state.json").write_text(json.dumps(state, indent=2))
+            _fsync_tree(temporary)
+            if final.exists():  # the same step written again (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            _fsync(root)
+            for old in list_checkpoints(self.output_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in root.glob(".tmp-*"):  # left by a run killed while writing
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> dict:
+        """Restore everything saved in ``path``; returns its state.json. Same number of processes required."""
+        state = json.loads((path / "state.json").read_text())
+        saved = state.get("num_processes", 1)
+        if saved != self.accelerator.num_processes:
+            raise ValueError(
+                f"{path} was written by {saved} process(es) and this run has {self.accelerator.num_processes}: "
+                f"exact resume needs the same number. Relaunch with {saved} process(es) "
+                f"(e.g. accelerate launch --num_processes {saved} …), or start a new run from its weights "
+                f"(--model {self.output_dir / 'model'} after it finishes, or a new output_dir)"
+            )
+        if self.trainable_only:
+            self._check_trainable_saved(path)
+        self.accelerator.load_state(str(path), strict=not self.trainable_only)
+        missing = sorted(set(self.components) - set(state["components"]))
+        if missing:
+            raise ValueError(f"{path}: checkpoint has no state for {missing[0]!r}")
+        for name, component in self.components.items():
+            component.load_state_dict(state["components"][name])
+        return state
+
+    def _check_trainable_saved(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+            saved = set(handle.keys())
+        if saved != self.trainable:
+            name = sorted(saved ^ self.trainable)[0]
+            raise ValueError(f"{path}: checkpoint does not match the model (parameter {name!r})")
 
 
 # Keys whose change cannot change the trained weights: resuming with them changed is allowed.

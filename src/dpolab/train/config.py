@@ -101,7 +101,7 @@ class TrainConfig:
     row_tokens: int = 512
     """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own). Attention is dense within a row, so its cost grows with the square of the row length: 512 was 2.1× faster per step than 2048 on the benchmark's 5M model (docs/performance.md); 256 suits the quickstart's tiny one."""
     packing: bool = True
-    """Prefix-shared packed forward; false forces the naive path (two padded rows per pair)."""
+    """Prefix-shared packed forward; false forces the naive path (one padded row per sequence)."""
 
     # --- monitoring ---------------------------------------------------------------------------
     monitor: dict = field(default_factory=dict)

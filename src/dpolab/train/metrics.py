@@ -62,13 +62,21 @@ class MetricsLog:
                 "alarms", f"{alarm['alarm']}: {alarm['message']} — remedy: {alarm['remedy']}", alarm["step"]
             )
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (a resumed run redoes those steps)."""
+    def truncate_after(self, step: int, final: bool = False) -> None:
+        """Drop lines logged after the checkpoint of ``step`` (a resumed run redoes those steps).
+
+        ``final``: ``step`` was the last one, so its evaluation came after the checkpoint and is redone too.
+        """
         if not self.main:
             return
         self.handle.close()
         lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+
+        def before_checkpoint(row: dict) -> bool:
+            at = row.get("step", 0)
+            return at < step or (at == step and not (final and any(k.startswith("eval/") for k in row)))
+
+        kept = [line for line in lines if line.strip() and before_checkpoint(json.loads(line))]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.handle = open(self.path, "a")
 

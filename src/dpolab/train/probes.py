@@ -1,7 +1,9 @@
 """The monitor's probes: gradient split by side, held-out likelihood, and the policy's own samples.
 
-They never touch ``.grad`` (``torch.autograd.grad``) nor the training RNG (``fork_rng``), so a run
-with probes trains exactly as one without.
+They run after a step's update, when the gradients are empty, and leave them empty; they fork the RNG
+(``fork_rng``), so a run with probes trains exactly as one without. Every process runs the same probe
+on the same pairs through the wrapped model, so under DDP and FSDP the collective forwards and
+backwards stay in step and the norms are those of one process.
 """
 
 from __future__ import annotations
@@ -10,51 +12,67 @@ from contextlib import nullcontext
 
 import torch
 
-from dpolab.data.packing import pack
-from dpolab.data.tokenize import TokenizedPair
-from dpolab.engine.logps import naive_logps, packed_logps
+from dpolab.data.tokenize import TokenizedPair, TokenizedSequence
+from dpolab.engine.logps import LogpEngine, naive_token_logps
 from dpolab.losses import PreferenceLogps
 
 
+def _probe_inputs(sums: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor) -> PreferenceLogps:
+    return PreferenceLogps(
+        sums[:, 0],
+        sums[:, 1],
+        None if reference is None else reference[:, 0].to(sums.device),
+        None if reference is None else reference[:, 1].to(sums.device),
+        lengths[:, 0],
+        lengths[:, 1],
+    )
+
+
+def total_norm(parameters) -> float:
+    """‖grad‖₂ over every parameter, whole (DDP keeps full gradients; FSDP shards are combined)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def gradient_split_and_likelihood(
+    accelerator,
     model,
     objective,
     probe: list[TokenizedPair],
-    reference: tuple,
-    row_tokens: int,
-    pad_token_id: int,
-    device,
-    autocast=nullcontext,
-    naive: bool = False,
+    reference: torch.Tensor | None,
+    engine: LogpEngine,
 ) -> dict[str, float]:
-    """‖∇θ Σ w_i log π_w,i‖ and ‖∇θ Σ l_i log π_l,i‖ with w, l the per-pair ∂L/∂log π; probe likelihoods."""
+    """‖∇θ Σ w_i log π_w,i‖ and ‖∇θ Σ l_i log π_l,i‖ with w, l the per-pair ∂L/∂log π; probe likelihoods.
+
+    Call it with empty gradients (after ``optimizer.zero_grad(set_to_none=True)``); it leaves them empty.
+    """
     ids = list(range(len(probe)))
-    batch = pack(probe, ids, row_tokens, pad_token_id).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    with autocast():  # the naive path for models that cannot take the packed mask (see check_packing)
-        logps = naive_logps(model, probe, pad_token_id, device) if naive else packed_logps(model, batch)
-    chosen, rejected = logps.chosen.float(), logps.rejected.float()
-    metrics = {
-        "monitor/probe_chosen_logp": float((chosen.detach() / batch.chosen_lengths).mean()),
-        "monitor/probe_rejected_logp": float((rejected.detach() / batch.rejected_lengths).mean()),
-    }
-    leaves = [chosen.detach().requires_grad_(True), rejected.detach().requires_grad_(True)]
-    inputs = PreferenceLogps(
-        leaves[0],
-        leaves[1],
-        None if reference[0] is None else reference[0].to(device),
-        None if reference[1] is None else reference[1].to(device),
-        batch.chosen_lengths,
-        batch.rejected_lengths,
-    )
-    weights = torch.autograd.grad(objective(inputs).losses.sum(), leaves, allow_unused=True)
-    for name, side, weight in (("chosen", chosen, weights[0]), ("rejected", rejected, weights[1])):
-        if weight is None:  # the loss has no term on this side (e.g. sft has no rejected term)
-            metrics[f"monitor/param_grad_norm_{name}"] = 0.0
-            continue
-        grads = torch.autograd.grad((weight.detach() * side).sum(), parameters, retain_graph=True, allow_unused=True)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
-        metrics[f"monitor/param_grad_norm_{name}"] = float(norm)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), accelerator.autocast():
+            tokens = engine.token_logps(model, probe, ids)
+        sums = tokens.sums().float()
+        lengths = tokens.branch_lengths
+        metrics = {
+            "monitor/probe_chosen_logp": float((sums[:, 0] / lengths[:, 0]).mean()),
+            "monitor/probe_rejected_logp": float((sums[:, 1] / lengths[:, 1]).mean()),
+        }
+        leaves = [sums[:, 0].clone().requires_grad_(True), sums[:, 1].clone().requires_grad_(True)]
+        with torch.enable_grad():
+            loss = objective(_probe_inputs(torch.stack(leaves, 1), reference, lengths)).losses.sum()
+            weights = torch.autograd.grad(loss, leaves, allow_unused=True)
+        for side, (name, weight) in enumerate(zip(("chosen", "rejected"), weights, strict=True)):
+            if weight is None:  # the loss has no term on this side (e.g. sft has no rejected term)
+                metrics[f"monitor/param_grad_norm_{name}"] = 0.0
+                continue
+            with accelerator.autocast():
+                side_logps = engine.token_logps(model, probe, ids).sums()[:, side].float()
+            # A plain backward: no loss scaling to undo, and the training step's scaler state is left alone.
+            (weight.detach() * side_logps).sum().backward()
+            metrics[f"monitor/param_grad_norm_{name}"] = total_norm(parameters)
+            for parameter in parameters:
+                parameter.grad = None
     return metrics
 
 
@@ -91,20 +109,20 @@ def sample_probe(
             )
             new = tuple(output.sequences[0, len(prompt) :].tolist())
             if new:
-                samples.append(TokenizedPair(tuple(prompt), new, new, len(samples)))
+                samples.append(TokenizedSequence(tuple(prompt), new, len(samples)))
                 for scores in output.scores:
                     log_probs = torch.log_softmax(scores[0].float(), dim=-1)
                     entropies.append(float(-(log_probs.exp() * log_probs).sum()))
         metrics = {}
         if samples:
-            lengths = torch.tensor([len(s.chosen_ids) for s in samples], dtype=torch.float32, device=device)
-            policy = naive_logps(model, samples, pad_token_id, device).chosen.float()
+            lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=device)
+            policy = naive_token_logps(model, samples, pad_token_id, device).sums()[:, 0].float()
             metrics["monitor/sample_logp_policy"] = float((policy / lengths).mean())
             metrics["monitor/sample_entropy"] = sum(entropies) / len(entropies)
             metrics["monitor/sample_tokens"] = float(lengths.mean())
             scorer = reference_model if reference_model is not None else model
             with reference_context():
-                reference = naive_logps(scorer, samples, pad_token_id, device).chosen.float()
+                reference = naive_token_logps(scorer, samples, pad_token_id, device).sums()[:, 0].float()
             metrics["monitor/sample_logp_reference"] = float((reference / lengths).mean())
             metrics["monitor/sample_logratio"] = (
                 metrics["monitor/sample_logp_policy"] - metrics["monitor/sample_logp_reference"]

@@ -1,0 +1,72 @@
+"""The one model and tokenizer loader: train, sft, sample, judge, eval and the quickstart all load through it.
+
+Policy, the same everywhere: weights are read from safetensors only unless ``allow_pickle`` (pickle
+files can run code); a local folder without safetensors weights is refused with its name; a path that
+looks local but does not exist is named as missing instead of being tried on the hub; model code from
+the hub runs only with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+ModelKind = Literal["causal_lm", "sequence_classification"]
+
+
+def looks_local(name: str | Path) -> bool:
+    """A path rather than a hub id: a Path, or starts with . / ~, or has more than one slash, or exists."""
+    if isinstance(name, Path):
+        return True
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _check_source(name: str | Path, allow_pickle: bool, what: str) -> None:
+    if not looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{what}: no such folder: {name}")
+    if not allow_pickle and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ValueError(f"{what}: {name} has only pickle (.bin) weights; convert them to safetensors or allow_pickle")
+
+
+def load_model(
+    name: str | Path,
+    kind: ModelKind = "causal_lm",
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device: torch.device | str | None = None,
+):
+    """A Hugging Face model (causal LM or sequence classifier) from a folder or hub id, under the policy above."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_source(name, allow_pickle, "model")
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(
+        str(Path(name).expanduser()) if looks_local(name) else name,
+        dtype=dtype if dtype is not None else "auto",
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a folder or hub id."""
+    from transformers import AutoTokenizer
+
+    if looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"tokenizer: no such folder: {name}")
+    return AutoTokenizer.from_pretrained(
+        str(Path(name).expanduser()) if looks_local(name) else name, trust_remote_code=trust_remote_code
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

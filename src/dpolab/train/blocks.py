@@ -1,0 +1,555 @@
+"""The building blocks every training recipe (``sft.py``, ``preference.py``) is made of.
+
+Each is a plain function or a small class with ``state_dict``/``load_state_dict``: the accelerator,
+the run folder (lock, resume decision, log), the policy and its reference, the forward path, the
+sharded and cached reference pass, the optimiser and schedule, and the data order. A recipe calls
+them in its setup and then runs its own loop; nothing here knows which method is being trained.
+
+Distributed from the start: the data order is cut into *global* micro-batches of
+``batch_size × processes`` items and each process takes every ``processes``-th one, so a run on P
+processes sees the same items per optimiser step as one process with ``batch_size × P``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from dpolab.data.packing import Item
+from dpolab.engine.loading import load_model, load_tokenizer
+from dpolab.engine.logps import LogpEngine, TokenLogps, packing_fallback_reason
+from dpolab.engine.reference import (
+    cache_key,
+    compute_reference_logps,
+    items_fingerprint,
+    load_cached,
+    store_cached,
+    weights_fingerprint,
+)
+from dpolab.train.checkpoint import config_differences
+from dpolab.train.config import TrainConfig
+from dpolab.train.distributed import broadcast_object, gather_rows
+from dpolab.train.guard import RunLock, prepare_output_dir
+from dpolab.train.metrics import MetricsLog, progress_bar
+
+# --- the accelerator -------------------------------------------------------------------------
+
+
+def _reset_single_process_accelerate_state() -> None:
+    """Accelerate keeps one process-wide state; let a second run in one process (a notebook, the tests)
+    choose its own mixed precision. Never touched under ``accelerate launch``/``torchrun``."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_accelerator(config: TrainConfig):
+    """An ``Accelerator`` for this launch: one process, or what ``accelerate launch``/``torchrun`` set up."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    _reset_single_process_accelerate_state()
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # The scheduler steps once per optimiser step (accelerate would otherwise step it once per process).
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, step_scheduler_with_optimizer=False
+    )
+    if _fsdp_requested_on_cpu(accelerator):
+        _switch_to_fsdp(accelerator)
+    set_seed(config.seed)
+    return accelerator
+
+
+def _fsdp_requested_on_cpu(accelerator) -> bool:
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    return asked and accelerator.distributed_type == DistributedType.MULTI_CPU
+
+
+def _switch_to_fsdp(accelerator) -> None:
+    """accelerate sets up FSDP on accelerators only; on CPU it silently falls back to DDP. Torch's FSDP2
+    (``fully_shard``) runs on gloo, so dpolab switches accelerate's state to FSDP with the plugin that
+    ``accelerate launch --use_fsdp`` described (its environment variables). FSDP2 only: tested on 2 CPU
+    processes (tests/train/test_distributed.py)."""
+    import os
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("FSDP on CPU needs FSDP2: add --fsdp_version 2 to accelerate launch (or fsdp_version: 2)")
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def compute_dtype(accelerator, weights_dtype: torch.dtype) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, weights_dtype)
+
+
+# --- the run folder ----------------------------------------------------------------------------
+
+
+@dataclass
+class RunFolder:
+    """``output_dir`` for one run: locked by the main process, the checkpoint to resume (if any), the log."""
+
+    path: Path
+    resume_from: Path | None
+    log: MetricsLog
+    lock: RunLock | None = None
+    closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        """Release the lock and close the log; safe to call twice (every exit path calls it)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bool) -> RunFolder:
+    """Lock ``output_dir`` and decide what happens to an earlier run there; the main process decides for all."""
+    out = Path(config.output_dir)
+    decision: dict = {}
+    lock = None
+    if accelerator.is_main_process:
+        try:
+            lock, resume_from = prepare_output_dir(out, resume, overwrite)
+            if resume_from is not None:
+                saved = json.loads((resume_from / "state.json").read_text())["config"]
+                changed = config_differences(saved, config.to_dict())
+                if changed:
+                    details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
+                    lock.release()
+                    raise ValueError(
+                        f"cannot resume {resume_from}: the config changed in keys that change the result "
+                        f"({details}); use a new output_dir or --overwrite"
+                    )
+            decision = {"resume_from": None if resume_from is None else str(resume_from)}
+        except ValueError as error:
+            decision = {"error": str(error)}
+    decision = broadcast_object(accelerator, decision)
+    if "error" in decision:
+        raise ValueError(decision["error"])
+    accelerator.wait_for_everyone()
+    log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
+    resume_from = Path(decision["resume_from"]) if decision["resume_from"] else None
+    return RunFolder(out, resume_from, log, lock)
+
+
+def write_run_inputs(folder: RunFolder, accelerator, config: TrainConfig, data_report: dict) -> None:
+    if accelerator.is_main_process:
+        (folder.path / "data_report.json").write_text(json.dumps(data_report, indent=2))
+        (folder.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def log_skipped_rows(log: MetricsLog, bad_rows: list[str]) -> None:
+    for reason in bad_rows[:10]:
+        log.info(f"skipped {reason}")
+    if len(bad_rows) > 10:
+        log.info(f"skipped {len(bad_rows) - 10} more bad rows")
+
+
+def split_eval(examples: list, config: TrainConfig, load) -> tuple[list, list]:
+    """(training examples, held-out examples): ``eval_data`` loaded with ``load``, or a seeded ``eval_fraction``."""
+    if config.eval_data:
+        return examples, load(config.eval_data, config.data_split, config.on_bad_rows)[0]
+    if config.eval_fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    held = max(1, round(len(examples) * config.eval_fraction))
+    held_out = set(order[:held])
+    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_policy(config: TrainConfig):
+    """(model, tokenizer, pad token id) through the one loader, dropout off if asked."""
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    model = load_model(config.model, "causal_lm", dtype, config.trust_remote_code, config.allow_pickle)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+    if config.disable_dropout:
+        disable_dropout(model)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, pad_token_id
+
+
+def load_reference(config: TrainConfig, model):
+    """The frozen reference: a copy of the initial policy, another model, or None (LoRA: the adapter disabled)."""
+    if config.reference == "auto":
+        return None if config.lora else copy.deepcopy(model)
+    reference = load_model(config.reference, "causal_lm", model.dtype, config.trust_remote_code, config.allow_pickle)
+    if config.disable_dropout:
+        disable_dropout(reference)
+    return reference.eval()
+
+
+def apply_lora(model, lora: dict):
+    from peft import LoraConfig, get_peft_model
+
+    settings = dict(lora)
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=settings.pop("r", 16),
+            lora_alpha=settings.pop("alpha", 32),
+            lora_dropout=settings.pop("dropout", 0.0),
+            task_type="CAUSAL_LM",
+            **settings,
+        ),
+    )
+
+
+def choose_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
+    """The packed path if this model takes it and agrees with the naive one on a few items, else the naive path."""
+    engine = LogpEngine(config.row_tokens, pad_token_id, accelerator.device)
+    fallback = None if config.packing else "packing: false in the config"
+    fallback = fallback or packing_fallback_reason(model, items, engine, dtype, accelerator.autocast)
+    if fallback:
+        log.info(f"using the naive forward (one padded row per sequence): {fallback}")
+        engine.naive = True
+    return engine, fallback
+
+
+def save_final_model(accelerator, model, tokenizer, directory: Path) -> None:
+    """Safetensors weights in Hugging Face format (a LoRA run: the adapter), from the full state on the main process."""
+    state = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights; every process must call it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()
+
+
+# --- sharding and the reference pass ---------------------------------------------------------
+
+
+def shard_batches(count: int, batch_size: int, rank: int, processes: int) -> list[tuple[list[int], bool]]:
+    """This process's batches over items 0..count−1 (every ``processes``-th item), as (ids, real).
+
+    Every process gets the same number of batches, so forwards that are collective (FSDP) stay in step:
+    a process that runs out repeats item 0 in a batch marked ``real=False`` whose results are ignored.
+    """
+    mine = list(range(rank, count, processes))
+    per_process = math.ceil(count / processes)
+    batches = [(mine[i : i + batch_size], True) for i in range(0, len(mine), batch_size)]
+    while len(batches) < math.ceil(per_process / batch_size):
+        batches.append(([0], False))
+    return batches
+
+
+def reference_pass(
+    accelerator,
+    module,
+    items: list[Item],
+    engine: LogpEngine,
+    config: TrainConfig,
+    name: str,
+    settings: dict,
+    token_weights=None,
+    adapter_off=nullcontext,
+    log: MetricsLog | None = None,
+) -> torch.Tensor:
+    """Reference log-probs of every item, (items, branches): read from the cache, or computed — each process
+    a shard — gathered, and cached by the main process."""
+    with adapter_off():
+        key = cache_key(weights_fingerprint(accelerator.unwrap_model(module)), items_fingerprint(items), settings)
+        hit = broadcast_object(accelerator, load_cached(config.cache_dir, key) is not None)
+        if hit:
+            values = load_cached(config.cache_dir, key)
+        else:
+            batches = shard_batches(len(items), config.batch_size, accelerator.process_index, accelerator.num_processes)
+            rows = []
+            show = config.progress and accelerator.is_main_process
+            with progress_bar(show, f"reference log-probs ({name})", len(batches)) as advance:
+                for ids, real in batches:
+                    sums = compute_reference_logps(
+                        module, items, ids, len(ids), engine, token_weights, accelerator.autocast
+                    )
+                    if real:
+                        rows.append(torch.cat([torch.tensor(ids, dtype=torch.float32)[:, None], sums], dim=1))
+                    advance()
+            local = torch.cat(rows) if rows else torch.zeros(0, 1 + len(items[0].branches))
+            gathered = gather_rows(accelerator, local).cpu()
+            values = torch.empty(len(items), len(items[0].branches), dtype=torch.float32)
+            values[gathered[:, 0].long()] = gathered[:, 1:]
+            if accelerator.is_main_process:
+                store_cached(config.cache_dir, key, values)
+            accelerator.wait_for_everyone()
+    if log is not None:
+        log.info(
+            f"reference log-probs ({name}): {'reused from cache' if hit else 'computed and cached'} in {config.cache_dir}"
+        )
+    return values
+
+
+# --- optimisation ----------------------------------------------------------------------------
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:  # Hugging Face's convention: linear from 0 at step 0
+            return step / max(1, warmup)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def total_steps(config: TrainConfig, items: int, processes: int) -> int:
+    items_per_step = config.batch_size * config.gradient_accumulation_steps * processes
+    return config.max_steps or max(1, math.ceil(config.epochs * math.ceil(items / items_per_step)))
+
+
+def build_optimizer(config: TrainConfig, model, steps: int):
+    """AdamW over the trainable parameters and the warmup + decay schedule (not yet prepared)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
+
+
+def gradient_norm(accelerator, parameters, max_norm: float | None) -> float:
+    """The global gradient norm (over every process and shard), clipped to ``max_norm`` when given."""
+    return float(accelerator.clip_grad_norm_(parameters, max_norm if max_norm is not None else math.inf))
+
+
+# --- stateful pieces of a run ----------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    epoch: int
+    global_ids: list[int]  # every item of this micro-batch, on all processes together
+    ids: list[int]  # this process's share (item 0 as a stand-in when the share is empty: see ``real``)
+    real: bool  # False: this process has no item in the micro-batch and runs a stand-in forward
+
+
+class BatchStream:
+    """The data order: a seeded shuffle per epoch cut into global micro-batches of ``batch_size × processes``.
+
+    Process r takes items r, r + P, … of each global micro-batch. The order is a pure function of (seed,
+    epoch), so the position (micro-batches consumed) is the whole state.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, processes: int = 1) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.processes = rank, processes
+        self.consumed = 0
+        self._iterator = self._generate()
+
+    def _generate(self):
+        epoch = 0
+        width = self.batch_size * self.processes
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+            for start in range(0, len(order), width):
+                global_ids = order[start : start + width]
+                mine = global_ids[self.rank :: self.processes]
+                yield MicroBatch(epoch, global_ids, mine or global_ids[:1], bool(mine))
+            epoch += 1
+
+    def next(self) -> MicroBatch:
+        self.consumed += 1
+        return next(self._iterator)
+
+    def state_dict(self) -> dict:
+        return {"micro_batches": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = 0
+        self._iterator = self._generate()
+        for _ in range(state["micro_batches"]):
+            self.next()
+
+
+@dataclass
+class Counters:
+    """Running totals of a run (global, over every process)."""
+
+    items_seen: int = 0
+    tokens_seen: int = 0
+    nonfinite_skipped: int = 0
+    elapsed_seconds: float = 0.0
+    _started: float = field(default_factory=time.perf_counter, repr=False)
+    _elapsed_before: float = field(default=0.0, repr=False)
+
+    def start_clock(self) -> None:
+        """Count time from now on, on top of what earlier runs of this output_dir counted."""
+        self._elapsed_before, self._started = self.elapsed_seconds, time.perf_counter()
+
+    def tick(self) -> None:
+        self.elapsed_seconds = self._elapsed_before + time.perf_counter() - self._started
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("items_seen", "tokens_seen", "nonfinite_skipped", "elapsed_seconds")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.start_clock()
+
+
+class MonitorState:
+    """Adapts the 3D monitor to the checkpointer (its trajectory, fired alarms and alarm list)."""
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+
+    def state_dict(self) -> dict:
+        return self.monitor.state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state(state)
+
+
+def token_weight_fn(config: TrainConfig):
+    """LD-DPO token weights as a function of a micro-batch's token log-probs (None without ``ld_alpha``)."""
+    if config.ld_alpha is None:
+        return None
+    from dpolab.losses import ld_dpo_token_weights
+
+    def weights(tokens: TokenLogps) -> torch.Tensor:
+        shared = tokens.branch_lengths.min(dim=1).values[tokens.sequence // tokens.branch_lengths.shape[1]]
+        return ld_dpo_token_weights(tokens.index, shared, config.ld_alpha)
+
+    return weights
+
+
+# --- the end of every optimiser step -----------------------------------------------------------
+
+
+def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, float]:
+    """Clip, then step — or skip a non-finite batch (naming its data rows) — schedule, zero the gradients.
+
+    ``s`` is a recipe's setup (accelerator, config, optimizer, scheduler, parameters, counters, folder).
+    Returns (gradient norm before clipping, learning rate of this step).
+    """
+    from dpolab.train.distributed import any_across
+    from dpolab.train.guard import NonFiniteError
+
+    grad_norm = gradient_norm(s.accelerator, s.parameters, s.config.max_grad_norm)
+    learning_rate = s.scheduler.get_last_lr()[0]
+    finite = not any_across(s.accelerator, not finite)
+    if finite and math.isfinite(grad_norm):
+        s.optimizer.step()
+    else:  # never let NaN/inf reach the weights (or a checkpoint)
+        what = "loss" if not finite else "gradient norm"
+        every_row = sorted(gather_rows(s.accelerator, torch.tensor(rows, dtype=torch.long)).tolist())
+        message = f"step {step}: non-finite {what} in the batch of data rows {every_row}"
+        s.counters.nonfinite_skipped += 1
+        if not s.config.skip_nonfinite:
+            raise NonFiniteError(message + " (set skip_nonfinite: true to skip such batches)")
+        if s.counters.nonfinite_skipped > s.config.max_nonfinite:
+            raise NonFiniteError(
+                f"{message}; {s.counters.nonfinite_skipped} non-finite batches, more than "
+                f"max_nonfinite={s.config.max_nonfinite}"
+            )
+        s.folder.log.info(f"skipped {message}")
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, learning_rate
+
+
+def throughput(s, items: int, tokens: int, unit: str) -> dict[str, float]:
+    """Add this process's step counts to the global counters; the run-level rates (``unit`` = pairs or examples)."""
+    from dpolab.train.distributed import sum_across
+
+    item_total, token_total = sum_across(s.accelerator, [items, tokens])
+    s.counters.items_seen += int(item_total)
+    s.counters.tokens_seen += int(token_total)
+    s.counters.tick()
+    elapsed = s.counters.elapsed_seconds
+    return {
+        f"{unit}_per_second": s.counters.items_seen / elapsed,
+        "tokens_per_second": s.counters.tokens_seen / elapsed,
+        unit: s.counters.items_seen,
+        "tokens": s.counters.tokens_seen,
+        "elapsed_seconds": elapsed,
+        "nonfinite_skipped": s.counters.nonfinite_skipped,
+    }
+
+
+def add_sums(sums: dict[str, float], values: dict[str, torch.Tensor], real: bool = True) -> None:
+    """Accumulate per-item metric values into per-name sums; a stand-in batch (``real=False``) adds zeros, so
+    every process holds the same names for :func:`reduced_means`."""
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0.0) + (float(value.float().sum()) if real else 0.0)
+
+
+def reduced_means(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
+    """Σ over every process of each sum, divided by the items on every process (names agree across processes)."""
+    from dpolab.train.distributed import sum_across
+
+    names = sorted(sums)
+    totals = sum_across(accelerator, [sums[n] for n in names] + [float(count)])
+    return {name: total / totals[-1] for name, total in zip(names, totals, strict=False)} if totals[-1] else {}
+
+
+def resume(s, log) -> int:
+    """Restore every registered component from the run folder's checkpoint; the first step to run."""
+    first_step = 1
+    if s.folder.resume_from is not None:
+        first_step = s.checkpointer.load(s.folder.resume_from)["step"] + 1
+        log.truncate_after(first_step - 1, final=first_step - 1 == s.total_steps)
+        log.info(f"resumed from {s.folder.resume_from} (step {first_step - 1} of {s.total_steps})")
+    s.counters.start_clock()
+    return first_step
+
+
+def stop_message(folder: RunFolder, step: int, name: str, saved: Path, command: str) -> str:
+    return (
+        f"stopped by {name or 'a signal to another process'} after step {step}; checkpoint: {saved}\n"
+        f"resume with: dpolab {command} {folder.path / 'config.yaml'} --resume"
+    )
+
+
+def write_summary(folder: RunFolder, accelerator, summary: dict) -> None:
+    if accelerator.is_main_process:
+        (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,404 @@
+"""The preference recipe (``dpolab train``): any loss of :mod:`dpolab.losses` on prompt/chosen/rejected pairs.
+
+Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`), then the loop —
+micro-batches (forward, loss, backward), clip, step, log, monitor, evaluate, checkpoint — then save.
+One pair goes data/ (tokenise, pack) → engine/ (token log-probs) → losses.py (the objective) → here.
+
+On P processes each optimiser step sees the same pairs as one process with ``batch_size × P``; each
+process scales its summed loss by P / (pairs in the global micro-batch), so the gradient that DDP or
+FSDP averages equals the one-process gradient. Metrics are sums over every process.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from dpolab.data.formats import load_examples
+from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
+from dpolab.engine.logps import LogpEngine, TokenLogps
+from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from_config, wpo_pair_weights
+from dpolab.train import blocks
+from dpolab.train.checkpoint import Checkpointer
+from dpolab.train.config import TrainConfig
+from dpolab.train.distributed import any_across, gather_rows
+from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
+from dpolab.train.metrics import progress_bar
+from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config
+from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
+
+LOGPS_COLUMNS = (
+    6  # policy chosen, policy rejected, reference chosen, reference rejected, chosen tokens, rejected tokens
+)
+
+
+@dataclass
+class PairForward:
+    """One micro-batch through the policy and the objective."""
+
+    losses: torch.Tensor  # (B,) per-pair, with WPO's weights
+    inputs: PreferenceLogps
+    result: LossOutput
+
+
+def forward_pairs(
+    model,
+    objective: Objective,
+    engine: LogpEngine,
+    config: TrainConfig,
+    pairs: list[TokenizedPair],
+    ids: list[int],
+    reference: torch.Tensor | None,
+    batch_mean_chosen_length: torch.Tensor | None = None,
+) -> PairForward:
+    """Policy log-probs of ``pairs[ids]`` (LD-DPO token weights applied), the objective, WPO's pair weights."""
+    tokens = engine.token_logps(model, [pairs[i] for i in ids], ids, with_log_sum_sq=config.use_weighting)
+    token_weights = blocks.token_weight_fn(config)
+    sums = tokens.sums(token_weights(tokens) if token_weights else None).float()
+    lengths = tokens.branch_lengths
+    reference_ids = None if reference is None else reference[ids].to(sums.device)
+    inputs = PreferenceLogps(
+        sums[:, 0],
+        sums[:, 1],
+        None if reference_ids is None else reference_ids[:, 0],
+        None if reference_ids is None else reference_ids[:, 1],
+        lengths[:, 0],
+        lengths[:, 1],
+        batch_mean_chosen_length,
+    )
+    result = objective(inputs)
+    losses = result.losses
+    if config.use_weighting:
+        aligned = TokenLogps(tokens.values.detach() - tokens.log_sum_sq, tokens.sequence, tokens.index, lengths).sums()
+        losses = losses * wpo_pair_weights(aligned[:, 0], aligned[:, 1], lengths[:, 0], lengths[:, 1])
+    return PairForward(losses, inputs, result)
+
+
+def pair_metrics(forward: PairForward) -> dict[str, torch.Tensor]:
+    """Per-pair values to log (each averaged over the step's pairs)."""
+    inputs, result = forward.inputs, forward.result
+    metrics = {
+        "loss": forward.losses.detach(),
+        "logps/chosen": inputs.policy_chosen_logps.detach(),
+        "logps/rejected": inputs.policy_rejected_logps.detach(),
+        "rewards/chosen": result.chosen_rewards,
+        "rewards/rejected": result.rejected_rewards,
+        "rewards/margins": result.chosen_rewards - result.rejected_rewards,
+        "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float(),
+    }
+    if inputs.reference_chosen_logps is not None:
+        metrics["logratio/chosen"] = inputs.policy_chosen_logps.detach() - inputs.reference_chosen_logps
+        metrics["logratio/rejected"] = inputs.policy_rejected_logps.detach() - inputs.reference_rejected_logps
+    metrics.update(result.terms)
+    return metrics
+
+
+def logps_rows(inputs: PreferenceLogps) -> torch.Tensor:
+    columns = [inputs.policy_chosen_logps, inputs.policy_rejected_logps]
+    if inputs.reference_chosen_logps is not None:
+        columns += [inputs.reference_chosen_logps, inputs.reference_rejected_logps]
+    else:
+        columns += [torch.zeros_like(columns[0])] * 2
+    columns += [inputs.chosen_lengths.to(columns[0].dtype), inputs.rejected_lengths.to(columns[0].dtype)]
+    return torch.stack([c.detach().float() for c in columns], 1)
+
+
+def logps_from_rows(rows: torch.Tensor, has_reference: bool) -> PreferenceLogps:
+    return PreferenceLogps(
+        rows[:, 0],
+        rows[:, 1],
+        rows[:, 2] if has_reference else None,
+        rows[:, 3] if has_reference else None,
+        rows[:, 4].long(),
+        rows[:, 5].long(),
+    )
+
+
+def evaluate(s: Setup, step: int) -> dict:
+    """Held-out metrics (prefix ``eval/``), each process a shard, reduced."""
+    if not s.eval_pairs:
+        return {}
+    s.model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    batches = blocks.shard_batches(
+        len(s.eval_pairs), s.config.batch_size, s.accelerator.process_index, s.accelerator.num_processes
+    )
+    with torch.no_grad():
+        for ids, real in batches:
+            with s.accelerator.autocast():
+                forward = forward_pairs(s.model, s.objective, s.engine, s.config, s.eval_pairs, ids, s.eval_reference)
+            blocks.add_sums(sums, pair_metrics(forward), real)
+            count += len(ids) if real else 0
+    s.model.train()
+    values = {f"eval/{name}": value for name, value in blocks.reduced_means(s.accelerator, sums, count).items()}
+    s.folder.log.write(step, values)
+    details = ", ".join(
+        f"{name.split('/')[-1]} {values[f'eval/{name}']:.4f}"
+        for name in ("loss", "rewards/accuracies", "rewards/margins")
+        if f"eval/{name}" in values
+    )
+    s.folder.log.info(f"eval at step {step}: {details}")
+    return values
+
+
+def run_probes(s: Setup, step: int) -> dict[str, float]:
+    values = gradient_split_and_likelihood(
+        s.accelerator, s.model, s.objective, s.probe_pairs, s.probe_reference, s.engine
+    )
+    if s.monitor_settings.sample_prompts > 0:
+        unwrapped = s.accelerator.unwrap_model(s.model)
+        lora_reference = bool(s.config.lora) and s.reference_model is None
+        values.update(
+            sample_probe(
+                unwrapped,
+                s.reference_model,
+                [p.prompt_ids for p in s.probe_pairs[: s.monitor_settings.sample_prompts]],
+                s.monitor_settings.sample_tokens,
+                s.engine.pad_token_id,
+                s.tokenizer.eos_token_id,
+                s.config.seed + step,
+                s.accelerator.device,
+                reference_context=unwrapped.disable_adapter if lora_reference else nullcontext,
+            )
+        )
+    s.monitor.record_probe(step, values)
+    return values
+
+
+@dataclass
+class Setup:
+    """Everything the loop reads, built by :func:`setup`."""
+
+    config: TrainConfig
+    accelerator: object
+    folder: blocks.RunFolder
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    parameters: list
+    objective: Objective
+    engine: LogpEngine
+    fallback: str | None
+    pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    reference: torch.Tensor | None
+    eval_reference: torch.Tensor | None
+    reference_model: torch.nn.Module | None
+    monitor: Monitor | None
+    monitor_settings: MonitorConfig
+    probe_pairs: list[TokenizedPair]
+    probe_reference: torch.Tensor | None
+    stream: blocks.BatchStream
+    counters: blocks.Counters
+    checkpointer: Checkpointer
+    total_steps: int
+    data_report: dict
+    reference_seconds: float
+
+
+def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
+    """Data, policy, objective, reference log-probs, optimiser, data order, checkpointer: the recipe's setup."""
+    log = folder.log
+    log.info(
+        f"dpolab train → {folder.path} ({accelerator.device.type}, {config.dtype}, "
+        f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value.lower()})"
+    )
+    examples, bad_rows = load_examples(config.data, config.data_split, config.on_bad_rows)
+    blocks.log_skipped_rows(log, bad_rows)
+    examples, eval_examples = blocks.split_eval(examples, config, load_examples)
+    model, tokenizer, pad_token_id = blocks.load_policy(config)
+    dtype = blocks.compute_dtype(accelerator, model.dtype)
+    pairs, report = tokenize_pairs(tokenizer, examples, config.max_length)
+    eval_pairs, eval_report = (
+        tokenize_pairs(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
+    )
+    for line in report.lines():
+        log.info(f"data: {line}")
+    if eval_report:
+        log.info(f"eval data: {eval_report.lines()[0]}")
+    if not pairs:
+        raise ValueError(f"{config.data}: no usable pairs after tokenisation ({'; '.join(report.lines())})")
+    data_report = {**report.as_dict(), "bad_rows_skipped": len(bad_rows)}
+    blocks.write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
+
+    objective = objective_from_config(
+        config.loss, config.loss_weights, config.loss_params, config.sft_weight, config.sft_reduction
+    )
+    settings = monitor_config(config.monitor)
+    monitor = Monitor(settings) if settings.enabled and objective.needs_reference else None
+    sampling = monitor is not None and settings.probe_steps > 0 and settings.sample_prompts > 0
+    if objective.needs_reference and config.reference == "none":
+        raise ValueError(f"loss {config.loss!r} needs reference log-probs but reference is 'none'")
+    reference_model = blocks.load_reference(config, model) if objective.needs_reference else None
+    if config.lora:
+        model = blocks.apply_lora(model, config.lora)
+    model.to(accelerator.device)
+    engine, fallback = blocks.choose_engine(config, model, pairs, pad_token_id, accelerator, dtype, log)
+
+    steps = blocks.total_steps(config, len(pairs), accelerator.num_processes)
+    optimizer, scheduler = blocks.build_optimizer(config, model, steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    reference = eval_reference = None
+    reference_start = time.perf_counter()
+    if objective.needs_reference:
+        module = reference_model.to(accelerator.device) if reference_model is not None else model
+        adapter_off = accelerator.unwrap_model(model).disable_adapter if reference_model is None else nullcontext
+        cache_settings = {
+            "ld_alpha": config.ld_alpha,
+            "dtype": str(dtype),
+            "row_tokens": config.row_tokens,
+            "forward": "naive" if fallback else "packed",
+        }
+        weights = blocks.token_weight_fn(config)
+        reference = blocks.reference_pass(
+            accelerator, module, pairs, engine, config, "train", cache_settings, weights, adapter_off, log
+        )
+        if eval_pairs:
+            eval_reference = blocks.reference_pass(
+                accelerator, module, eval_pairs, engine, config, "eval", cache_settings, weights, adapter_off, log
+            )
+        if not sampling:  # cached: the reference model is needed while training only to score the monitor's samples
+            reference_model = None
+    reference_seconds = time.perf_counter() - reference_start
+
+    # The monitor's probe set: the eval pairs if any, else the first training pairs.
+    probe_source, probe_values = (eval_pairs, eval_reference) if eval_pairs else (pairs, reference)
+    probe_pairs = probe_source[: settings.probe_pairs] if monitor is not None else []
+    probe_reference = None if probe_values is None else probe_values[: len(probe_pairs)]
+
+    stream = blocks.BatchStream(
+        len(pairs), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes
+    )
+    counters = blocks.Counters()
+    checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
+    checkpointer.register("data", stream)
+    checkpointer.register("counters", counters)
+    if monitor is not None:
+        checkpointer.register("monitor", blocks.MonitorState(monitor))
+    return Setup(
+        config, accelerator, folder, model, tokenizer, optimizer, scheduler,
+        [p for p in model.parameters() if p.requires_grad], objective, engine, fallback, pairs, eval_pairs,
+        reference, eval_reference, reference_model, monitor, settings, probe_pairs, probe_reference, stream,
+        counters, checkpointer, steps, data_report, reference_seconds,
+    )  # fmt: skip
+
+
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Train with ``config``; returns the summary (also written to output_dir/summary.json).
+
+    ``resume``: ``"latest"`` or a checkpoint folder, to continue a stopped run exactly (same number of
+    processes). ``overwrite``: replace a run in ``output_dir``. Raises :class:`TrainingInterrupted`
+    after SIGINT/SIGTERM (a checkpoint is written first) and :class:`NonFiniteError` on NaN/inf.
+    """
+    config.validate()
+    start_time = time.perf_counter()
+    accelerator = blocks.make_accelerator(config)
+    with blocks.open_run(config, accelerator, resume, overwrite) as folder:
+        s = setup(config, accelerator, folder)
+        log, model, processes = folder.log, s.model, accelerator.num_processes
+        first_step = blocks.resume(s, log)
+        model.train()
+        stopped_by_alarm, last_eval, metrics, steps_done = None, {}, {}, s.total_steps
+        show = config.progress and accelerator.is_main_process
+        with catch_stop_signals() as stop, progress_bar(show, "training", s.total_steps, show_metrics=True) as bar:
+            bar(0, completed=first_step - 1)
+            for step in range(first_step, s.total_steps + 1):
+                sums: dict[str, float] = {}
+                step_pairs = step_tokens = 0
+                step_rows, step_logps, finite = [], [], True
+                for micro in range(config.gradient_accumulation_steps):
+                    batch = s.stream.next()
+                    global_lengths = torch.tensor([len(s.pairs[i].chosen_ids) for i in batch.global_ids])
+                    last = micro == config.gradient_accumulation_steps - 1
+                    with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                        forward = forward_pairs(
+                            model, s.objective, s.engine, config, s.pairs, batch.ids, s.reference,
+                            global_lengths.float().mean().to(accelerator.device),
+                        )  # fmt: skip
+                        # Σ local losses × P / (pairs in the global micro-batch): DDP's average is the global mean.
+                        share = processes / (len(batch.global_ids) * config.gradient_accumulation_steps)
+                        accelerator.backward(forward.losses.sum() * share * float(batch.real))
+                    finite = finite and bool(torch.isfinite(forward.losses).all())
+                    blocks.add_sums(sums, pair_metrics(forward), batch.real)
+                    if batch.real:
+                        step_pairs += len(batch.ids)
+                        step_tokens += sum(s.pairs[i].unique_tokens for i in batch.ids)
+                        step_rows += [s.pairs[i].row for i in batch.ids]
+                        step_logps.append(logps_rows(forward.inputs))
+                grad_norm, learning_rate = blocks.optimizer_step(s, step, finite, step_rows)
+
+                metrics = blocks.reduced_means(accelerator, sums, step_pairs)
+                metrics.update(grad_norm=grad_norm, learning_rate=learning_rate, epoch=batch.epoch + 1)
+                metrics.update(blocks.throughput(s, step_pairs, step_tokens, "pairs"))
+                new_alarms = []
+                if s.monitor is not None:
+                    rows = gather_rows(accelerator, torch.cat(step_logps) if step_logps else torch.zeros(0, 6))
+                    metrics.update(s.monitor.step_metrics(s.objective, logps_from_rows(rows, s.reference is not None)))
+                    probe_steps = s.monitor_settings.probe_steps
+                    if probe_steps > 0 and (step == 1 or step % probe_steps == 0):
+                        metrics.update(run_probes(s, step))
+                    new_alarms = s.monitor.update(step, metrics)
+                if step % config.logging_steps == 0 or step == s.total_steps or new_alarms:
+                    log.write(step, metrics)
+                for alarm in new_alarms:
+                    log.alarm(alarm)
+                bar(
+                    1,
+                    **{
+                        k.split("/")[-1]: metrics[k]
+                        for k in ("loss", "rewards/margins", "rewards/accuracies")
+                        if k in metrics
+                    },
+                )
+                if new_alarms and s.monitor_settings.on_alarm == "stop":
+                    stopped_by_alarm = new_alarms[0]["alarm"]
+                if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
+                    last_eval = evaluate(s, step)
+                signalled = any_across(accelerator, bool(stop.signal))
+                periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
+                if periodic or step == s.total_steps or signalled or stopped_by_alarm:
+                    saved = s.checkpointer.save(step, config.to_dict())
+                if stopped_by_alarm:
+                    log.info(
+                        f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; checkpoint: {saved}"
+                    )
+                    steps_done = step
+                    break
+                if signalled:
+                    log.info(blocks.stop_message(folder, step, stop.name, saved, "train"))
+                    raise TrainingInterrupted(stop.signal or 15)
+        last_eval = evaluate(s, steps_done) or last_eval
+
+        if config.save_model:
+            blocks.save_final_model(accelerator, model, s.tokenizer, folder.path / "model")
+        summary = {
+            "steps": steps_done,
+            "stopped_by_alarm": stopped_by_alarm,
+            "alarms": s.monitor.alarms if s.monitor else [],
+            "monitor": s.monitor.state() if s.monitor else None,
+            "resumed_from": str(folder.resume_from) if folder.resume_from else None,
+            "processes": processes,
+            "nonfinite_skipped": s.counters.nonfinite_skipped,
+            "pairs_seen": s.counters.items_seen,
+            "tokens_seen": s.counters.tokens_seen,
+            "train_seconds": s.counters.elapsed_seconds,
+            "total_seconds": time.perf_counter() - start_time,
+            "reference_seconds": s.reference_seconds,
+            "forward": "naive" if s.fallback else "packed",
+            "fallback_reason": s.fallback,
+            "final": metrics,
+            "eval": last_eval,
+            "data": s.data_report,
+        }
+        blocks.write_summary(folder, accelerator, summary)
+        log.info(
+            f"done: {steps_done} steps, {s.counters.items_seen} pairs in {summary['train_seconds']:.1f} s "
+            f"({s.counters.items_seen / max(summary['train_seconds'], 1e-9):.1f} pairs/s); outputs in {folder.path}"
+        )
+        return summary

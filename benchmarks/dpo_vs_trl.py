@@ -18,6 +18,10 @@ RSS is its own), fp32, one process, the same pairs, batch size and step count:
 
 It prints pairs/s end to end (data preparation, reference pass, training; model loading excluded),
 training-only step time, peak RSS, and the ratios. Copy the table into docs/performance.md.
+
+``--processes 2`` runs ``dpolab`` and ``trl`` on 2 CPU processes instead (``torchrun``, gloo, one
+thread each, the batch split in two so the global batch is the same): multi-process training, side by
+side. Peak RSS is then the main process's.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def worker_dpolab(root: Path, args) -> dict:
         data=str(root / "pairs.jsonl"),
         output_dir=str(root / "dpolab"),
         cache_dir=str(root / "dpolab-cache"),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size // args.processes,
         max_steps=args.steps,
         learning_rate=1e-6,
         max_length=1024,
@@ -157,7 +161,7 @@ def worker_trl(root: Path, args, precompute: bool) -> dict:
     dataset = load_dataset("json", data_files=str(root / "pairs.jsonl"), split="train")
     config = trl.DPOConfig(
         output_dir=str(root / f"trl-{precompute}"),
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size // args.processes,
         max_steps=args.steps,
         learning_rate=1e-6,
         logging_steps=max(1, args.steps),
@@ -237,6 +241,9 @@ def main() -> None:
         default=None,
         help="dpolab's (and the plain floor's) packed row budget (default: dpolab's default)",
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes per contender (dpolab, trl), launched with torchrun"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,7 +266,8 @@ def main() -> None:
         }
         result = runner[args.worker]()
         result["peak_rss_mib"] = peak_rss_mib()
-        print("RESULT " + json.dumps(result))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as directory:
@@ -268,7 +276,8 @@ def main() -> None:
         meta = json.loads((root / "meta.json").read_text())
         print(
             f"model: Llama, {meta['parameters'] / 1e6:.2f}M parameters; {meta['pairs']} GSM8K pairs; "
-            f"batch {args.batch_size}; {args.steps} steps; fp32; {os.cpu_count()} CPU cores"
+            f"batch {args.batch_size}; {args.steps} steps; fp32; {os.cpu_count()} CPU cores; "
+            f"{args.processes} process(es) per contender"
         )
         layout = token_layouts(root, args.batch_size)
         meta["tokens"] = layout
@@ -279,8 +288,13 @@ def main() -> None:
         )
         results = {}
         for name in args.only:
+            launcher = [sys.executable]
+            if args.processes > 1:
+                if name not in ("dpolab", "trl"):
+                    continue
+                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}"]
             command = [
-                sys.executable,
+                *launcher,
                 __file__,
                 "--worker",
                 name,
@@ -292,12 +306,15 @@ def main() -> None:
                 str(args.steps),
                 "--row-tokens",
                 str(args.row_tokens),
+                "--processes",
+                str(args.processes),
             ]
             if args.threads:
                 command += ["--threads", str(args.threads)]
-            output = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-            )
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            if args.processes > 1:  # one thread per process; accelerate sees the CPU processes with this set
+                env.update(OMP_NUM_THREADS=str(args.threads or 1), ACCELERATE_USE_CPU="true")
+            output = subprocess.run(command, capture_output=True, text=True, env=env)
             line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
             if line is None:
                 print(f"{name} failed:\n{output.stderr[-3000:]}")

@@ -70,9 +70,19 @@ def workspace(tmp_path_factory):
     return root
 
 
+FSDP2 = [
+    "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+    "--fsdp_cpu_ram_efficient_loading", "false",
+]  # fmt: skip
+
+
 def command(processes: int, launcher: str = "torchrun") -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "dpolab"]
+    if launcher == "fsdp":
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        return [accelerate, "launch", "--num_processes", str(processes), *FSDP2, "-m", "dpolab"]
     if launcher == "torchrun":
         return [
             sys.executable,
@@ -123,17 +133,20 @@ def two_process_run(workspace):
     return out
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_same_global_batch(workspace, two_process_run):
-    one = workspace / "one"
-    result = launch(1, "train", workspace / "config.yaml", "--output_dir", one, "--batch_size", 8)
+@pytest.fixture(scope="module")
+def one_process_run(workspace):
+    out = workspace / "one"
+    result = launch(1, "train", workspace / "config.yaml", "--output_dir", out, "--batch_size", 8)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((two_process_run / "summary.json").read_text())
-    assert (
-        summary["processes"] == 2
-        and summary["pairs_seen"] == json.loads((one / "summary.json").read_text())["pairs_seen"]
-    )
-    ours, theirs = metrics(two_process_run), metrics(one)
+    return out
+
+
+def assert_same_run(many, one) -> None:
+    """Same steps, the same logged values (training, evaluation, monitor and probes) and final weights, to 1e-5."""
+    summary = json.loads((many / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed"] in ("multi_cpu", "fsdp")
+    assert summary["pairs_seen"] == json.loads((one / "summary.json").read_text())["pairs_seen"]
+    ours, theirs = metrics(many), metrics(one)
     assert [m["step"] for m in ours] == [m["step"] for m in theirs]
     compared = 0
     for a, b in zip(ours, theirs, strict=True):
@@ -143,10 +156,35 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(workspace, t
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["step"], key)
                 compared += 1
     assert compared > 40
-    mine, single = weights(two_process_run), weights(one)
+    mine, single = weights(many), weights(one)
     assert mine.keys() == single.keys()
     worst = max(float((mine[k] - single[k]).abs().max()) for k in mine)
     assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, one_process_run):
+    assert_same_run(two_process_run, one_process_run)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_equals_one_process_and_resumes_exactly(workspace, one_process_run):
+    """FSDP2 (sharded parameters, gradients and optimiser state; sharded checkpoints) on gloo."""
+    out = workspace / "fsdp"
+    result = launch(2, "train", workspace / "config.yaml", "--output_dir", out, launcher="fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["distributed"] == "fsdp"
+    assert (out / "checkpoints" / "step-0000006" / "pytorch_model_fsdp_0").is_dir()  # sharded, one file per process
+    assert_same_run(out, one_process_run)
+    uninterrupted = weights(out)
+    again = launch(
+        2, "train", workspace / "config.yaml", "--output_dir", out, "--resume", out / "checkpoints" / "step-0000006",
+        launcher="fsdp",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    for name, tensor in weights(out).items():
+        assert torch.equal(tensor, uninterrupted[name]), name
 
 
 @pytest.mark.slow

@@ -119,6 +119,11 @@ def test_sigkill_then_resume_is_bitwise_equal(workspace, uninterrupted, kill_at)
     assert weights.keys() == uninterrupted.keys()
     for name in weights:
         assert torch.equal(weights[name], uninterrupted[name]), name
+    # The monitor's history and fired alarms come back from the checkpoint (they used to be lost).
+    resumed_summary = json.loads((out / "summary.json").read_text())
+    whole_summary = json.loads((workspace / "uninterrupted" / "summary.json").read_text())
+    assert resumed_summary["monitor"] == whole_summary["monitor"]
+    assert resumed_summary["alarms"] == whole_summary["alarms"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))  # steps redone after the checkpoint are logged once
     assert len(list((out / "checkpoints").iterdir())) == 3  # keep_checkpoints
@@ -241,3 +246,30 @@ def test_resume_from_a_named_older_checkpoint_redoes_the_same_steps(workspace, t
     assert all(torch.equal(before[name], after[name]) for name in before)
     with pytest.raises(ValueError, match="is not a dpolab checkpoint"):
         run(base(workspace, out), resume=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bad row", "no usable pair", "non-finite", "loss needs a reference", "resume with another config"],
+)
+def test_the_run_lock_is_released_on_every_error_path(workspace, tmp_path, case):
+    """Each failure after the output folder is locked; then a second run into the same folder is not refused as busy."""
+    out = tmp_path / "failing"
+    if case == "bad row":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "", "rejected": "y"}) + "\n")
+        config, error = base(workspace, out, data=str(bad)), ValueError
+    elif case == "no usable pair":
+        config, error = base(workspace, out, max_length=2), ValueError
+    elif case == "non-finite":
+        config, error = base(workspace, out, learning_rate=1e4, max_grad_norm=None, max_steps=30), NonFiniteError
+    elif case == "loss needs a reference":
+        config, error = base(workspace, out, reference="none"), ValueError
+    else:
+        run(base(workspace, out, checkpoint_steps=2))
+        config, error = base(workspace, out, checkpoint_steps=2, learning_rate=0.5), ValueError
+    with pytest.raises(error):
+        run(config, resume="latest" if case == "resume with another config" else None)
+    RunLock(out).release()  # would raise "in use by another run" if the failed run still held it
+    summary = run(base(workspace, out, max_steps=1), overwrite=True)
+    assert summary["steps"] == 1

@@ -28,6 +28,8 @@ def weights_fingerprint(model) -> str:
     """BLAKE2b of every parameter and buffer (names, shapes, dtypes, bytes)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: every process calls this, so the gather matches
+            tensor = tensor.full_tensor()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

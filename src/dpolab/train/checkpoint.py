@@ -76,7 +76,8 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
 class Checkpointer:
     """Saves and restores a run: the accelerator's prepared objects plus named :class:`Stateful` components.
 
-    ``trainable_only``: write only the parameters that train (LoRA adapters), not the frozen base.
+    ``trainable_only``: write only the parameters that train (LoRA adapters), not the frozen base (not under
+    FSDP, whose sharded checkpoints hold the whole model).
     """
 
     def __init__(self, accelerator, output_dir: str | Path, keep: int, model, trainable_only: bool = False) -> None:
@@ -86,7 +87,8 @@ class Checkpointer:
         self.model = model
         self.components: dict[str, Stateful] = {}
         self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        self.trainable_only = trainable_only
+        # Under FSDP accelerate writes sharded folders of the whole model; the filter applies to model.safetensors.
+        self.trainable_only = trainable_only and accelerator.distributed_type.value != "FSDP"
         if trainable_only:
             accelerator.register_save_state_pre_hook(self._keep_trainable)
 

@@ -152,6 +152,11 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
     if s.monitor_settings.sample_prompts > 0:
         unwrapped = s.accelerator.unwrap_model(s.model)
         lora_reference = bool(s.config.lora) and s.reference_model is None
+        # generate() may enter below an FSDP2 root (PEFT calls the base model's forward): gather the root's
+        # own parameters for the whole probe; the sharded layers gather theirs as they run.
+        root_gathered = hasattr(unwrapped, "unshard")
+        if root_gathered:
+            unwrapped.unshard()
         values.update(
             sample_probe(
                 unwrapped,
@@ -165,6 +170,8 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
                 reference_context=unwrapped.disable_adapter if lora_reference else nullcontext,
             )
         )
+        if root_gathered:
+            unwrapped.reshard()
     s.monitor.record_probe(step, values)
     return values
 
@@ -384,6 +391,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             "monitor": s.monitor.state() if s.monitor else None,
             "resumed_from": str(folder.resume_from) if folder.resume_from else None,
             "processes": processes,
+            "distributed": accelerator.distributed_type.value.lower(),
             "nonfinite_skipped": s.counters.nonfinite_skipped,
             "pairs_seen": s.counters.items_seen,
             "tokens_seen": s.counters.tokens_seen,

@@ -212,6 +212,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             "steps": s.total_steps,
             "resumed_from": str(folder.resume_from) if folder.resume_from else None,
             "processes": processes,
+            "distributed": accelerator.distributed_type.value.lower(),
             "nonfinite_skipped": s.counters.nonfinite_skipped,
             "examples_seen": s.counters.items_seen,
             "tokens_seen": s.counters.tokens_seen,

@@ -1,0 +1,96 @@
+"""``dpolab train`` and ``dpolab sft``, and the relaunch of ``accelerate launch --cpu`` under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from dpolab.train import load_config, run
+    from dpolab.train.guard import NonFiniteError, TrainingInterrupted
+
+    rest = list(args.rest)
+    config_path = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    resume, overwrite = None, False
+    if "--overwrite" in rest:
+        rest.remove("--overwrite")
+        overwrite = True
+    if "--resume" in rest:
+        at = rest.index("--resume")
+        rest.pop(at)
+        resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
+    defaults = {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}} if args.sft else None
+    config = load_config(config_path, rest, defaults)
+    try:
+        run(config, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        return stop.exit_code
+    except NonFiniteError as error:
+        print(f"dpolab train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def processes_asked_of_accelerate_cpu() -> int:
+    """N when this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1), else 0.
+
+    accelerate's launcher starts a single process whenever ``--cpu`` is given, whatever
+    ``--num_processes`` says; the parent's command line is the only place the request survives.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return 0
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 0
+    if "--cpu" not in parent:
+        return 0
+    for index, word in enumerate(parent):
+        value = word.split("=", 1)[1] if word.startswith("--num_processes=") else None
+        if word == "--num_processes" and index + 1 < len(parent):
+            value = parent[index + 1]
+        if value is not None and value.isdigit():
+            return int(value) if int(value) > 1 else 0
+    return 0
+
+
+def relaunch_with_torchrun(processes: int, argv: list[str]) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node N -m dpolab ARGV`` (same environment)."""
+    import os
+
+    print(
+        f"dpolab: accelerate launch --cpu starts one process; starting {processes} with "
+        f"torchrun --standalone --nproc_per_node {processes} -m dpolab {' '.join(argv)}",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    os.execv(sys.executable, [*command, "-m", "dpolab", *argv])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="preference-train a Hugging Face causal LM from a YAML config",
+        description="Train with CONFIG.yaml; any config key can be overridden as --key value "
+        "(nested: --loss_params.beta 0.3). See docs/training.md for every key.",
+    )
+    train.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="[CONFIG.yaml] [--key value ...]",
+        help="YAML config file (optional when the required keys are flags), then overrides",
+    )
+    train.set_defaults(handler=train_command, sft=False)
+    sft = subparsers.add_parser(
+        "sft",
+        help="supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
+        description="dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only). "
+        "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/training.md.",
+    )
+    sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
+    sft.set_defaults(handler=train_command, sft=True)

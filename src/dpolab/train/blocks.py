@@ -175,6 +175,47 @@ def log_skipped_rows(log: MetricsLog, bad_rows: list[str]) -> None:
         log.info(f"skipped {len(bad_rows) - 10} more bad rows")
 
 
+@dataclass
+class Data:
+    """A recipe's tokenised training and held-out items, and what happened to the rows."""
+
+    items: list
+    eval_items: list
+    report: dict  # counts for summary.json
+    tokenizer: object
+    pad_token_id: int
+
+
+def announce(folder: RunFolder, accelerator, config: TrainConfig, command: str) -> None:
+    folder.log.info(
+        f"dpolab {command} → {folder.path} ({accelerator.device.type}, {config.dtype}, "
+        f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value.lower()})"
+    )
+
+
+def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, tokenize) -> Data:
+    """Load (``load``: file → examples, bad rows), hold out, tokenise (``tokenize``), report; refuse empty data.
+
+    Runs before any model loads, so bad data fails fast.
+    """
+    log = folder.log
+    examples, bad_rows = load(config.data, config.data_split, config.on_bad_rows)
+    log_skipped_rows(log, bad_rows)
+    examples, eval_examples = split_eval(examples, config, load)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+    items, report = tokenize(tokenizer, examples, config.max_length)
+    eval_items, eval_report = tokenize(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
+    for line in report.lines():
+        log.info(f"data: {line}")
+    if eval_report:
+        log.info(f"eval data: {eval_report.lines()[0]}")
+    if not items:
+        raise ValueError(f"{config.data}: no usable {report.unit} after tokenisation ({'; '.join(report.lines())})")
+    write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Data(items, eval_items, {**report.as_dict(), "bad_rows_skipped": len(bad_rows)}, tokenizer, pad_token_id)
+
+
 def split_eval(examples: list, config: TrainConfig, load) -> tuple[list, list]:
     """(training examples, held-out examples): ``eval_data`` loaded with ``load``, or a seeded ``eval_fraction``."""
     if config.eval_data:
@@ -198,14 +239,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_policy(config: TrainConfig):
-    """(model, tokenizer, pad token id) through the one loader, dropout off if asked."""
+    """The model to train, through the one loader, dropout off if asked."""
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     model = load_model(config.model, "causal_lm", dtype, config.trust_remote_code, config.allow_pickle)
-    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     if config.disable_dropout:
         disable_dropout(model)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return model, tokenizer, pad_token_id
+    return model
 
 
 def load_reference(config: TrainConfig, model):

@@ -210,28 +210,12 @@ class Setup:
 
 def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     """Data, policy, objective, reference log-probs, optimiser, data order, checkpointer: the recipe's setup."""
-    log = folder.log
-    log.info(
-        f"dpolab train → {folder.path} ({accelerator.device.type}, {config.dtype}, "
-        f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value.lower()})"
-    )
-    examples, bad_rows = load_examples(config.data, config.data_split, config.on_bad_rows)
-    blocks.log_skipped_rows(log, bad_rows)
-    examples, eval_examples = blocks.split_eval(examples, config, load_examples)
-    model, tokenizer, pad_token_id = blocks.load_policy(config)
+    blocks.announce(folder, accelerator, config, "train")
+    data = blocks.prepare_data(config, accelerator, folder, load_examples, tokenize_pairs)
+    tokenizer, pad_token_id = data.tokenizer, data.pad_token_id
+    model = blocks.load_policy(config)
     dtype = blocks.compute_dtype(accelerator, model.dtype)
-    pairs, report = tokenize_pairs(tokenizer, examples, config.max_length)
-    eval_pairs, eval_report = (
-        tokenize_pairs(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
-    )
-    for line in report.lines():
-        log.info(f"data: {line}")
-    if eval_report:
-        log.info(f"eval data: {eval_report.lines()[0]}")
-    if not pairs:
-        raise ValueError(f"{config.data}: no usable pairs after tokenisation ({'; '.join(report.lines())})")
-    data_report = {**report.as_dict(), "bad_rows_skipped": len(bad_rows)}
-    blocks.write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
+    pairs, eval_pairs, log = data.items, data.eval_items, folder.log
 
     objective = objective_from_config(
         config.loss, config.loss_weights, config.loss_params, config.sft_weight, config.sft_reduction
@@ -292,7 +276,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
         config, accelerator, folder, model, tokenizer, optimizer, scheduler,
         [p for p in model.parameters() if p.requires_grad], objective, engine, fallback, pairs, eval_pairs,
         reference, eval_reference, reference_model, monitor, settings, probe_pairs, probe_reference, stream,
-        counters, checkpointer, steps, data_report, reference_seconds,
+        counters, checkpointer, steps, data.report, reference_seconds,
     )  # fmt: skip
 
 

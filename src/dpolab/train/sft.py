@@ -100,25 +100,12 @@ def evaluate(s: Setup, step: int) -> dict:
 
 def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     """Data, policy, optimiser, data order, checkpointer: the recipe's setup."""
-    log = folder.log
-    log.info(
-        f"dpolab sft → {folder.path} ({accelerator.device.type}, {config.dtype}, "
-        f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value.lower()})"
-    )
-    examples, bad_rows = load_sft_examples(config.data, config.data_split, config.on_bad_rows)
-    blocks.log_skipped_rows(log, bad_rows)
-    examples, eval_examples = blocks.split_eval(examples, config, load_sft_examples)
-    model, tokenizer, pad_token_id = blocks.load_policy(config)
+    blocks.announce(folder, accelerator, config, "sft")
+    data = blocks.prepare_data(config, accelerator, folder, load_sft_examples, tokenize_sft)
+    tokenizer, pad_token_id = data.tokenizer, data.pad_token_id
+    model = blocks.load_policy(config)
     dtype = blocks.compute_dtype(accelerator, model.dtype)
-    items, report = tokenize_sft(tokenizer, examples, config.max_length)
-    eval_items, eval_report = tokenize_sft(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
-    for line in report.lines():
-        log.info(f"data: {line}")
-    if eval_report:
-        log.info(f"eval data: {eval_report.lines()[0]}")
-    if not items:
-        raise ValueError(f"{config.data}: no usable examples after tokenisation ({'; '.join(report.lines())})")
-    blocks.write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
+    items, log = data.items, folder.log
 
     if config.lora:
         model = blocks.apply_lora(model, config.lora)
@@ -138,7 +125,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     return Setup(
         config, accelerator, folder, model, tokenizer, optimizer, scheduler,
         [p for p in model.parameters() if p.requires_grad], sft_reduction(config), engine, fallback, items,
-        eval_items, stream, counters, checkpointer, steps, {**report.as_dict(), "bad_rows_skipped": len(bad_rows)},
+        data.eval_items, stream, counters, checkpointer, steps, data.report,
     )  # fmt: skip
 
 

@@ -128,16 +128,21 @@ def weights(output_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_run(workspace):
     out = workspace / "ddp"
-    result = launch(2, "train", workspace / "config.yaml", "--output_dir", out)
+    # A cache of its own: the sharded, gathered reference pass must produce the values, not reuse them.
+    result = launch(2, "train", workspace / "config.yaml", "--output_dir", out, "--cache_dir", workspace / "cache-ddp")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference log-probs (train): computed and cached" in result.stderr
     return out
 
 
 @pytest.fixture(scope="module")
 def one_process_run(workspace):
     out = workspace / "one"
-    result = launch(1, "train", workspace / "config.yaml", "--output_dir", out, "--batch_size", 8)
+    result = launch(
+        1, "train", workspace / "config.yaml", "--output_dir", out, "--batch_size", 8, "--cache_dir", workspace / "cache-one"
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference log-probs (train): computed and cached" in result.stderr
     return out
 
 
@@ -219,19 +224,27 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(workspa
 
 
 @pytest.mark.slow
-def test_two_process_sft_and_lora_complete_and_load(workspace):
+def test_two_process_sft_with_accumulation_equals_one_process_and_lora_loads(workspace):
+    """SFT's default reduction (token mean over the global micro-batch) with gradient accumulation 2."""
     from transformers import AutoModelForCausalLM
 
-    sft = workspace / "sft"
-    result = launch(
-        2, "sft", "--model", workspace / "llama", "--data", workspace / "sft.jsonl", "--output_dir", sft,
-        "--max_steps", 3, "--batch_size", 4, "--learning_rate", 1e-3, "--progress", "false", "--tensorboard", "false",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(sft / "model")
+    runs = {}
+    for processes, batch in ((2, 2), (1, 4)):
+        out = workspace / f"sft-{processes}"
+        result = launch(
+            processes, "sft", "--model", workspace / "llama", "--data", workspace / "sft.jsonl", "--output_dir", out,
+            "--max_steps", 3, "--batch_size", batch, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3,
+            "--progress", "false", "--tensorboard", "false",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = out
+    losses = {n: [m["loss"] for m in metrics(out)] for n, out in runs.items()}
+    assert len(losses[2]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    two, one = weights(runs[2]), weights(runs[1])
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(runs[2] / "model")
     original = AutoModelForCausalLM.from_pretrained(workspace / "llama")
     assert not torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert [m["step"] for m in metrics(sft)] == [1, 2, 3]
 
     lora = workspace / "lora"
     result = launch(

@@ -331,3 +331,38 @@ def test_lora_reference_is_the_base_model_with_the_adapter_disabled(workspace, t
     assert abs(metrics[-1]["logratio/chosen"]) > 1e-5  # the adapter trained
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
     assert summary["forward"] == "packed"
+
+
+def test_ld_alpha_weights_tokens_past_the_shorter_completion_of_each_pair():
+    """LD-DPO by hand from per-token values: the first min(|y_w|, |y_l|) tokens weigh 1, the rest α."""
+    from dpolab.engine.logps import naive_token_logps
+    from dpolab.train.blocks import token_weight_fn
+    from tests.engine.test_logps import build, random_pairs
+
+    model = build("llama", "sdpa", torch.float64)
+    pairs = random_pairs(6, seed=3)
+    with torch.no_grad():
+        tokens = naive_token_logps(model, pairs, 0)
+    weighted = tokens.sums(token_weight_fn(TrainConfig(model="m", data="d", ld_alpha=0.25))(tokens))
+    for i, pair in enumerate(pairs):
+        shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
+        for branch in (0, 1):
+            values = tokens.values[tokens.sequence == 2 * i + branch]
+            expected = values[:shared].sum() + 0.25 * values[shared:].sum()
+            assert float(weighted[i, branch]) == pytest.approx(float(expected), abs=1e-10)
+    assert any(len(p.chosen_ids) != len(p.rejected_ids) for p in pairs)  # the weights do change something
+    assert not torch.allclose(weighted, tokens.sums())
+
+
+@pytest.mark.parametrize("extra", [{"ld_alpha": 0.3}, {"use_weighting": True}], ids=["ld_alpha", "wpo"])
+def test_ld_dpo_and_wpo_take_the_same_steps_on_the_naive_path(workspace, tmp_path, extra):
+    """The weights come from per-token values both paths produce, so a model that cannot pack still gets them."""
+    losses = {}
+    for packing in (True, False):
+        config = base(workspace, tmp_path / str(packing), packing=packing, save_model=False, tensorboard=False, **extra)
+        run(config)
+        losses[packing] = [m["loss"] for m in read_metrics(tmp_path / str(packing) / "run")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+    plain = base(workspace, tmp_path / "plain", save_model=False, tensorboard=False)
+    run(plain)
+    assert [m["loss"] for m in read_metrics(tmp_path / "plain" / "run")] != pytest.approx(losses[True], rel=1e-4)

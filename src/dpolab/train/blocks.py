@@ -141,23 +141,31 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
         try:
             lock, resume_from = prepare_output_dir(out, resume, overwrite)
             if resume_from is not None:
-                saved = json.loads((resume_from / "state.json").read_text())["config"]
+                saved = json.loads((resume_from / "state.json").read_text()).get("config", {})
                 changed = config_differences(saved, config.to_dict())
                 if changed:
                     details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
-                    lock.release()
                     raise ValueError(
                         f"cannot resume {resume_from}: the config changed in keys that change the result "
                         f"({details}); use a new output_dir or --overwrite"
                     )
             decision = {"resume_from": None if resume_from is None else str(resume_from)}
-        except ValueError as error:
-            decision = {"error": str(error)}
+        except Exception as error:  # noqa: BLE001 - every process must hear of it, or the others wait forever
+            if lock is not None:
+                lock.release()
+            decision = {"error": str(error), "type": type(error).__name__}
     decision = broadcast_object(accelerator, decision)
     if "error" in decision:
-        raise ValueError(decision["error"])
+        if decision["type"] == "ValueError":
+            raise ValueError(decision["error"])
+        raise RuntimeError(f"{decision['type']}: {decision['error']}")
     accelerator.wait_for_everyone()
-    log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
+    try:
+        log = MetricsLog(out, tensorboard=config.tensorboard, main=accelerator.is_main_process)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     resume_from = Path(decision["resume_from"]) if decision["resume_from"] else None
     return RunFolder(out, resume_from, log, lock)
 
@@ -340,12 +348,14 @@ def reference_pass(
                         module, items, ids, len(ids), engine, token_weights, accelerator.autocast
                     )
                     if real:
-                        rows.append(torch.cat([torch.tensor(ids, dtype=torch.float32)[:, None], sums], dim=1))
+                        # float64: item indices stay exact far beyond float32's 2^24
+                        index = torch.tensor(ids, dtype=torch.float64)[:, None]
+                        rows.append(torch.cat([index, sums.double()], dim=1))
                     advance()
-            local = torch.cat(rows) if rows else torch.zeros(0, 1 + len(items[0].branches))
+            local = torch.cat(rows) if rows else torch.zeros(0, 1 + len(items[0].branches), dtype=torch.float64)
             gathered = gather_rows(accelerator, local).cpu()
             values = torch.empty(len(items), len(items[0].branches), dtype=torch.float32)
-            values[gathered[:, 0].long()] = gathered[:, 1:]
+            values[gathered[:, 0].long()] = gathered[:, 1:].float()
             if accelerator.is_main_process:
                 store_cached(config.cache_dir, key, values)
             accelerator.wait_for_everyone()

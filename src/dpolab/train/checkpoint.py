@@ -140,6 +140,11 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """Restore everything saved in ``path``; returns its state.json. Same number of processes required."""
         state = json.loads((path / "state.json").read_text())
+        if "components" not in state:
+            raise ValueError(
+                f"{path} was written by an older dpolab (before accelerate checkpoints) and cannot be resumed; "
+                "start a new run from its weights or from the original model"
+            )
         saved = state.get("num_processes", 1)
         if saved != self.accelerator.num_processes:
             raise ValueError(

@@ -127,10 +127,15 @@ def evaluate(s: Setup, step: int) -> dict:
     batches = blocks.shard_batches(
         len(s.eval_pairs), s.config.batch_size, s.accelerator.process_index, s.accelerator.num_processes
     )
+    # batch_token_mean reductions: token-weighted over the whole held-out set, however it is split
+    mean_chosen_length = torch.tensor([len(p.chosen_ids) for p in s.eval_pairs], dtype=torch.float32).mean()
     with torch.no_grad():
         for ids, real in batches:
             with s.accelerator.autocast():
-                forward = forward_pairs(s.model, s.objective, s.engine, s.config, s.eval_pairs, ids, s.eval_reference)
+                forward = forward_pairs(
+                    s.model, s.objective, s.engine, s.config, s.eval_pairs, ids, s.eval_reference,
+                    mean_chosen_length.to(s.accelerator.device),
+                )  # fmt: skip
             blocks.add_sums(sums, pair_metrics(forward), real)
             count += len(ids) if real else 0
     s.model.train()
@@ -168,6 +173,8 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
                 s.config.seed + step,
                 s.accelerator.device,
                 reference_context=unwrapped.disable_adapter if lora_reference else nullcontext,
+                # under FSDP every token is a collective forward: processes keep generating until all are done
+                synced=s.accelerator.distributed_type.value == "FSDP",
             )
         )
         if root_gathered:
@@ -347,8 +354,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                         if k in metrics
                     },
                 )
-                if new_alarms and s.monitor_settings.on_alarm == "stop":
-                    stopped_by_alarm = new_alarms[0]["alarm"]
+                # Agreed by every process: a stop decided on one alone would leave the others waiting in a collective.
+                if any_across(accelerator, bool(new_alarms) and s.monitor_settings.on_alarm == "stop"):
+                    stopped_by_alarm = new_alarms[0]["alarm"] if new_alarms else "an alarm on another process"
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval = evaluate(s, step)
                 signalled = any_across(accelerator, bool(stop.signal))

@@ -86,8 +86,12 @@ def sample_probe(
     seed: int,
     device,
     reference_context=nullcontext,
+    synced: bool = False,
 ) -> dict[str, float]:
-    """Sample one response per prompt from the policy; score it per token under policy and reference."""
+    """Sample one response per prompt from the policy; score it per token under policy and reference.
+
+    ``synced``: keep every process generating until all have finished (FSDP: each step is collective).
+    """
     samples, entropies = [], []
     was_training = model.training
     model.eval()
@@ -106,6 +110,7 @@ def sample_probe(
                 eos_token_id=eos_token_id,
                 output_scores=True,
                 return_dict_in_generate=True,
+                synced_gpus=synced,
             )
             new = tuple(output.sequences[0, len(prompt) :].tolist())
             if new:

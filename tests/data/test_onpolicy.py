@@ -229,11 +229,16 @@ class ChatServer:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):  # a client that followed a redirect by switching to GET: recorded, refused
+                server.headers.append(dict(self.headers))
+                self.send_response(405)
+                self.end_headers()
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
                 server.headers.append(dict(self.headers))
-                assert self.path == "/v1/chat/completions"
+                assert self.path.split("?")[0] == "/v1/chat/completions"
                 late = server.fail_after and len(server.requests) > server.fail_after
                 if server.always_fail or late or len(server.requests) <= server.fail_first:
                     self.send_response(server.status)
@@ -310,6 +315,59 @@ def test_llm_judge_gives_up_keeping_finished_prompts_and_stops_on_auth_errors(tm
             LLMJudge(server.url, "m", "NO_SUCH_KEY", concurrency=1).score([("q", "a", None)])
     finally:
         server.close()
+
+
+class RedirectServer:
+    """Answers every POST with a redirect to ``target`` (another origin: another port on 127.0.0.1)."""
+
+    def __init__(self, target: str, code: int = 307) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(code)
+                self.send_header("Location", target + "/chat/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.mark.parametrize("code", [302, 303, 307, 308])
+def test_llm_judge_never_sends_the_key_to_another_origin(tmp_path, monkeypatch, code):
+    """A redirect to another origin is refused before anything is sent there (urllib would re-send Authorization)."""
+    monkeypatch.setenv("DPOLAB_TEST_KEY", "sk-secret-123")
+    elsewhere = ChatServer()
+    redirecting = RedirectServer(elsewhere.url, code)
+    try:
+        judge = LLMJudge(redirecting.url, "m", "DPOLAB_TEST_KEY", concurrency=1, sleep=lambda s: None)
+        with pytest.raises(ValueError, match="redirected .* to another origin"):
+            judge.score([("two plus two?", "#### 4", "#### 4")])
+    finally:
+        redirecting.close()
+        elsewhere.close()
+    assert elsewhere.requests == [] and elsewhere.headers == []
+
+
+def test_a_key_in_the_base_url_is_used_but_never_written(tmp_path):
+    server = ChatServer()
+    try:
+        judge = LLMJudge(server.url + "?api-key=sk-in-the-query", "m", concurrency=1)
+        judge_file(write_jsonl(tmp_path / "c.jsonl", CANDIDATES), tmp_path / "j.jsonl", judge)
+    finally:
+        server.close()
+    assert len(server.requests) == 3  # the requests went out, to the URL as given
+    written = (tmp_path / "j.jsonl").read_text()
+    assert "sk-in-the-query" not in written and judged_rows(tmp_path / "j.jsonl")[0]["judge"]["url"].endswith(
+        "/v1/chat/completions"
+    )
 
 
 @pytest.mark.parametrize(

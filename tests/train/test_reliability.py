@@ -273,3 +273,64 @@ def test_the_run_lock_is_released_on_every_error_path(workspace, tmp_path, case)
     RunLock(out).release()  # would raise "in use by another run" if the failed run still held it
     summary = run(base(workspace, out, max_steps=1), overwrite=True)
     assert summary["steps"] == 1
+
+
+def dpolab(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "dpolab", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+@pytest.mark.slow
+def test_an_output_folder_never_holds_or_sits_inside_an_input(workspace, tmp_path):
+    """The model trained from, the data, the cache: none may be inside output_dir, nor output_dir inside them."""
+    import shutil
+
+    run_dir = tmp_path / "x"
+    shutil.copytree(workspace / "llama", run_dir / "model")
+    before = {p.name: p.read_bytes() for p in (run_dir / "model").iterdir()}
+    result = dpolab(
+        "train", workspace / "config.yaml", "--model", run_dir / "model", "--output_dir", run_dir, "--overwrite"
+    )
+    assert result.returncode == 2 and "contains the model" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / "model").iterdir()} == before  # nothing deleted
+
+    # model: ./model and output_dir: . in the model's own folder: the weights and the user's config stay
+    folder = tmp_path / "here"
+    shutil.copytree(workspace / "llama", folder)
+    (folder / "config.yaml").write_text(f"model: .\ndata: {workspace / 'pairs.jsonl'}\noutput_dir: .\nmax_steps: 1\n")
+    weights = (folder / "model.safetensors").read_bytes()
+    result = dpolab("train", "config.yaml", cwd=folder)
+    assert result.returncode == 2 and "contains the model" in result.stderr, result.stderr
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert (folder / "config.yaml").read_text().startswith("model: .")
+
+    inside = dpolab("train", workspace / "config.yaml", "--output_dir", workspace / "llama" / "run")
+    assert inside.returncode == 2 and "is inside the model" in inside.stderr
+    data_inside = dpolab("train", workspace / "config.yaml", "--output_dir", workspace)
+    assert data_inside.returncode == 2 and "contains the" in data_inside.stderr
+
+
+@pytest.mark.parametrize("keep", [-1, 0])
+def test_keep_checkpoints_below_one_is_refused(workspace, tmp_path, keep):
+    with pytest.raises(ValueError, match=f"keep_checkpoints: must be > 0; got {keep}"):
+        run(base(workspace, tmp_path / "k", keep_checkpoints=keep))
+
+
+def test_report_never_writes_over_a_run_file_a_folder_or_another_file(workspace, tmp_path):
+    out = tmp_path / "r"
+    run(base(workspace, out))
+    metrics = (out / "metrics.jsonl").read_text()
+    refused = dpolab("report", out, "--out", out / "metrics.jsonl")
+    assert refused.returncode == 2 and "the run's own metrics.jsonl" in refused.stderr
+    unwritten = dpolab("report", out, "--out", out / "summary.json")  # would make the run look finished
+    assert unwritten.returncode == 2 and "the run's own summary.json" in unwritten.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert dpolab("report", out, "--out", other).returncode == 2 and other.read_text() == "mine"
+    assert "is a folder" in dpolab("report", out, "--out", tmp_path).stderr
+    page = tmp_path / "report.html"
+    assert dpolab("report", out, "--out", page).returncode == 0
+    assert dpolab("report", out, "--out", page).returncode == 0  # an earlier dpolab report is replaced
+    assert dpolab("report", out, "--out", out / "report.html").returncode == 0

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,6 +135,35 @@ def parse_score(reply: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+class RedirectRefused(Exception):
+    """The endpoint redirected to another origin: the request (and its API key) is not sent there."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within the origin the user named; urllib would re-send Authorization anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            raise RedirectRefused(f"{req.full_url} redirected (HTTP {code}) to another origin: {_public(newurl)}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _public(url: str) -> str:
+    """``url`` without user info, query or fragment: what may be written to files and logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+
+
 class LLMJudge:
     name = "llm"
     needs_reference = False
@@ -155,7 +185,9 @@ class LLMJudge:
             raise ValueError(f"base_url must start with http:// or https://; got {base_url!r}")
         if retries < 0 or backoff < 0 or timeout <= 0 or concurrency < 1:
             raise ValueError("need retries >= 0, backoff >= 0, timeout > 0 and concurrency >= 1")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(base_url)
+        self.url = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
+        self.public_url = _public(self.url)  # never the query or user info, which may hold a key
         self.model, self.api_key_env, self.rubric = model, api_key_env, rubric
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.concurrency, self.temperature, self.sleep = concurrency, temperature, sleep
@@ -186,19 +218,23 @@ class LLMJudge:
             self.requests += 1
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     payload = json.loads(response.read())
                 return payload["choices"][0]["message"]["content"]
+            except RedirectRefused as refused:
+                raise ValueError(
+                    f"{refused}; the API key goes only to the origin of --base-url: name the final address"
+                ) from None
             except urllib.error.HTTPError as failure:
                 error = f"HTTP {failure.code}"
                 if failure.code not in (408, 409, 429) and failure.code < 500:
                     hint = f" (is {self.api_key_env} set?)" if failure.code in (401, 403) else ""
-                    raise ValueError(f"{self.url}: HTTP {failure.code} {failure.reason}{hint}") from None
+                    raise ValueError(f"{self.public_url}: HTTP {failure.code} {failure.reason}{hint}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as failure:
                 error = f"{type(failure).__name__}: {getattr(failure, 'reason', failure)}"
             except (ValueError, KeyError, IndexError, TypeError):
                 error = "a reply that is not a chat completion"
-        raise RuntimeError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {error}")
+        raise RuntimeError(f"{self.public_url}: gave up after {self.retries + 1} attempts; last error: {error}")
 
     def _one(self, item: Item) -> Verdict:
         prompt, candidate, reference = item
@@ -226,7 +262,7 @@ class LLMJudge:
 
         return {
             "kind": self.name,
-            "url": self.url,
+            "url": self.public_url,
             "model": self.model,
             "api_key_env": self.api_key_env,
             "rubric_sha256": hashlib.sha256(self.rubric.encode()).hexdigest()[:16],

@@ -189,7 +189,7 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
         for run in runs
     )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{len(runs)} run(s). Every plot is inline; this file needs no network. Dotted vertical lines mark alarms.</p>
 <h2>Verdicts</h2>{verdicts}
@@ -200,8 +200,32 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
 """
 
 
+GENERATOR = "dpolab report"
+
+
+def check_report_target(out: Path, runs: list[str | Path]) -> None:
+    """Refuse to write over anything but an earlier dpolab report: a run's files, a folder, any other file."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the HTML file to write (e.g. {out / 'report.html'})")
+    from dpolab.train.guard import RUN_OUTPUTS
+
+    resolved = out.resolve()
+    for run in runs:
+        if resolved.parent == Path(run).resolve() and resolved.name in RUN_OUTPUTS:
+            raise ValueError(f"--out {out} is the run's own {resolved.name}; write the report elsewhere")
+    if out.exists():
+        head = out.read_bytes()[:400].decode("utf-8", errors="replace")
+        if f'<meta name="generator" content="{GENERATOR}">' not in head:
+            raise ValueError(f"--out {out} exists and is not a dpolab report; refusing to overwrite it")
+
+
 def write_report(paths: list[str | Path], out: str | Path, title: str = "dpolab report") -> Path:
+    """Write the report to ``out`` (a new file, or an earlier dpolab report, which is replaced)."""
     out = Path(out)
+    page = build_report(paths, title)  # reads and checks the runs first
+    check_report_target(out, paths)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_report(paths, title), encoding="utf-8")
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(out)
     return out

@@ -121,7 +121,7 @@ class TrainConfig:
     checkpoint_steps: int | None = None
     """Write a checkpoint every N steps (always one at the end and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
+    """How many of the newest checkpoints to keep (at least 1: the final one is always kept)."""
     skip_nonfinite: bool = False
     """On NaN/inf in the loss or gradients: false stops the run naming the step and data rows; true skips the batch (no update) and counts it."""
     max_nonfinite: int = 10
@@ -151,6 +151,7 @@ class TrainConfig:
             "row_tokens",
             "logging_steps",
             "adam_epsilon",
+            "keep_checkpoints",
         )
         for key in positive:
             if not getattr(self, key) > 0:
@@ -185,6 +186,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: file not found: {value}")
         if _looks_like_path(self.model) and not Path(self.model).exists():
             raise ValueError(f"model: directory not found: {self.model}")
+        self._check_output_apart_from_inputs()
         from dpolab.losses import objective_from_config
         from dpolab.train.monitor import monitor_config
 
@@ -197,6 +199,29 @@ class TrainConfig:
             objective_from_config(self.loss, self.loss_weights, self.loss_params, self.sft_weight, self.sft_reduction)
         except ValueError as error:
             raise ValueError(f"loss: {error}") from None
+
+    def _check_output_apart_from_inputs(self) -> None:
+        """``output_dir`` may neither be, contain, nor lie inside an input: ``--overwrite`` or a new run
+        would then delete or overwrite the model, the data or the cache it reads."""
+        out = Path(self.output_dir).expanduser().resolve()
+        inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
+        if self.reference not in ("auto", "none"):
+            inputs["reference"] = self.reference
+        inputs["cache_dir"] = self.cache_dir
+        for key, value in inputs.items():
+            if not value or (key != "cache_dir" and not Path(value).expanduser().exists()):
+                continue  # a hub id or an unset key
+            path = Path(value).expanduser().resolve()
+            if path == out or out in path.parents:
+                raise ValueError(
+                    f"output_dir {self.output_dir} contains the {key} ({value}); a run there could overwrite or "
+                    "delete it: choose an output_dir outside every input"
+                )
+            if path in out.parents:
+                raise ValueError(
+                    f"output_dir {self.output_dir} is inside the {key} ({value}); choose an output_dir outside "
+                    "every input"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

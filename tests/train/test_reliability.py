@@ -334,3 +334,17 @@ def test_report_never_writes_over_a_run_file_a_folder_or_another_file(workspace,
     assert dpolab("report", out, "--out", page).returncode == 0
     assert dpolab("report", out, "--out", page).returncode == 0  # an earlier dpolab report is replaced
     assert dpolab("report", out, "--out", out / "report.html").returncode == 0
+
+
+def test_resume_refuses_training_data_whose_contents_changed(workspace, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")
+    out = tmp_path / "changed-data"
+    run(base(workspace, out, data=str(data), checkpoint_steps=2, max_steps=4))
+    rows = [dict(r) for r in PAIRS]
+    rows[5]["chosen"] = " 1000"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # same path, one pair different
+    with pytest.raises(ValueError, match="is not what the checkpoint was trained on"):
+        run(base(workspace, out, data=str(data), checkpoint_steps=2, max_steps=4), resume="latest")
+    data.write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")  # back as it was: the resume goes on
+    assert run(base(workspace, out, data=str(data), checkpoint_steps=2, max_steps=4), resume="latest")["steps"] == 4

@@ -485,6 +485,24 @@ class Counters:
         self.start_clock()
 
 
+class DataIdentity:
+    """The fingerprint of the tokenised training items: resuming on changed data (same path, other contents, or
+    another tokenizer) is refused instead of continuing as if nothing changed."""
+
+    def __init__(self, items: list, source: str) -> None:
+        self.fingerprint, self.source = items_fingerprint(items), source
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"cannot resume: the training data {self.source} is not what the checkpoint was trained on (its "
+                "tokenised rows differ: the file or the tokenizer changed); use a new output_dir or --overwrite"
+            )
+
+
 class MonitorState:
     """Adapts the 3D monitor to the checkpointer (its trajectory, fired alarms and alarm list)."""
 

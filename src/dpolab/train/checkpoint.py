@@ -155,12 +155,12 @@ class Checkpointer:
             )
         if self.trainable_only:
             self._check_trainable_saved(path)
-        self.accelerator.load_state(str(path), strict=not self.trainable_only)
         missing = sorted(set(self.components) - set(state["components"]))
         if missing:
             raise ValueError(f"{path}: checkpoint has no state for {missing[0]!r}")
-        for name, component in self.components.items():
+        for name, component in self.components.items():  # first: a component may refuse the resume
             component.load_state_dict(state["components"][name])
+        self.accelerator.load_state(str(path), strict=not self.trainable_only)
         return state
 
     def _check_trainable_saved(self, path: Path) -> None:

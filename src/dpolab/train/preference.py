@@ -276,6 +276,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     counters = blocks.Counters()
     checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
     checkpointer.register("data", stream)
+    checkpointer.register("data_identity", blocks.DataIdentity(pairs, config.data))
     checkpointer.register("counters", counters)
     if monitor is not None:
         checkpointer.register("monitor", blocks.MonitorState(monitor))

@@ -121,6 +121,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     counters = blocks.Counters()
     checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
     checkpointer.register("data", stream)
+    checkpointer.register("data_identity", blocks.DataIdentity(items, config.data))
     checkpointer.register("counters", counters)
     return Setup(
         config, accelerator, folder, model, tokenizer, optimizer, scheduler,

@@ -39,6 +39,9 @@ def test_references_without_a_number_and_bad_rows_are_named(model, tmp_path):
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
     with pytest.raises(ValueError, match=r"line 2 \(row 1\).*'answer'"):
         evaluate_file(model, str(bad))
+    for limit in (0, -1):  # -1 used to evaluate all but the last problem
+        with pytest.raises(ValueError, match=f"--limit must be at least 1; got {limit}"):
+            evaluate_file(model, str(bad), limit=limit)
 
 
 def test_cli_eval_on_gsm8k_rows(model, tmp_path):

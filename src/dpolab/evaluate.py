@@ -70,6 +70,8 @@ def evaluate_file(
     """:func:`math_accuracy` on a JSONL file of problems (e.g. GSM8K's test split or the quickstart's)."""
     from dpolab.data.onpolicy import read_prompts
 
+    if limit is not None and limit < 1:  # [:-1] would silently drop the last problem
+        raise ValueError(f"--limit must be at least 1; got {limit}")
     rows = read_prompts(data, prompt_field, answer_field)[:limit]
     return math_accuracy(model_dir, [r.prompt + prompt_suffix for r in rows], [r.reference for r in rows], **options)
 

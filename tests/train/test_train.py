@@ -366,3 +366,45 @@ def test_ld_dpo_and_wpo_take_the_same_steps_on_the_naive_path(workspace, tmp_pat
     plain = base(workspace, tmp_path / "plain", save_model=False, tensorboard=False)
     run(plain)
     assert [m["loss"] for m in read_metrics(tmp_path / "plain" / "run")] != pytest.approx(losses[True], rel=1e-4)
+
+
+def test_the_data_order_covers_each_epoch_once_and_splits_it_across_processes():
+    """Steps never cross an epoch; 2 processes see exactly the one-process micro-batches, split in two."""
+    from dpolab.train.blocks import BatchStream, steps_per_epoch
+
+    one = BatchStream(57, 8, seed=3, accumulation=2)
+    shares = [BatchStream(57, 4, seed=3, rank=r, processes=2, accumulation=2) for r in (0, 1)]
+    per_epoch = steps_per_epoch(57, 4, 2, 2)
+    assert per_epoch == steps_per_epoch(57, 8, 1, 2) == 4  # micro-batches 8 × 7 + 1, in steps of 2
+    for epoch in range(3):
+        seen = []
+        for _ in range(per_epoch):
+            step = one.next_step()
+            split = [s.next_step() for s in shares]
+            assert {b.epoch for b in step} == {epoch}
+            for micro, batch in enumerate(step):
+                assert split[0][micro].global_ids == batch.global_ids == split[1][micro].global_ids
+                real = [i for share in split if share[micro].real for i in share[micro].ids]
+                assert sorted(real) == sorted(batch.ids)
+                seen += batch.ids
+        assert sorted(seen) == list(range(57))
+    state = one.state_dict()
+    again = BatchStream(57, 8, seed=3, accumulation=2)
+    again.load_state_dict(state)
+    assert [b.global_ids for b in again.next_step()] == [b.global_ids for b in one.next_step()]
+
+
+def test_epochs_train_each_pair_epochs_times(workspace, tmp_path):
+    """57 pairs, batch 4 × accumulation 2: three epochs are 171 pairs and the epoch logged never passes 3."""
+    rows = PAIRS * 3
+    data = tmp_path / "57.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({**r, "prompt": f"{i}: {r['prompt']}"}) for i, r in enumerate(rows[:57])) + "\n"
+    )
+    config = base(
+        workspace, tmp_path, data=str(data), max_steps=None, epochs=3, gradient_accumulation_steps=2,
+        save_model=False, tensorboard=False, monitor={"enabled": False},
+    )  # fmt: skip
+    summary = run(config)
+    assert summary["pairs_seen"] == 171 and summary["steps"] == 24
+    assert max(m["epoch"] for m in read_metrics(tmp_path / "run")) == 3

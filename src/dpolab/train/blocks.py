@@ -385,9 +385,14 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
+def steps_per_epoch(items: int, batch_size: int, processes: int, accumulation: int) -> int:
+    """Optimiser steps in one pass: an epoch's last step takes the micro-batches left, never the next epoch's."""
+    return math.ceil(math.ceil(items / (batch_size * processes)) / accumulation)
+
+
 def total_steps(config: TrainConfig, items: int, processes: int) -> int:
-    items_per_step = config.batch_size * config.gradient_accumulation_steps * processes
-    return config.max_steps or max(1, math.ceil(config.epochs * math.ceil(items / items_per_step)))
+    per_epoch = steps_per_epoch(items, config.batch_size, processes, config.gradient_accumulation_steps)
+    return config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
 
 
 def build_optimizer(config: TrainConfig, model, steps: int):
@@ -420,15 +425,18 @@ class MicroBatch:
 
 
 class BatchStream:
-    """The data order: a seeded shuffle per epoch cut into global micro-batches of ``batch_size × processes``.
+    """The data order: a seeded shuffle per epoch cut into global micro-batches of ``batch_size × processes``,
+    grouped into optimiser steps of up to ``accumulation`` micro-batches that never cross an epoch's end.
 
     Process r takes items r, r + P, … of each global micro-batch. The order is a pure function of (seed,
-    epoch), so the position (micro-batches consumed) is the whole state.
+    epoch), so the position (steps consumed) is the whole state.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, processes: int = 1) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int, rank: int = 0, processes: int = 1, accumulation: int = 1
+    ) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.processes = rank, processes
+        self.rank, self.processes, self.accumulation = rank, processes, accumulation
         self.consumed = 0
         self._iterator = self._generate()
 
@@ -438,24 +446,28 @@ class BatchStream:
         while True:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
+            micro_batches = []
             for start in range(0, len(order), width):
                 global_ids = order[start : start + width]
                 mine = global_ids[self.rank :: self.processes]
-                yield MicroBatch(epoch, global_ids, mine or global_ids[:1], bool(mine))
+                micro_batches.append(MicroBatch(epoch, global_ids, mine or global_ids[:1], bool(mine)))
+            for start in range(0, len(micro_batches), self.accumulation):
+                yield micro_batches[start : start + self.accumulation]
             epoch += 1
 
-    def next(self) -> MicroBatch:
+    def next_step(self) -> list[MicroBatch]:
+        """The micro-batches of the next optimiser step."""
         self.consumed += 1
         return next(self._iterator)
 
     def state_dict(self) -> dict:
-        return {"micro_batches": self.consumed}
+        return {"steps": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = 0
         self._iterator = self._generate()
-        for _ in range(state["micro_batches"]):
-            self.next()
+        for _ in range(state["steps"]):
+            self.next_step()
 
 
 @dataclass

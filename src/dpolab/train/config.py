@@ -91,7 +91,7 @@ class TrainConfig:
     batch_size: int = 8
     """Pairs per micro-batch (per process)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimiser step; pairs per step = batch_size × this × processes."""
+    """Micro-batches per optimiser step; pairs per step = batch_size × this × processes. A step never crosses an epoch's end: the last step of an epoch takes the micro-batches left."""
     epochs: float = 1.0
     """Passes over the training pairs (may be fractional)."""
     max_steps: int | None = None

@@ -271,8 +271,9 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     probe_reference = None if probe_values is None else probe_values[: len(probe_pairs)]
 
     stream = blocks.BatchStream(
-        len(pairs), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes
-    )
+        len(pairs), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
+        config.gradient_accumulation_steps,
+    )  # fmt: skip
     counters = blocks.Counters()
     checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
     checkpointer.register("data", stream)
@@ -311,17 +312,17 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 sums: dict[str, float] = {}
                 step_pairs = step_tokens = 0
                 step_rows, step_logps, finite = [], [], True
-                for micro in range(config.gradient_accumulation_steps):
-                    batch = s.stream.next()
+                step_batches = s.stream.next_step()
+                for micro, batch in enumerate(step_batches):
                     global_lengths = torch.tensor([len(s.pairs[i].chosen_ids) for i in batch.global_ids])
-                    last = micro == config.gradient_accumulation_steps - 1
+                    last = micro == len(step_batches) - 1
                     with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                         forward = forward_pairs(
                             model, s.objective, s.engine, config, s.pairs, batch.ids, s.reference,
                             global_lengths.float().mean().to(accelerator.device),
                         )  # fmt: skip
                         # Σ local losses × P / (pairs in the global micro-batch): DDP's average is the global mean.
-                        share = processes / (len(batch.global_ids) * config.gradient_accumulation_steps)
+                        share = processes / (len(batch.global_ids) * len(step_batches))
                         accelerator.backward(forward.losses.sum() * share * float(batch.real))
                     finite = finite and bool(torch.isfinite(forward.losses).all())
                     blocks.add_sums(sums, pair_metrics(forward), batch.real)

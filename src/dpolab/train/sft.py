@@ -116,8 +116,9 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     stream = blocks.BatchStream(
-        len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes
-    )
+        len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
+        config.gradient_accumulation_steps,
+    )  # fmt: skip
     counters = blocks.Counters()
     checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
     checkpointer.register("data", stream)
@@ -156,17 +157,17 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 sums: dict[str, float] = {}
                 step_examples = step_tokens = 0
                 step_rows, finite = [], True
-                for micro in range(config.gradient_accumulation_steps):
-                    batch = s.stream.next()
+                step_batches = s.stream.next_step()
+                for micro, batch in enumerate(step_batches):
                     global_lengths = torch.tensor([len(s.examples[i].completion_ids) for i in batch.global_ids])
-                    last = micro == config.gradient_accumulation_steps - 1
+                    last = micro == len(step_batches) - 1
                     with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                         losses, logps = forward_examples(
                             model, s.engine, s.reduction, s.examples, batch.ids,
                             global_lengths.float().mean().to(accelerator.device),
                         )  # fmt: skip
                         # Σ local losses × P / (examples in the global micro-batch): DDP's average is the global mean.
-                        share = processes / (len(batch.global_ids) * config.gradient_accumulation_steps)
+                        share = processes / (len(batch.global_ids) * len(step_batches))
                         accelerator.backward(losses.sum() * share * float(batch.real))
                     finite = finite and bool(torch.isfinite(losses).all())
                     lengths = torch.tensor([len(s.examples[i].completion_ids) for i in batch.ids])

@@ -348,3 +348,17 @@ def test_resume_refuses_training_data_whose_contents_changed(workspace, tmp_path
         run(base(workspace, out, data=str(data), checkpoint_steps=2, max_steps=4), resume="latest")
     data.write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")  # back as it was: the resume goes on
     assert run(base(workspace, out, data=str(data), checkpoint_steps=2, max_steps=4), resume="latest")["steps"] == 4
+
+
+def test_a_lora_run_checkpoints_only_the_adapter_and_resumes_exactly(workspace, tmp_path):
+    out = tmp_path / "lora"
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    run(base(workspace, out, lora=lora, checkpoint_steps=2, save_model=True, learning_rate=1e-2))
+    adapter = load_file(str(out / "model" / "adapter_model.safetensors"))
+    saved = load_file(str(out / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)  # the frozen base is not copied into checkpoints
+    run(base(workspace, out, lora=lora, checkpoint_steps=2, save_model=True, learning_rate=1e-2),
+        resume=str(out / "checkpoints" / "step-0000002"))  # fmt: skip
+    again = load_file(str(out / "model" / "adapter_model.safetensors"))
+    assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
+    assert any(float(t.abs().max()) > 0 for k, t in again.items() if "lora_B" in k)  # it trained

@@ -35,10 +35,10 @@ from dpolab.engine.reference import (
     store_cached,
     weights_fingerprint,
 )
-from dpolab.train.checkpoint import config_differences
+from dpolab.train.checkpoint import Checkpointer, config_differences
 from dpolab.train.config import TrainConfig
-from dpolab.train.distributed import broadcast_object, gather_rows
-from dpolab.train.guard import RunLock, prepare_output_dir
+from dpolab.train.distributed import any_across, broadcast_object, gather_rows, sum_across
+from dpolab.train.guard import NonFiniteError, RunLock, prepare_output_dir
 from dpolab.train.metrics import MetricsLog, progress_bar
 
 # --- the accelerator -------------------------------------------------------------------------
@@ -541,6 +541,50 @@ def token_weight_fn(config: TrainConfig):
     return weights
 
 
+# --- what every recipe's loop reads ------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The pieces every recipe's loop reads; a recipe's ``Setup`` adds its own (its items, objective, …)."""
+
+    config: TrainConfig
+    accelerator: object
+    folder: RunFolder
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    parameters: list
+    engine: LogpEngine
+    fallback: str | None
+    stream: BatchStream
+    counters: Counters
+    checkpointer: Checkpointer
+    total_steps: int
+    data_report: dict
+
+
+def run_state(config: TrainConfig, accelerator, folder: RunFolder, model, items: list) -> dict:
+    """The data order, the counters and the checkpointer with every common component registered (the data
+    position, the data's fingerprint, the counters), as keyword arguments for a recipe's ``Setup``."""
+    stream = BatchStream(
+        len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
+        config.gradient_accumulation_steps,
+    )  # fmt: skip
+    counters = Counters()
+    checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
+    checkpointer.register("data", stream)
+    checkpointer.register("data_identity", DataIdentity(items, config.data))
+    checkpointer.register("counters", counters)
+    return {
+        "stream": stream,
+        "counters": counters,
+        "checkpointer": checkpointer,
+        "parameters": [p for p in model.parameters() if p.requires_grad],
+    }
+
+
 # --- the end of every optimiser step -----------------------------------------------------------
 
 
@@ -550,9 +594,6 @@ def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, 
     ``s`` is a recipe's setup (accelerator, config, optimizer, scheduler, parameters, counters, folder).
     Returns (gradient norm before clipping, learning rate of this step).
     """
-    from dpolab.train.distributed import any_across
-    from dpolab.train.guard import NonFiniteError
-
     grad_norm = gradient_norm(s.accelerator, s.parameters, s.config.max_grad_norm)
     learning_rate = s.scheduler.get_last_lr()[0]
     finite = not any_across(s.accelerator, not finite)
@@ -578,8 +619,6 @@ def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, 
 
 def throughput(s, items: int, tokens: int, unit: str) -> dict[str, float]:
     """Add this process's step counts to the global counters; the run-level rates (``unit`` = pairs or examples)."""
-    from dpolab.train.distributed import sum_across
-
     item_total, token_total = sum_across(s.accelerator, [items, tokens])
     s.counters.items_seen += int(item_total)
     s.counters.tokens_seen += int(token_total)
@@ -604,8 +643,6 @@ def add_sums(sums: dict[str, float], values: dict[str, torch.Tensor], real: bool
 
 def reduced_means(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
     """Σ over every process of each sum, divided by the items on every process (names agree across processes)."""
-    from dpolab.train.distributed import sum_across
-
     names = sorted(sums)
     totals = sum_across(accelerator, [sums[n] for n in names] + [float(count)])
     return {name: total / totals[-1] for name, total in zip(names, totals, strict=False)} if totals[-1] else {}

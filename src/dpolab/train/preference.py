@@ -12,6 +12,7 @@ FSDP averages equals the one-process gradient. Metrics are sums over every proce
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,10 +20,9 @@ import torch
 
 from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
-from dpolab.engine.logps import LogpEngine, TokenLogps
+from dpolab.engine.logps import TokenLogps
 from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from_config, wpo_pair_weights
 from dpolab.train import blocks
-from dpolab.train.checkpoint import Checkpointer
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, gather_rows
 from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
@@ -45,18 +45,16 @@ class PairForward:
 
 
 def forward_pairs(
+    s: Setup,
     model,
-    objective: Objective,
-    engine: LogpEngine,
-    config: TrainConfig,
     pairs: list[TokenizedPair],
     ids: list[int],
     reference: torch.Tensor | None,
     batch_mean_chosen_length: torch.Tensor | None = None,
 ) -> PairForward:
     """Policy log-probs of ``pairs[ids]`` (LD-DPO token weights applied), the objective, WPO's pair weights."""
-    tokens = engine.token_logps(model, [pairs[i] for i in ids], ids, with_log_sum_sq=config.use_weighting)
-    token_weights = blocks.token_weight_fn(config)
+    use_weighting, token_weights = s.config.use_weighting, s.token_weights
+    tokens = s.engine.token_logps(model, [pairs[i] for i in ids], ids, with_log_sum_sq=use_weighting)
     sums = tokens.sums(token_weights(tokens) if token_weights else None).float()
     lengths = tokens.branch_lengths
     reference_ids = None if reference is None else reference[ids].to(sums.device)
@@ -69,9 +67,9 @@ def forward_pairs(
         lengths[:, 1],
         batch_mean_chosen_length,
     )
-    result = objective(inputs)
+    result = s.objective(inputs)
     losses = result.losses
-    if config.use_weighting:
+    if use_weighting:
         aligned = TokenLogps(tokens.values.detach() - tokens.log_sum_sq, tokens.sequence, tokens.index, lengths).sums()
         losses = losses * wpo_pair_weights(aligned[:, 0], aligned[:, 1], lengths[:, 0], lengths[:, 1])
     return PairForward(losses, inputs, result)
@@ -133,9 +131,8 @@ def evaluate(s: Setup, step: int) -> dict:
         for ids, real in batches:
             with s.accelerator.autocast():
                 forward = forward_pairs(
-                    s.model, s.objective, s.engine, s.config, s.eval_pairs, ids, s.eval_reference,
-                    mean_chosen_length.to(s.accelerator.device),
-                )  # fmt: skip
+                    s, s.model, s.eval_pairs, ids, s.eval_reference, mean_chosen_length.to(s.accelerator.device)
+                )
             blocks.add_sums(sums, pair_metrics(forward), real)
             count += len(ids) if real else 0
     s.model.train()
@@ -157,11 +154,6 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
     if s.monitor_settings.sample_prompts > 0:
         unwrapped = s.accelerator.unwrap_model(s.model)
         lora_reference = bool(s.config.lora) and s.reference_model is None
-        # generate() may enter below an FSDP2 root (PEFT calls the base model's forward): gather the root's
-        # own parameters for the whole probe; the sharded layers gather theirs as they run.
-        root_gathered = hasattr(unwrapped, "unshard")
-        if root_gathered:
-            unwrapped.unshard()
         values.update(
             sample_probe(
                 unwrapped,
@@ -177,27 +169,16 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
                 synced=s.accelerator.distributed_type.value == "FSDP",
             )
         )
-        if root_gathered:
-            unwrapped.reshard()
     s.monitor.record_probe(step, values)
     return values
 
 
 @dataclass
-class Setup:
+class Setup(blocks.Run):
     """Everything the loop reads, built by :func:`setup`."""
 
-    config: TrainConfig
-    accelerator: object
-    folder: blocks.RunFolder
-    model: torch.nn.Module
-    tokenizer: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    parameters: list
     objective: Objective
-    engine: LogpEngine
-    fallback: str | None
+    token_weights: Callable[[TokenLogps], torch.Tensor] | None  # LD-DPO's, or None
     pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
     reference: torch.Tensor | None
@@ -207,11 +188,6 @@ class Setup:
     monitor_settings: MonitorConfig
     probe_pairs: list[TokenizedPair]
     probe_reference: torch.Tensor | None
-    stream: blocks.BatchStream
-    counters: blocks.Counters
-    checkpointer: Checkpointer
-    total_steps: int
-    data_report: dict
     reference_seconds: float
 
 
@@ -243,6 +219,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     reference = eval_reference = None
+    token_weights = blocks.token_weight_fn(config)  # LD-DPO: the same weights for policy and reference
     reference_start = time.perf_counter()
     if objective.needs_reference:
         module = reference_model.to(accelerator.device) if reference_model is not None else model
@@ -253,13 +230,12 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
             "row_tokens": config.row_tokens,
             "forward": "naive" if fallback else "packed",
         }
-        weights = blocks.token_weight_fn(config)
         reference = blocks.reference_pass(
-            accelerator, module, pairs, engine, config, "train", cache_settings, weights, adapter_off, log
+            accelerator, module, pairs, engine, config, "train", cache_settings, token_weights, adapter_off, log
         )
         if eval_pairs:
             eval_reference = blocks.reference_pass(
-                accelerator, module, eval_pairs, engine, config, "eval", cache_settings, weights, adapter_off, log
+                accelerator, module, eval_pairs, engine, config, "eval", cache_settings, token_weights, adapter_off, log
             )
         if not sampling:  # cached: the reference model is needed while training only to score the monitor's samples
             reference_model = None
@@ -270,22 +246,16 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     probe_pairs = probe_source[: settings.probe_pairs] if monitor is not None else []
     probe_reference = None if probe_values is None else probe_values[: len(probe_pairs)]
 
-    stream = blocks.BatchStream(
-        len(pairs), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
-        config.gradient_accumulation_steps,
-    )  # fmt: skip
-    counters = blocks.Counters()
-    checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
-    checkpointer.register("data", stream)
-    checkpointer.register("data_identity", blocks.DataIdentity(pairs, config.data))
-    checkpointer.register("counters", counters)
+    state = blocks.run_state(config, accelerator, folder, model, pairs)
     if monitor is not None:
-        checkpointer.register("monitor", blocks.MonitorState(monitor))
+        state["checkpointer"].register("monitor", blocks.MonitorState(monitor))
     return Setup(
-        config, accelerator, folder, model, tokenizer, optimizer, scheduler,
-        [p for p in model.parameters() if p.requires_grad], objective, engine, fallback, pairs, eval_pairs,
-        reference, eval_reference, reference_model, monitor, settings, probe_pairs, probe_reference, stream,
-        counters, checkpointer, steps, data.report, reference_seconds,
+        config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
+        optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
+        data_report=data.report, objective=objective, token_weights=token_weights, pairs=pairs,
+        eval_pairs=eval_pairs, reference=reference, eval_reference=eval_reference, reference_model=reference_model,
+        monitor=monitor, monitor_settings=settings, probe_pairs=probe_pairs, probe_reference=probe_reference,
+        reference_seconds=reference_seconds, **state,
     )  # fmt: skip
 
 
@@ -318,7 +288,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     last = micro == len(step_batches) - 1
                     with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                         forward = forward_pairs(
-                            model, s.objective, s.engine, config, s.pairs, batch.ids, s.reference,
+                            s, model, s.pairs, batch.ids, s.reference,
                             global_lengths.float().mean().to(accelerator.device),
                         )  # fmt: skip
                         # Σ local losses × P / (pairs in the global micro-batch): DDP's average is the global mean.

@@ -95,6 +95,11 @@ def sample_probe(
     samples, entropies = [], []
     was_training = model.training
     model.eval()
+    # generate() may enter below an FSDP2 root (PEFT calls the base model's forward): gather the root's own
+    # parameters for the whole probe; the sharded layers gather theirs as they run.
+    root_sharded = hasattr(model, "unshard")
+    if root_sharded:
+        model.unshard()
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for prompt in prompts:
@@ -132,5 +137,7 @@ def sample_probe(
             metrics["monitor/sample_logratio"] = (
                 metrics["monitor/sample_logp_policy"] - metrics["monitor/sample_logp_reference"]
             )
+    if root_sharded:
+        model.reshard()
     model.train(was_training)
     return metrics

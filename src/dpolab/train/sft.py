@@ -24,7 +24,6 @@ from dpolab.data.tokenize import TokenizedSequence, tokenize_sft
 from dpolab.engine.logps import LogpEngine
 from dpolab.losses import nll
 from dpolab.train import blocks
-from dpolab.train.checkpoint import Checkpointer
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across
 from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
@@ -32,27 +31,12 @@ from dpolab.train.metrics import progress_bar
 
 
 @dataclass
-class Setup:
+class Setup(blocks.Run):
     """Everything the loop reads, built by :func:`setup`."""
 
-    config: TrainConfig
-    accelerator: object
-    folder: blocks.RunFolder
-    model: torch.nn.Module
-    tokenizer: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    parameters: list
     reduction: str
-    engine: LogpEngine
-    fallback: str | None
     examples: list[TokenizedSequence]
     eval_examples: list[TokenizedSequence]
-    stream: blocks.BatchStream
-    counters: blocks.Counters
-    checkpointer: Checkpointer
-    total_steps: int
-    data_report: dict
 
 
 def forward_examples(
@@ -115,19 +99,11 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     optimizer, scheduler = blocks.build_optimizer(config, model, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    stream = blocks.BatchStream(
-        len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
-        config.gradient_accumulation_steps,
-    )  # fmt: skip
-    counters = blocks.Counters()
-    checkpointer = Checkpointer(accelerator, folder.path, config.keep_checkpoints, model, bool(config.lora))
-    checkpointer.register("data", stream)
-    checkpointer.register("data_identity", blocks.DataIdentity(items, config.data))
-    checkpointer.register("counters", counters)
     return Setup(
-        config, accelerator, folder, model, tokenizer, optimizer, scheduler,
-        [p for p in model.parameters() if p.requires_grad], sft_reduction(config), engine, fallback, items,
-        data.eval_items, stream, counters, checkpointer, steps, data.report,
+        config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
+        optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
+        data_report=data.report, reduction=sft_reduction(config), examples=items, eval_examples=data.eval_items,
+        **blocks.run_state(config, accelerator, folder, model, items),
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpolab import __version__
@@ -50,9 +51,43 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dpolab losses | head`
         sys.stderr.close()
         return 0
-    except ValueError as error:
-        print(f"dpolab {args.command}: error: {error}", file=sys.stderr)
+    except ValueError as error:  # bad input: a config key, a file, a row — the message names it
+        print(f"dpolab {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training, where Ctrl-C is caught and checkpointed
+        print(f"dpolab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # disk full, permission denied, a file that vanished
+        print(f"dpolab {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if os.environ.get("DPOLAB_TRACEBACK"):
+            raise
+        path = save_traceback()
+        print(
+            f"dpolab {args.command}: internal error: {type(error).__name__}: {one_line(error)[:500]} "
+            f"(a bug in dpolab: please report it with the traceback saved in {path})",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (an OSError with its file name)."""
+    if isinstance(error, OSError) and error.strerror:
+        names = " → ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        return f"{error.strerror}: {names}" if names else error.strerror
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def save_traceback() -> str:
+    """The current exception's traceback in a temporary file; its path."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="dpolab-traceback-", suffix=".txt", delete=False) as handle:
+        traceback.print_exc(file=handle)
+    return handle.name
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpolab.train.metrics import progress_bar
+from dpolab.console import progress_bar, quiet_libraries
 
 
 def math_accuracy(
@@ -35,8 +35,9 @@ def math_accuracy(
     bad_reference = [i for i, r in enumerate(references) if reference_number(r) is None]
     if bad_reference:  # before any generation: fail fast
         raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
-    model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
-    tokenizer = load_tokenizer(model_dir)
+    with quiet_libraries():  # no transformers bar per weight load, from the CLI or from Python
+        model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
+        tokenizer = load_tokenizer(model_dir)
     with progress_bar(progress, f"greedy accuracy{f' ({name})' if name else ''}", len(prompts)) as advance:
         completions = [
             c[0]

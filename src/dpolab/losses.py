@@ -625,6 +625,8 @@ class LossSpec:
             raise ValueError(f"loss {self.name!r} has no parameter {unknown[0]!r} (its parameters: {known})")
         merged = {**defaults, **params}
         for key, value in merged.items():
+            if isinstance(value, float) and not math.isfinite(value):  # e.g. beta: .inf from YAML
+                raise ValueError(f"{self.name}.{key} must be finite; got {value!r}")
             rule = _PER_LOSS_RULES.get((self.name, key)) or _PARAM_RULES.get(key)
             if rule is None:
                 continue

@@ -67,11 +67,14 @@ def test_cli_exit_codes_and_table(tmp_path):
     assert result.returncode == 0 and "1 rows, 0 with problems" in result.stdout
 
 
+# Text with lone surrogates (written as JSON escapes such as "\\ud800"), which UTF-8 cannot encode.
+texts = st.text(max_size=6) | st.text(st.characters(codec=None, categories=["Cs"]), min_size=1, max_size=2)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
+contents = st.text(max_size=5) | json_values  # a message content: text, or null, a number, a list of parts…
 rows = st.one_of(
     json_values,
     st.fixed_dictionaries(
@@ -85,19 +88,37 @@ rows = st.one_of(
     st.fixed_dictionaries(
         {
             "chosen": st.lists(
-                st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=5)}),
+                st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": contents}),
                 max_size=3,
             ),
             "rejected": st.lists(
-                st.fixed_dictionaries({"role": st.just("assistant"), "content": st.text(max_size=5)}), max_size=3
+                st.fixed_dictionaries({"role": st.just("assistant"), "content": contents}), max_size=3
             ),
-        }
+        },
+        optional={
+            "prompt": st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": contents}), max_size=2)
+        },
     ),
 )
+DEEP = b"[" * 20_000 + b"]" * 20_000  # nested too deeply for the JSON parser's recursion
+
+
+def _texts(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for message in value:
+            assert set(message) >= {"role", "content"}
+            assert isinstance(message["role"], str) and isinstance(message["content"], str)
+            yield message["role"]
+            yield message["content"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(rows, min_size=1, max_size=6), st.lists(st.binary(max_size=12), max_size=2))
+@given(
+    st.lists(rows, min_size=1, max_size=6),
+    st.lists(st.binary(max_size=12) | st.just(DEEP), max_size=2),
+)
 def test_loaders_never_crash_on_malformed_rows(tmp_path, values, garbage):
     path = tmp_path / "fuzz.jsonl"
     lines = [json.dumps(v).encode() for v in values] + [g.replace(b"\n", b" ") for g in garbage if g.strip()]
@@ -108,5 +129,8 @@ def test_loaders_never_crash_on_malformed_rows(tmp_path, values, garbage):
         pass  # a clear, row-naming error is the only acceptable failure
     examples, bad = load_examples(str(path), on_bad_rows="skip")
     assert len(examples) + len(bad) == sum(1 for line in lines if line.strip())
+    for example in examples:  # what is accepted is text a tokenizer can encode: no None, repr or surrogate
+        for text in (*_texts(example.prompt), *_texts(example.chosen), *_texts(example.rejected)):
+            text.encode("utf-8")
     report = check_file(str(path))
     assert report.rows == len(examples) + len(bad)

@@ -218,7 +218,10 @@ def test_reward_model_judge_scores_equal_the_model_on_each_text_alone(tmp_path):
 class ChatServer:
     """A local OpenAI-compatible /chat/completions endpoint on 127.0.0.1 with scripted behaviour."""
 
-    def __init__(self, fail_first: int = 0, status: int = 503, always_fail: bool = False, fail_after: int = 0) -> None:
+    def __init__(
+        self, fail_first: int = 0, status: int = 503, always_fail: bool = False, fail_after: int = 0, reply=None
+    ) -> None:
+        """``reply(response)``: the reply's ``content`` for the judged response text (default: a grader of "#### 4")."""
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.fail_first, self.status, self.always_fail = fail_first, status, always_fail
@@ -245,7 +248,9 @@ class ChatServer:
                     self.end_headers()
                     return
                 response = body["messages"][1]["content"].split("Response:\n")[1].split("Reference answer:")[0]
-                if "gibberish" in response:
+                if reply is not None:
+                    content = reply(response)
+                elif "gibberish" in response:
                     content = "I cannot decide."
                 else:
                     content = "Right answer, clear steps.\nScore: 5" if "#### 4" in response else "Wrong.\nScore: 2"

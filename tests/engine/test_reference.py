@@ -44,3 +44,13 @@ def test_cache_round_trip_and_keys_change_with_any_input(tmp_path):
     assert items_fingerprint(pairs[:-1]) != items_fingerprint(pairs)
     assert cache_key("w", "p", {"ld_alpha": 0.5}) != cache_key("w", "p", {"ld_alpha": None})
     assert not any(p.name.startswith("reference-") and p.suffix != ".safetensors" for p in tmp_path.iterdir())
+
+
+def test_a_damaged_cache_file_is_a_miss_and_is_rewritten(tmp_path, capsys):
+    values = torch.randn(5, 2, dtype=torch.float64)
+    path = store_cached(tmp_path, "key", values)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short, a full disk
+    assert load_cached(tmp_path, "key") is None
+    assert "unreadable" in capsys.readouterr().err
+    store_cached(tmp_path, "key", values)
+    assert torch.equal(load_cached(tmp_path, "key"), values)

@@ -130,7 +130,7 @@ def test_sigkill_then_resume_is_bitwise_equal(workspace, uninterrupted, kill_at)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_stop_signals_checkpoint_and_exit(workspace, uninterrupted, signum, code):
     out = workspace / f"signal-{code}"
     process = train(workspace, out, wait=False)
@@ -188,7 +188,7 @@ def test_skip_nonfinite_counts_and_stops_after_the_maximum(workspace, tmp_path):
     with pytest.raises(NonFiniteError, match="4 non-finite batches, more than max_nonfinite=3"):
         run(config)
     metrics = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["nonfinite_skipped"] for m in metrics][-3:] == [1, 2, 3]
+    assert [m["nonfinite_skipped"] for m in metrics][-4:] == [1, 2, 3, 4]  # the stopping step is logged too
 
 
 def test_finished_runs_are_not_clobbered(workspace, tmp_path):
@@ -260,7 +260,7 @@ def test_the_run_lock_is_released_on_every_error_path(workspace, tmp_path, case)
         bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "", "rejected": "y"}) + "\n")
         config, error = base(workspace, out, data=str(bad)), ValueError
     elif case == "no usable pair":
-        config, error = base(workspace, out, max_length=2), ValueError
+        config, error = base(workspace, out, max_length=2, truncation_mode="drop"), ValueError
     elif case == "non-finite":
         config, error = base(workspace, out, learning_rate=1e4, max_grad_norm=None, max_steps=30), NonFiniteError
     elif case == "loss needs a reference":

@@ -143,7 +143,7 @@ def test_packed_and_naive_training_take_the_same_steps(workspace, tmp_path, arch
         (["--loss", "dpoo"], "loss: unknown loss 'dpoo'"),
         (["--batch_size", "two"], "batch_size: expected int; got 'two'"),
         (["--learning_rat", "1e-5"], "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
-        (["--data", "missing.jsonl"], "data: file not found: missing.jsonl"),
+        (["--data", "missing.jsonl"], "data: no such file: missing.jsonl"),
         (["--lr_scheduler", "step"], "lr_scheduler: must be one of linear, cosine, constant; got 'step'"),
         (["--model", ""], "model: required"),
     ],
@@ -163,7 +163,7 @@ def test_cli_config_error_is_one_line(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "dpolab train: error: data: file not found: x.jsonl"
+    assert result.stderr.strip() == "dpolab train: error: data: no such file: x.jsonl"
 
 
 TRL_LOSSES = [

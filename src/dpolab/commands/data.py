@@ -20,14 +20,14 @@ def _progress(enabled: bool, description: str):
     """A ``progress(total, done)`` factory for the resumable data commands: a rich bar with ETA."""
     import contextlib
 
-    from dpolab.train.metrics import progress_bar
+    from dpolab.console import progress_bar
 
     stack = contextlib.ExitStack()
 
     def start(total: int, done: int):
         advance = stack.enter_context(progress_bar(enabled, description, total))
         if done:
-            advance(done)
+            advance(0, completed=done)  # resumed: the count starts there, the ETA counts new work
         return advance
 
     return start, stack
@@ -150,6 +150,15 @@ def data_sample_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rubric(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--rubric {path}: not UTF-8 (at byte offset {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"--rubric {path}: cannot read: {error.strerror or error}") from None
+
+
 def data_judge_command(args: argparse.Namespace) -> int:
     from dpolab.data import judges
     from dpolab.data.onpolicy import judge_file
@@ -163,7 +172,7 @@ def data_judge_command(args: argparse.Namespace) -> int:
     else:
         if not (args.base_url and args.llm_model):
             raise ValueError("--judge llm needs --base-url (e.g. https://api.openai.com/v1) and --llm-model")
-        rubric = Path(args.rubric).read_text() if args.rubric else judges.MATH_RUBRIC
+        rubric = _read_rubric(args.rubric) if args.rubric else judges.MATH_RUBRIC
         judge = judges.LLMJudge(
             args.base_url,
             args.llm_model,
@@ -218,9 +227,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = data_commands.add_parser(
         "check",
         help="list every bad row of a preference file; exit 0 only when it is clean",
-        description="Reports per row: invalid JSON or UTF-8 (with line numbers), missing or extra fields, wrong "
-        "types, empty prompt or completion, chosen identical to rejected, duplicate pairs, and (with --tokenizer "
-        "and --max-length) prompts that alone reach max_length. Ends with a summary table.",
+        description="Reports per row: invalid JSON or UTF-8 (with line numbers), JSON nested too deeply, missing or "
+        "extra fields, wrong types (a message content that is not a string included), lone surrogates, empty prompt "
+        "or completion, chosen identical to rejected, duplicate pairs, and (with --tokenizer and --max-length) "
+        "prompts that alone reach max_length or a chat template that fails. Ends with a summary table. Exit 1 when a "
+        "row has a problem, 2 when the file cannot be read at all (missing, a folder, empty).",
     )
     check.add_argument("file", help=".jsonl, .json, .parquet or .csv file (or a datasets id)")
     check.add_argument("--tokenizer", help="tokenizer directory or id, to check prompt lengths in tokens")

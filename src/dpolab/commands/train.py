@@ -12,6 +12,11 @@ def train_command(args: argparse.Namespace) -> int:
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
 
     rest = list(args.rest)
+    if "--keys" in rest:
+        from dpolab.train.config import keys_help
+
+        print(keys_help())
+        return 0
     config_path = rest.pop(0) if rest and not rest[0].startswith("--") else None
     resume, overwrite = None, False
     if "--overwrite" in rest:
@@ -73,11 +78,16 @@ def relaunch_with_torchrun(processes: int, argv: list[str]) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dpolab.train.config import keys_summary
+
     train = subparsers.add_parser(
         "train",
         help="preference-train a Hugging Face causal LM from a YAML config",
         description="Train with CONFIG.yaml; any config key can be overridden as --key value "
-        "(nested: --loss_params.beta 0.3). See docs/training.md for every key.",
+        "(nested: --loss_params.beta 0.3). --resume [CHECKPOINT] continues a stopped run; --overwrite "
+        "replaces a run in output_dir; --keys prints every key with its default and meaning.",
+        epilog=keys_summary(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
         "rest",
@@ -91,6 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
         description="dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only). "
         "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/training.md.",
+        epilog=keys_summary(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
     sft.set_defaults(handler=train_command, sft=True)

@@ -10,7 +10,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.data.formats import BadLine, DataError, example_from_row, pair_key, read_jsonl_lines, read_rows
+from dpolab.data.formats import (
+    BadLine,
+    DataError,
+    _one_line,
+    example_from_row,
+    pair_key,
+    read_jsonl_lines,
+    read_rows,
+)
 
 KNOWN_FIELDS = {"prompt", "chosen", "rejected"}
 
@@ -46,6 +54,9 @@ class CheckReport:
 def _kind(message: str) -> str:
     for needle, kind in (
         ("not UTF-8", "non-UTF-8 text"),
+        ("lone surrogate", "invalid Unicode text"),
+        ("nested too deeply", "nested too deeply"),
+        ("chat template", "chat template error"),
         ("invalid JSON", "invalid JSON"),
         ("missing field", "missing field"),
         ("must be", "wrong type"),
@@ -60,10 +71,13 @@ def _kind(message: str) -> str:
 
 
 def check_file(source: str, tokenizer=None, max_length: int | None = None, allow_extra: bool = False) -> CheckReport:
-    """Check every row of ``source``; see the module docstring."""
-    path = Path(source)
+    """Check every row of ``source``; see the module docstring. A file that cannot be read at all (missing, a
+    folder, empty, a CSV with only a header) is a :class:`DataError` naming it."""
+    path = Path(source).expanduser()
     if path.suffix.lower() == ".jsonl" and path.exists():
         numbered = read_jsonl_lines(path)
+        if not numbered:
+            raise DataError(f"{path}: no rows (the file is empty)")
     else:
         numbered = [(None, row) for row in read_rows(source)]
     report = CheckReport(source, rows=len(numbered))
@@ -94,7 +108,13 @@ def check_file(source: str, tokenizer=None, max_length: int | None = None, allow
         if tokenizer is not None and max_length is not None:
             from dpolab.data.tokenize import tokenize_pairs
 
-            _, tokenized = tokenize_pairs(tokenizer, [example], max_length)
+            try:
+                _, tokenized = tokenize_pairs(tokenizer, [example], max_length, truncation_mode="drop")
+            except Exception as error:  # noqa: BLE001 - a template that raises on this row: a problem of the row
+                if not example.conversational:
+                    raise
+                add("chat template error", f"the tokenizer's chat template fails on this row: {_one_line(error)}")
+                continue
             if tokenized.dropped_rows:
                 add("prompt too long", f"the prompt alone reaches max_length={max_length} tokens")
     return report

@@ -90,7 +90,8 @@ def pairs_from_choices(rows: list, schema: Schema, source: str = "data") -> tupl
     pairs, skipped = [], []
     for index, row in enumerate(rows):
         if isinstance(row, BadLine):
-            skipped.append(f"{source}: row {index} (line {row.line}): {row.reason}")
+            at = f" (line {row.line})" if row.line is not None else ""
+            skipped.append(f"{source}: row {index}{at}: {row.reason}")
             continue
         try:
             if not isinstance(row, dict):

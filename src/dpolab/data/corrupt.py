@@ -94,6 +94,8 @@ def corrupt_file(
     from dpolab.data.formats import BadLine, read_jsonl_lines, read_rows
 
     path = Path(source)
+    if Path(out).is_dir():
+        raise ValueError(f"{out}: is a folder; --out must be a file path")
     numbered = read_jsonl_lines(path) if path.suffix == ".jsonl" else list(enumerate(read_rows(source), start=1))
     rng = random.Random(seed)
     written, skipped = 0, []

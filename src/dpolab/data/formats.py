@@ -9,11 +9,18 @@ Three row formats, as in TRL:
   messages; rendered later with the tokenizer's chat template.
 
 Errors name the file and the row (0-based, as in the file's line order).
+
+Every text must be a string that UTF-8 can encode: a message's ``role`` and ``content`` are strings
+(``123``, ``null``, a dict or a list of parts is refused, never rendered as ``"None"`` or a repr), and a
+lone surrogate such as ``"\\ud800"`` is refused. A JSONL line nested more than :data:`MAX_DEPTH` levels
+deep is a bad line like invalid JSON.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +56,95 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class BadLine:
-    """A line of a JSONL file that is not a row: invalid UTF-8 or invalid JSON (1-based line number)."""
+    """A line of a JSONL file that is not a row: invalid UTF-8, invalid JSON or nested too deeply (1-based line
+    number; None for a row of a .json file)."""
 
-    line: int
+    line: int | None
     reason: str
+
+
+MAX_DEPTH = 100  # nesting levels of one row; preference rows use three or four
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# Suffixes that mark a local file name rather than a `datasets` hub id (which has none of them).
+_LOCAL_SUFFIXES = {*DATA_SUFFIXES, ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def looks_local(source: str) -> bool:
+    """Whether ``source`` names a file on this machine rather than a `datasets` hub id (``org/name``).
+
+    As :func:`dpolab.engine.loading.looks_local` for models: it starts with ``.``, ``/`` or ``~``, has more
+    than one slash, or exists; and for data also: it ends with a data file suffix (``.jsonl``, ``.csv``, …),
+    or its first folder exists here (``data/typo`` when ``data/`` is a local folder).
+    """
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists():
+        return True
+    if os.sep != "/" and os.sep in source:
+        return True
+    if Path(source).suffix.lower() in _LOCAL_SUFFIXES:
+        return True
+    return "/" in source and Path(source.split("/", 1)[0]).is_dir()
+
+
+def text_problem(value: str, key: str) -> str | None:
+    """Why the string ``value`` of ``key`` cannot be trained on, or None: a lone surrogate UTF-8 cannot encode."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    return (
+        f"{key} contains a lone surrogate {ascii(found.group())[1:-1]} at character {found.start()} "
+        "(not valid Unicode text; UTF-8 cannot encode it)"
+    )
+
+
+def messages_problem(value: object, key: str) -> str | None:
+    """Why ``value`` is not a list of chat messages, or None.
+
+    A message is an object with string ``role`` and ``content`` (other keys are kept); problems name the
+    message, e.g. ``chosen[1].content must be a string, got int``.
+    """
+    if not isinstance(value, list):
+        return f"{key} must be a list of messages, got {type(value).__name__}"
+    for index, message in enumerate(value):
+        at = f"{key}[{index}]"
+        if not isinstance(message, dict):
+            return f"{at} must be a message {{role, content}}, got {type(message).__name__}"
+        for field in ("role", "content"):
+            if field not in message:
+                return f"{at}: missing field {field!r} (a message has role and content)"
+            if not isinstance(message[field], str):
+                return f"{at}.{field} must be a string, got {_type_name(message[field])}"
+            problem = text_problem(message[field], f"{at}.{field}")
+            if problem:
+                return problem
+    return None
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests lists/objects more than ``limit`` levels deep (iteratively: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _parse_json(text: str) -> object:
+    """``json.loads`` that reports nesting beyond :data:`MAX_DEPTH` (or the interpreter's limit) as a ValueError."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    if _too_deep(value):
+        raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)")
+    return value
 
 
 # Where an implicit prompt may end (the text after it starts the completion), most specific first.
@@ -82,46 +174,38 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return "", chosen, rejected
 
 
-def _is_messages(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
-
-
 def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceExample:
-    """Validate one row and turn it into a :class:`PreferenceExample`."""
+    """Validate one row and turn it into a :class:`PreferenceExample` (the one validator of the loaders and
+    ``dpolab data check``)."""
     where = f"{source}: row {index}"
     if isinstance(row, BadLine):
-        raise DataError(f"{where} (line {row.line}): {row.reason}")
+        raise DataError(
+            f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
+        )
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with chosen/rejected, got {type(row).__name__}")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(row)) or 'none'})")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if _is_messages(chosen) and _is_messages(rejected):
-        if prompt is None:
-            shared = 0
-            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-                shared += 1
-            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        elif not _is_messages(prompt):
-            raise DataError(
-                f"{where}: conversational chosen/rejected need a message-list prompt, got {type(prompt).__name__}"
-            )
-        if not prompt:
-            raise DataError(f"{where}: empty prompt (no shared leading messages)")
-        for key, value in (("chosen", chosen), ("rejected", rejected)):
-            if not value:
-                raise DataError(f"{where}: empty {key} (no messages after the prompt)")
-        return PreferenceExample(prompt, chosen, rejected, index, conversational=True)
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: field {key!r} must be a string or a list of messages, got {_type_name(value)}")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise DataError(
-                f"{where}: field {key!r} must be a string or a list of messages, got {type(value).__name__}"
+                f"{where}: chosen and rejected must both be strings or both be lists of messages; got "
+                f"{type(chosen).__name__} and {type(rejected).__name__}"
             )
+        return _conversational_example(prompt, chosen, rejected, index, where)
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        problem = text_problem(value, f"field {key!r}") if isinstance(value, str) else None
+        if problem:
+            raise DataError(f"{where}: {problem}")
     if prompt is None:
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
     elif not isinstance(prompt, str):
-        raise DataError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
+        raise DataError(f"{where}: field 'prompt' must be a string, got {_type_name(prompt)}")
     if not prompt.strip():
         raise DataError(f"{where}: empty prompt")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
@@ -132,37 +216,120 @@ def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceE
     return PreferenceExample(prompt, chosen, rejected, index)
 
 
+def _conversational_example(prompt, chosen: list, rejected: list, index: int, where: str) -> PreferenceExample:
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        problem = messages_problem(value, key)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+    if chosen == rejected:  # as for strings; checked before the shared messages are split off
+        raise DataError(f"{where}: chosen and rejected are identical")
+    if prompt is None:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif not isinstance(prompt, list):
+        raise DataError(f"{where}: conversational chosen/rejected need a message-list prompt, got {_type_name(prompt)}")
+    else:
+        problem = messages_problem(prompt, "prompt")
+        if problem:
+            raise DataError(f"{where}: {problem}")
+    if not prompt:
+        raise DataError(f"{where}: empty prompt (no shared leading messages)")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value:
+            raise DataError(f"{where}: empty {key} (no messages after the prompt)")
+        if not any(message["content"].strip() for message in value):
+            raise DataError(f"{where}: empty {key} completion (every message's content is blank)")
+    return PreferenceExample(prompt, chosen, rejected, index, conversational=True)
+
+
 def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows from a .jsonl/.json/.parquet/.csv file, or from a `datasets` id (local or cached)."""
-    path = Path(source)
+    """Rows from a .jsonl/.json/.parquet/.csv file, or from a `datasets` id (local or cached).
+
+    A source that looks like a local path (:func:`looks_local`) and does not exist is ``no such file`` at
+    once, never tried on the hub. A folder, an empty file and a CSV with only a header are refused, naming
+    the file. A .jsonl line or .json row that cannot be read comes back as a :class:`BadLine`.
+    """
+    path = Path(source).expanduser()
     if path.exists():
+        _require_file(path)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return [row for _, row in read_jsonl_lines(path)]
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
-            if isinstance(data, dict) and split in data:
-                data = data[split]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a list of rows (or a mapping with a {split!r} list)")
-            return data
-        if suffix in (".parquet", ".csv"):
-            import datasets
+            rows = [row for _, row in read_jsonl_lines(path)]
+        elif suffix == ".json":
+            rows = _read_json(path, split)
+        elif suffix in (".parquet", ".csv"):
+            rows = _read_table(path, suffix)
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
+        if not rows:
+            raise DataError(f"{path}: no rows (the file is empty)")
+        return rows
+    if looks_local(source):
+        raise DataError(f"no such file: {source}")
+    import datasets
 
-            dataset = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-            return list(dataset)
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
-    if source.count("/") <= 1 and not source.startswith((".", "/")):
-        import datasets
+    try:
+        rows = list(datasets.load_dataset(source, split=split))
+    except Exception as error:  # noqa: BLE001 - hub errors vary; one clear line
+        raise DataError(f"cannot load data set {source!r} (split {split!r}): {_one_line(error)}") from None
+    if not rows:
+        raise DataError(f"data set {source!r} (split {split!r}): no rows")
+    return rows
 
-        try:
-            return list(datasets.load_dataset(source, split=split))
-        except Exception as error:  # noqa: BLE001 - hub errors vary; one clear line
-            raise DataError(f"cannot load data set {source!r} (split {split!r}): {error}") from None
-    raise DataError(f"data file not found: {source}")
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file (give a .jsonl, .json, .parquet or .csv file)")
+    if not path.exists():
+        raise DataError(f"no such file: {path}")
+
+
+def _read_json(path: Path, split: str) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 (at byte offset {error.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: no rows (the file is empty)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply (more than {MAX_DEPTH} levels)") from None
+    if isinstance(data, dict) and split in data:
+        data = data[split]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows (or a mapping with a {split!r} list)")
+    # A row nested too deeply is a bad row (counted, or skipped with on_bad_rows: skip), as in JSONL.
+    return [BadLine(None, f"nested too deeply (more than {MAX_DEPTH} levels)") if _too_deep(row) else row
+            for row in data]  # fmt: skip
+
+
+def _read_table(path: Path, suffix: str) -> list:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    if suffix == ".csv":
+        with open(path, "rb") as handle:
+            lines = [line for line in handle.read().splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise DataError(
+                f"{path}: no rows (only a header line)" if lines else f"{path}: no rows (the file is empty)"
+            )
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(suffix[1:], data_files=str(path), split="train"))
+    except Exception as error:  # noqa: BLE001 - pandas/pyarrow errors vary; one clear line naming the file
+        cause = error.__cause__ or error.__context__ or error
+        raise DataError(f"{path}: cannot read as {suffix[1:]}: {_one_line(cause)}") from None
 
 
 def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExample:
@@ -170,23 +337,31 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExam
     completion, the messages before it the prompt)."""
     where = f"{source}: row {index}"
     if isinstance(row, BadLine):
-        raise DataError(f"{where} (line {row.line}): {row.reason}")
+        raise DataError(
+            f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
+        )
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     if "messages" in row:
         messages = row["messages"]
-        if not _is_messages(messages) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+        problem = messages_problem(messages, "messages")
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise DataError(
                 f"{where}: 'messages' must be a list of role/content messages ending with an assistant turn"
             )
-        if not str(messages[-1]["content"]).strip():
+        if not messages[-1]["content"].strip():
             raise DataError(f"{where}: empty completion (last assistant message)")
         return SFTExample(messages[:-1], messages[-1:], index, conversational=True)
     for key in ("prompt", "completion"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (SFT rows need prompt + completion, or messages)")
         if not isinstance(row[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+            raise DataError(f"{where}: field {key!r} must be a string, got {_type_name(row[key])}")
+        problem = text_problem(row[key], f"field {key!r}")
+        if problem:
+            raise DataError(f"{where}: {problem}")
         if not row[key].strip():
             raise DataError(f"{where}: empty {key}")
     return SFTExample(row["prompt"], row["completion"], index)
@@ -195,6 +370,8 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExam
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write ``rows`` as JSONL (UTF-8, non-ASCII kept), creating the folder; returns how many."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; the output must be a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with open(path, "w", encoding="utf-8") as handle:
@@ -205,9 +382,19 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
-    """(1-based line number, parsed row or :class:`BadLine`) for every non-blank line."""
+    """(1-based line number, parsed row or :class:`BadLine`) for every non-blank line.
+
+    A line that is not UTF-8, not JSON, or nested more than :data:`MAX_DEPTH` levels is a :class:`BadLine`;
+    a missing file or a folder is a :class:`DataError` naming it.
+    """
+    path = Path(path)
+    _require_file(path)
     rows: list[tuple[int, object]] = []
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+    with handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 text = raw.decode("utf-8")
@@ -217,9 +404,11 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
             if not text.strip():
                 continue
             try:
-                rows.append((number, json.loads(text)))
+                rows.append((number, _parse_json(text)))
             except json.JSONDecodeError as error:
                 rows.append((number, BadLine(number, f"invalid JSON ({error.msg}, column {error.colno})")))
+            except ValueError as error:  # nested too deeply
+                rows.append((number, BadLine(number, str(error))))
     return rows
 
 

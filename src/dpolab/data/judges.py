@@ -8,6 +8,8 @@
   the 3D paper's 1–5 maths rubric, PAPERS.md §5). The API key is read from an environment variable at
   request time and never written; transient failures are retried with exponential back-off; a reply
   without a parsable score is recorded as such (score None, the reply kept in the note), never guessed.
+  A reply whose ``content`` is not text (null, a number, an object, a list with other than text parts) is
+  such a reply too: score None, the note saying what came back. A list of text parts is read as their text.
 """
 
 from __future__ import annotations
@@ -92,7 +94,16 @@ class RewardModelJudge:
                 verdicts[index] = Verdict(None, "empty generation")
             elif isinstance(prompt, list) and getattr(self.tokenizer, "chat_template", None):
                 conversation = prompt + [{"role": "assistant", "content": candidate}]
-                texts.append((index, self.tokenizer.apply_chat_template(conversation, tokenize=False), False))
+                try:
+                    text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+                except Exception as error:  # noqa: BLE001 - jinja and template errors vary; one line
+                    from dpolab.data.formats import _one_line
+
+                    raise ValueError(
+                        f"{self.path}: the reward model's chat template fails on the prompt "
+                        f"{prompt_text(prompt)[:60]!r}: {type(error).__name__}: {_one_line(error)}"
+                    ) from None
+                texts.append((index, text, False))
             else:
                 texts.append((index, prompt_text(prompt) + candidate, True))
         self.tokenizer.padding_side = "right"
@@ -127,6 +138,20 @@ process has clear errors.
 Reply with a one-sentence justification, then a last line of the form "Score: N" with N from 1 to 5."""
 
 SCORE = re.compile(r"score\s*[:=]\s*\**\s*([1-5])\b", re.IGNORECASE)
+
+
+def reply_text(content: object) -> str | None:
+    """The text of a chat completion's ``message.content``: a string, or a list of ``{"type": "text", "text"}``
+    parts joined; None for anything else (null, a number, an object, other parts)."""
+    if isinstance(content, str):
+        return content
+    if (
+        isinstance(content, list)
+        and content
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+    ):
+        return "".join(part["text"] for part in content)
+    return None
 
 
 def parse_score(reply: str) -> int | None:
@@ -194,7 +219,8 @@ class LLMJudge:
         self.requests = 0  # HTTP requests sent, retries included
         self._failed = threading.Event()  # set when a request gave up: queued items then send nothing
 
-    def _request(self, prompt: str | list[dict], candidate: str, reference: str | None) -> str:
+    def _request(self, prompt: str | list[dict], candidate: str, reference: str | None) -> object:
+        """The reply's ``message.content`` as it came (normally a string)."""
         from dpolab.data.onpolicy import prompt_text
 
         user = f"Problem:\n{prompt_text(prompt)}\n\nResponse:\n{candidate}\n"
@@ -247,10 +273,14 @@ class LLMJudge:
         except RuntimeError:  # the command stops; nothing of this batch is written, so a rerun redoes it
             self._failed.set()
             raise
-        score = parse_score(reply)
+        text = reply_text(reply)
+        if text is None:
+            shown = json.dumps(reply, ensure_ascii=False)
+            return Verdict(None, f"judge reply without text content: content = {shown[:200]}")
+        score = parse_score(text)
         if score is None:
-            return Verdict(None, f"unparsable judge reply: {reply[:200]!r}")
-        return Verdict(float(score), reply[-200:])
+            return Verdict(None, f"unparsable judge reply: {text[:200]!r}")
+        return Verdict(float(score), text[-200:])
 
     def score(self, items: list[Item]) -> list[Verdict]:
         self._failed.clear()

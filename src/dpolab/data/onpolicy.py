@@ -14,13 +14,23 @@ gives no pair is counted with its reason, nothing silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpolab.data.formats import BadLine, _is_messages, read_jsonl_lines, write_jsonl
+from dpolab.data.formats import (
+    BadLine,
+    _one_line,
+    _parse_json,
+    messages_problem,
+    read_jsonl_lines,
+    text_problem,
+    write_jsonl,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ class PromptRow:
     prompt: str | list[dict]  # text, or a list of {role, content} messages (rendered with the chat template)
     reference: str | None  # the data set's reference solution or answer, if given
     extra: dict  # every other field of the row, carried along as provenance
+    line: int | None = None  # the 1-based line in the prompts file
 
 
 def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field: str | None = None) -> list[PromptRow]:
@@ -40,9 +51,14 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field
             problems.append(f"{where}: {row.reason}")
             continue
         value = row.get(prompt_field) if isinstance(row, dict) else None
-        text_prompt = isinstance(value, str) and value.strip()
-        if not (text_prompt or (_is_messages(value) and value)):
-            problems.append(f"{where}: needs a non-empty field {prompt_field!r} (a string or a list of messages)")
+        if isinstance(value, list) and value:
+            problem = messages_problem(value, prompt_field)
+        elif isinstance(value, str) and value.strip():
+            problem = text_problem(value, f"field {prompt_field!r}")
+        else:
+            problem = f"needs a non-empty field {prompt_field!r} (a string or a list of messages)"
+        if problem:
+            problems.append(f"{where}: {problem}")
             continue
         reference = None
         if reference_field is not None:
@@ -51,8 +67,12 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field
                 problems.append(f"{where}: needs the reference field {reference_field!r} (a string or number)")
                 continue
             reference = str(reference)
+            problem = text_problem(reference, f"field {reference_field!r}")
+            if problem:
+                problems.append(f"{where}: {problem}")
+                continue
         extra = {k: v for k, v in row.items() if k not in (prompt_field, reference_field)}
-        rows.append(PromptRow(number, row[prompt_field], reference, extra))
+        rows.append(PromptRow(number, row[prompt_field], reference, extra, line))
     if problems:
         more = f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(f"{len(problems)} bad prompt rows:\n  " + "\n  ".join(problems[:10]) + more)
@@ -66,11 +86,21 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
-def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
-    """The text the model sees for a prompt under its chat template, ending with the assistant's turn."""
+def render_prompt(tokenizer, prompt: str | list[dict], where: str = "prompt") -> str:
+    """The text the model sees for a prompt under its chat template, ending with the assistant's turn.
+
+    A template that raises (a jinja error, or ``raise_exception`` in the template, e.g. for a role it does
+    not support) is a one-line ``ValueError`` naming ``where`` (the prompt's file and line)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat prompts need a tokenizer with a chat template; this one has none")
-    return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 - jinja and template errors vary; one line naming the prompt
+        raise ValueError(f"{where}: the tokenizer's chat template fails: {type(error).__name__}: "
+                         f"{_one_line(error)}") from None  # fmt: skip
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the tokenizer's chat template gave {type(text).__name__}, not text")
+    return text
 
 
 def prompt_text(prompt: str | list[dict]) -> str:
@@ -108,6 +138,8 @@ class AppendLog:
     def __init__(self, path: str | Path, restart: bool = False) -> None:
         self.path = Path(path)
         self.done: dict[int, dict] = {}
+        if self.path.is_dir():
+            raise ValueError(f"{self.path}: is a folder; --out must be a file path")
         if restart and self.path.exists():
             self.path.unlink()
         if self.path.exists():
@@ -118,8 +150,9 @@ class AppendLog:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = _parse_json(line.decode("utf-8"))
                     prompt_id = row["prompt_id"]
+                    hash(prompt_id)
                 except (ValueError, KeyError, TypeError):
                     if index == len(lines) - 1:  # torn by an interruption: drop it
                         keep = len(raw) - len(line)
@@ -141,6 +174,9 @@ class AppendLog:
         ``ignore``: settings that may change without changing the result (an endpoint's URL)."""
         for prompt_id, row in self.done.items():
             old = row.get(key) or {}
+            if not isinstance(old, dict):
+                raise ValueError(f"{self.path}: prompt_id {prompt_id}: {key!r} is not a record of this command; "
+                                 "use another output file or --restart")  # fmt: skip
             changed = sorted(k for k in set(old) | set(value) if k not in ignore and old.get(k) != value.get(k))
             if changed:
                 details = ", ".join(f"{k}: {old.get(k)!r} → {value.get(k)!r}" for k in changed)
@@ -166,16 +202,70 @@ class AppendLog:
 
 
 def read_records(path: str | Path, need: Iterable[str]) -> list[dict]:
-    """The records of a ``sample`` / ``judge`` output, checked for the fields the next step needs."""
+    """The records of a ``sample`` / ``judge`` output, checked for the fields the next step needs: an integer
+    ``prompt_id``, a text or message-list ``prompt``, ``candidates`` as strings and ``scores`` as finite
+    numbers or null (one per candidate); a bad record is a ``ValueError`` naming the file, line and key."""
     records = []
+    need = list(need)
     for number, (line, row) in enumerate(read_jsonl_lines(Path(path))):
+        where = f"{path}: line {line} (row {number})"
         if isinstance(row, BadLine):
-            raise ValueError(f"{path}: line {line} (row {number}): {row.reason}")
+            raise ValueError(f"{where}: {row.reason}")
         missing = [key for key in need if not isinstance(row, dict) or key not in row]
         if missing:
-            raise ValueError(f"{path}: line {line} (row {number}): missing {', '.join(map(repr, missing))}")
+            raise ValueError(f"{where}: missing {', '.join(map(repr, missing))}")
+        problem = _record_problem(row, need)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         records.append(row)
     return records
+
+
+def _record_problem(row: dict, need: list[str]) -> str | None:
+    if "prompt_id" in need and (not isinstance(row["prompt_id"], int) or isinstance(row["prompt_id"], bool)):
+        return f"'prompt_id' must be an integer, got {type(row['prompt_id']).__name__}"
+    if "prompt" in need:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            problem = messages_problem(prompt, "prompt")
+        elif isinstance(prompt, str):
+            problem = text_problem(prompt, "prompt")
+        else:
+            problem = f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
+        if problem:
+            return problem
+    if "candidates" in need:
+        candidates = row["candidates"]
+        if not isinstance(candidates, list):
+            return f"'candidates' must be a list of strings, got {type(candidates).__name__}"
+        for index, candidate in enumerate(candidates):
+            if not isinstance(candidate, str):
+                return f"candidates[{index}] must be a string, got {type(candidate).__name__}"
+    if "scores" in need:
+        problem = scores_problem(row["scores"])
+        if problem:
+            return problem
+        if "candidates" in need and len(row["scores"]) != len(row["candidates"]):
+            return (
+                f"prompt_id {row.get('prompt_id')}: {len(row['scores'])} scores for {len(row['candidates'])} candidates"
+            )
+    return None
+
+
+def scores_problem(scores: object) -> str | None:
+    """Why ``scores`` is not a list of finite numbers or nulls, or None. A bool is not a number, and a numeric
+    string ("5") is refused: compared as text, "10" < "9"."""
+    if not isinstance(scores, list):
+        return f"'scores' must be a list of numbers (null for unscored), got {type(scores).__name__}"
+    for index, score in enumerate(scores):
+        if score is None:
+            continue
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            hint = ' (write numbers, not strings: 5, not "5")' if isinstance(score, str) else ""
+            return f"scores[{index}] must be a number or null, got {type(score).__name__} {score!r}{hint}"
+        if isinstance(score, float) and not math.isfinite(score):
+            return f"scores[{index}] must be a finite number or null, got {score}"
+    return None
 
 
 # --- sample ------------------------------------------------------------------------------------
@@ -216,8 +306,13 @@ def sample_file(
     policy = load_model(model, allow_pickle=allow_pickle, device=default_device())
     tokenizer = load_tokenizer(model)
     chat = chat_template or any(isinstance(row.prompt, list) for row in rows)
-    if chat:
-        render_prompt(tokenizer, rows[0].prompt)  # fails early, before any sampling, without a template
+    # Every prompt is rendered before any sampling: a template that fails on row 900 stops the run at once.
+    inputs = [
+        render_prompt(tokenizer, row.prompt, f"{prompts}: line {row.line} (prompt_id {row.prompt_id})")
+        if chat
+        else row.prompt
+        for row in rows
+    ]
     settings = {
         "chat_template": chat,
         "n": n,
@@ -228,9 +323,11 @@ def sample_file(
         "batch_size": batch_size,
     }
     empty = 0
-    sampler = {"model": str(model), **settings}
+    fingerprint = prompts_fingerprint(rows)
+    sampler = {"model": str(model), **settings, "prompt_rows": len(rows), "prompts_sha256": fingerprint}
     with AppendLog(out, restart) as log:
-        log.require_same("sampler", sampler)
+        require_same_prompts(log, rows, prompts, fingerprint)
+        log.require_same("sampler", sampler, ignore=("prompt_rows", "prompts_sha256"))
         todo = [row for row in rows if row.prompt_id not in log.done]
         advance = progress(len(rows), len(rows) - len(todo)) if progress else (lambda k: None)
         # Batches sit at fixed positions of the prompts file and each has its own seed, so a resumed run
@@ -243,7 +340,7 @@ def sample_file(
             candidates = generate(
                 policy,
                 tokenizer,
-                [render_prompt(tokenizer, row.prompt) if chat else row.prompt for row in batch],
+                inputs[start : start + batch_size],
                 max_new_tokens=max_new_tokens,
                 batch_size=len(batch),
                 add_special_tokens=not chat,
@@ -265,6 +362,44 @@ def sample_file(
     return {"prompts": len(rows), "sampled": len(todo), "resumed": len(rows) - len(todo), "empty_candidates": empty}
 
 
+def prompts_fingerprint(rows: list[PromptRow]) -> str:
+    """A digest of every prompt row (id, prompt, reference, other fields): a changed prompts file changes it."""
+    content = json.dumps([[r.prompt_id, r.prompt, r.reference, r.extra] for r in rows], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def require_same_prompts(log: AppendLog, rows: list[PromptRow], prompts: str | Path, fingerprint: str) -> None:
+    """Refuse to continue ``log`` from a prompts file whose contents changed since it was started (same path).
+
+    A prompt already sampled whose text or reference differs is named by its line; any other change (rows
+    added, removed or edited, other fields) is caught by the fingerprint of the whole file, which each
+    record's ``sampler`` stores. A resumed run must give the file an uninterrupted run on this file gives."""
+    by_id = {row.prompt_id: row for row in rows}
+    advice = "use the same prompts file, another output file, or --restart"
+    for prompt_id, record in sorted(log.done.items(), key=lambda item: str(item[0])):
+        row = by_id.get(prompt_id)
+        if row is None:
+            raise ValueError(f"{log.path}: prompt_id {prompt_id} was sampled, but {prompts} has no such prompt row "
+                             f"now ({len(rows)} rows): the prompts file changed; {advice}")  # fmt: skip
+        where = f"{prompts}: line {row.line} (prompt_id {prompt_id})"
+        if record.get("prompt") != row.prompt:
+            raise ValueError(f"{where}: the prompt differs from the one already sampled into {log.path} "
+                             f"(the prompts file changed); {advice}")  # fmt: skip
+        if record.get("reference") != row.reference:
+            raise ValueError(f"{where}: the reference differs from the one already sampled into {log.path} "
+                             f"(the prompts file changed); {advice}")  # fmt: skip
+    for prompt_id, record in log.done.items():
+        sampler = record.get("sampler") if isinstance(record.get("sampler"), dict) else {}
+        old = sampler.get("prompts_sha256")
+        if old is not None and old != fingerprint:
+            then = sampler.get("prompt_rows")
+            raise ValueError(
+                f"{prompts} changed since {log.path} was started ({then} prompt rows then, {len(rows)} now; "
+                f"fingerprint {old} then, {fingerprint} now; prompt_id {prompt_id}): a resumed run would mix "
+                f"two prompt sets; {advice}"
+            )
+
+
 # --- judge -------------------------------------------------------------------------------------
 
 
@@ -284,8 +419,6 @@ def judge_file(
     """
     records = read_records(source, ["prompt_id", "prompt", "candidates"])
     for number, record in enumerate(records):
-        if not isinstance(record["candidates"], list) or not all(isinstance(c, str) for c in record["candidates"]):
-            raise ValueError(f"{source}: row {number}: 'candidates' must be a list of strings")
         if judge.needs_reference and record.get("reference") is None:
             raise ValueError(
                 f"{source}: row {number} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a "
@@ -382,6 +515,8 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
     (lowest index among equals), rejected = the worst bad candidate of its source. A prompt without a
     good chosen or a bad rejected is dropped from that scenario and counted.
     """
+    if good_score is not None and not math.isfinite(good_score):
+        raise ValueError(f"--good-score must be a finite number; got {good_score}")
     pools = {
         "policy": {r["prompt_id"]: r for r in read_records(policy, ["prompt_id", "prompt", "candidates", "scores"])},
         "other": {r["prompt_id"]: r for r in read_records(other, ["prompt_id", "prompt", "candidates", "scores"])},

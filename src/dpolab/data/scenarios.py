@@ -110,7 +110,7 @@ def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b",
         raise ValueError("--policy and --other must be different models")
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"file not found: {source}")
+        raise ValueError(f"no such file: {source}")
     numbered = read_jsonl_lines(path)
     for line, row in numbered:
         if isinstance(row, BadLine):

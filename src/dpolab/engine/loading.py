@@ -40,18 +40,30 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     device: torch.device | str | None = None,
+    what: str = "model",
 ):
-    """A Hugging Face model (causal LM or sequence classifier) from a folder or hub id, under the policy above."""
+    """A Hugging Face model (causal LM or sequence classifier) from a folder or hub id, under the policy above.
+
+    ``what`` names the config key in errors (``model``, ``reference``). A local folder whose files cannot be
+    read (a truncated ``model.safetensors``, a broken ``config.json``) is a ``ValueError`` naming the folder.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _check_source(name, allow_pickle, "model")
+    _check_source(name, allow_pickle, what)
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(
-        str(Path(name).expanduser()) if looks_local(name) else name,
-        dtype=dtype if dtype is not None else "auto",
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-    )
+    try:
+        model = auto.from_pretrained(
+            str(Path(name).expanduser()) if looks_local(name) else name,
+            dtype=dtype if dtype is not None else "auto",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (SafetensorError, OSError, ValueError) as error:
+        if not looks_local(name):
+            raise
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{what}: cannot load the model in {name}: {detail[:300]}") from None
     if device is not None:
         model.to(device)
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -86,8 +87,17 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 
 def load_cached(cache_dir: str | Path, key: str) -> torch.Tensor | None:
+    """The cached log-probs, or None on a miss. A damaged cache file (truncated by a full disk or a copy)
+    counts as a miss, with a note: it is derived data, recomputed and rewritten atomically."""
     path = cache_path(cache_dir, key)
-    return load_file(str(path))["logps"] if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))["logps"]
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type, OSError, a missing tensor
+        detail = " ".join(str(error).split())[:120]
+        print(f"note: the reference cache file {path} is unreadable ({detail}); recomputing it", file=sys.stderr)
+        return None
 
 
 def store_cached(cache_dir: str | Path, key: str, logps: torch.Tensor) -> Path:

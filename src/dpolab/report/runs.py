@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from dpolab import safe_yaml
+from dpolab.train.metrics import read_metrics
 from dpolab.train.monitor import MonitorConfig, Trajectory, check_alarms
 
 
@@ -34,9 +35,23 @@ class Run:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a metrics file; a torn line (a run killed mid-write) is skipped with a note on stderr."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, torn = read_metrics(path)
+    if torn:
+        print(f"note: skipped {torn} unreadable line(s) of {path} (torn by a kill mid-write)", file=sys.stderr)
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
 
 
 def _series(rows: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
@@ -52,15 +67,15 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path}: not a folder")
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
+    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {}
     rows = _read_jsonl(path / "metrics.jsonl")
     if (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
+        config = _read_json(path / "config.json")
         if config.get("kind") == "toy":
             return _toy_run(path, config, rows, summary)
     if not (path / "config.yaml").exists() or not rows:
         raise ValueError(f"{path}: not a dpolab run folder (no config.yaml + metrics.jsonl, nor a toy run)")
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = safe_yaml.load((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
     alarms = [row for row in rows if "alarm" in row]
     steps, series = _series([row for row in rows if "alarm" not in row and "loss" in row])
     return Run(path.name, "train", path, config, steps, series, alarms, summary)

@@ -8,12 +8,20 @@ from dpolab.train.config import TrainConfig, load_config
 
 
 def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
-    """Train with the recipe of ``config.task``; see :func:`dpolab.train.preference.train`."""
+    """Train with the recipe of ``config.task``; see :func:`dpolab.train.preference.train`.
+
+    Torch threads are set for a machine shared by the run's processes (:func:`dpolab.console.configure_threads`);
+    transformers' own progress bars and peft's deprecation warning stay quiet while it runs.
+    """
+    from dpolab.console import configure_threads, quiet_libraries
+
     if config.task == "sft":
         from dpolab.train.sft import train
     else:
         from dpolab.train.preference import train
-    return train(config, resume=resume, overwrite=overwrite)
+    configure_threads(config.threads)
+    with quiet_libraries():
+        return train(config, resume=resume, overwrite=overwrite)
 
 
 __all__ = ["TrainConfig", "load_config", "run"]

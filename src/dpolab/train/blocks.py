@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dpolab.console import progress_bar
 from dpolab.data.packing import Item
 from dpolab.engine.loading import load_model, load_tokenizer
 from dpolab.engine.logps import LogpEngine, TokenLogps, packing_fallback_reason
@@ -35,11 +36,11 @@ from dpolab.engine.reference import (
     store_cached,
     weights_fingerprint,
 )
-from dpolab.train.checkpoint import Checkpointer, config_differences
-from dpolab.train.config import TrainConfig
+from dpolab.train.checkpoint import Checkpointer, config_differences, verify_checkpoint
+from dpolab.train.config import TrainConfig, lora_settings
 from dpolab.train.distributed import any_across, broadcast_object, gather_rows, sum_across
 from dpolab.train.guard import NonFiniteError, RunLock, prepare_output_dir
-from dpolab.train.metrics import MetricsLog, progress_bar
+from dpolab.train.metrics import MetricsLog
 
 # --- the accelerator -------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
         try:
             lock, resume_from = prepare_output_dir(out, resume, overwrite)
             if resume_from is not None:
-                saved = json.loads((resume_from / "state.json").read_text()).get("config", {})
+                saved = verify_checkpoint(resume_from).get("config", {})
                 changed = config_differences(saved, config.to_dict())
                 if changed:
                     details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
@@ -153,10 +154,10 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
         except Exception as error:  # noqa: BLE001 - every process must hear of it, or the others wait forever
             if lock is not None:
                 lock.release()
-            decision = {"error": str(error), "type": type(error).__name__}
+            decision = {"error": str(error), "type": type(error).__name__, "usage": isinstance(error, ValueError)}
     decision = broadcast_object(accelerator, decision)
     if "error" in decision:
-        if decision["type"] == "ValueError":
+        if decision["usage"]:
             raise ValueError(decision["error"])
         raise RuntimeError(f"{decision['type']}: {decision['error']}")
     accelerator.wait_for_everyone()
@@ -211,8 +212,11 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
     log_skipped_rows(log, bad_rows)
     examples, eval_examples = split_eval(examples, config, load)
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-    items, report = tokenize(tokenizer, examples, config.max_length)
-    eval_items, eval_report = tokenize(tokenizer, eval_examples, config.max_length) if eval_examples else ([], None)
+    limits = dict(max_prompt_length=config.max_prompt_length, truncation_mode=config.truncation_mode)
+    items, report = tokenize(tokenizer, examples, config.max_length, **limits)
+    eval_items, eval_report = (
+        tokenize(tokenizer, eval_examples, config.max_length, **limits) if eval_examples else ([], None)
+    )
     for line in report.lines():
         log.info(f"data: {line}")
     if eval_report:
@@ -259,7 +263,16 @@ def load_reference(config: TrainConfig, model):
     """The frozen reference: a copy of the initial policy, another model, or None (LoRA: the adapter disabled)."""
     if config.reference == "auto":
         return None if config.lora else copy.deepcopy(model)
-    reference = load_model(config.reference, "causal_lm", model.dtype, config.trust_remote_code, config.allow_pickle)
+    reference = load_model(
+        config.reference, "causal_lm", model.dtype, config.trust_remote_code, config.allow_pickle, what="reference"
+    )
+    policy_vocabulary = model.get_output_embeddings().weight.shape[0]
+    reference_vocabulary = reference.get_output_embeddings().weight.shape[0]
+    if policy_vocabulary != reference_vocabulary:
+        raise ValueError(
+            f"reference: {config.reference} has {reference_vocabulary} output tokens but the model has "
+            f"{policy_vocabulary}; the reference must share the policy's tokenizer"
+        )
     if config.disable_dropout:
         disable_dropout(reference)
     return reference.eval()
@@ -268,17 +281,10 @@ def load_reference(config: TrainConfig, model):
 def apply_lora(model, lora: dict):
     from peft import LoraConfig, get_peft_model
 
-    settings = dict(lora)
-    return get_peft_model(
-        model,
-        LoraConfig(
-            r=settings.pop("r", 16),
-            lora_alpha=settings.pop("alpha", 32),
-            lora_dropout=settings.pop("dropout", 0.0),
-            task_type="CAUSAL_LM",
-            **settings,
-        ),
-    )
+    try:
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(lora)))
+    except (ValueError, TypeError) as error:  # e.g. target_modules that the model does not have
+        raise ValueError(f"lora: {' '.join(str(error).split())}") from None
 
 
 def choose_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
@@ -588,15 +594,18 @@ def run_state(config: TrainConfig, accelerator, folder: RunFolder, model, items:
 # --- the end of every optimiser step -----------------------------------------------------------
 
 
-def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, float]:
+def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, float, str | None]:
     """Clip, then step — or skip a non-finite batch (naming its data rows) — schedule, zero the gradients.
 
     ``s`` is a recipe's setup (accelerator, config, optimizer, scheduler, parameters, counters, folder).
-    Returns (gradient norm before clipping, learning rate of this step).
+    Returns (gradient norm before clipping, learning rate of this step, why the run must stop or None). A
+    non-finite batch is never applied; when the run must stop for it, the step still completes as a skipped
+    one, so the recipe checkpoints it (:func:`nonfinite_stop`) and a resume continues after the bad batch.
     """
     grad_norm = gradient_norm(s.accelerator, s.parameters, s.config.max_grad_norm)
     learning_rate = s.scheduler.get_last_lr()[0]
     finite = not any_across(s.accelerator, not finite)
+    stop = None
     if finite and math.isfinite(grad_norm):
         s.optimizer.step()
     else:  # never let NaN/inf reach the weights (or a checkpoint)
@@ -605,16 +614,27 @@ def optimizer_step(s, step: int, finite: bool, rows: list[int]) -> tuple[float, 
         message = f"step {step}: non-finite {what} in the batch of data rows {every_row}"
         s.counters.nonfinite_skipped += 1
         if not s.config.skip_nonfinite:
-            raise NonFiniteError(message + " (set skip_nonfinite: true to skip such batches)")
-        if s.counters.nonfinite_skipped > s.config.max_nonfinite:
-            raise NonFiniteError(
+            stop = message
+        elif s.counters.nonfinite_skipped > s.config.max_nonfinite:
+            stop = (
                 f"{message}; {s.counters.nonfinite_skipped} non-finite batches, more than "
                 f"max_nonfinite={s.config.max_nonfinite}"
             )
-        s.folder.log.info(f"skipped {message}")
+        else:
+            s.folder.log.info(f"skipped {message}")
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return grad_norm, learning_rate
+    return grad_norm, learning_rate, stop
+
+
+def nonfinite_stop(s, reason: str, saved: Path, command: str) -> NonFiniteError:
+    """The error that ends a run on a non-finite batch, naming it and the checkpoint written after it."""
+    config_file = s.folder.path / "config.yaml"
+    if not s.config.skip_nonfinite:
+        hint = f"to skip such batches: dpolab {command} {config_file} --resume --skip_nonfinite true"
+    else:
+        hint = f"to allow more: dpolab {command} {config_file} --resume --max_nonfinite N"
+    return NonFiniteError(f"{reason}; the batch was not applied; checkpoint: {saved}; {hint}")
 
 
 def throughput(s, items: int, tokens: int, unit: str) -> dict[str, float]:
@@ -653,7 +673,11 @@ def resume(s, log) -> int:
     first_step = 1
     if s.folder.resume_from is not None:
         first_step = s.checkpointer.load(s.folder.resume_from)["step"] + 1
-        log.truncate_after(first_step - 1, final=first_step - 1 == s.total_steps)
+        saved_step, eval_steps = first_step - 1, s.config.eval_steps
+        # An evaluation at the checkpoint's step came after it (and is redone) unless it was a periodic one:
+        # the final evaluation of a finished run, or of a run stopped by an alarm.
+        periodic = bool(eval_steps) and saved_step % eval_steps == 0 and saved_step != s.total_steps
+        log.truncate_after(saved_step, final=not periodic)
         log.info(f"resumed from {s.folder.resume_from} (step {first_step - 1} of {s.total_steps})")
     s.counters.start_clock()
     return first_step

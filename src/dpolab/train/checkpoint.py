@@ -53,6 +53,62 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; ``ValueError`` naming the file when it is missing or unreadable."""
+    file = path / "state.json"
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a dpolab checkpoint (no state.json)") from None
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(path, file, error) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DamagedCheckpoint(path, file, "not a checkpoint state")
+    return state
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk); the partial folder is removed."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (a truncated copy, a full disk); names it and an older checkpoint."""
+
+    def __init__(self, checkpoint: Path, file: Path, error: object) -> None:
+        older = [c for c in list_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
+        detail = " ".join(str(error).split())[:200]
+        advice = (
+            f"resume from the one before it with --resume {older[-1]}"
+            if older
+            else "there is no earlier checkpoint: start again with --overwrite"
+        )
+        super().__init__(f"checkpoint {checkpoint} is damaged: {file.name} cannot be read ({detail}); {advice}")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Open every file of a checkpoint far enough to notice truncation, before anything is restored.
+
+    state.json is parsed; safetensors headers are checked against the file size; torch files (zip
+    archives) must have their central directory, which sits at the end. Returns the state.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    state = read_state(path)
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                with zipfile.ZipFile(file) as archive:
+                    archive.namelist()
+        except Exception as error:  # noqa: BLE001 - any failure to open means the same to the user
+            raise DamagedCheckpoint(path, file, error) from None
+    return state
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -115,7 +171,15 @@ class Checkpointer:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(temporary), safe_serialization=True)
+        try:
+            self.accelerator.save_state(str(temporary), safe_serialization=True)
+        except (OSError, RuntimeError) as error:  # a full disk: torch's writer raises RuntimeError
+            shutil.rmtree(temporary, ignore_errors=True)
+            detail = " ".join(str(error).split())[:200]
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} in {root} ({detail}); is the disk full? "
+                "Earlier checkpoints are untouched"
+            ) from None
         state = {
             "step": step,
             "num_processes": self.accelerator.num_processes,
@@ -139,7 +203,7 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict:
         """Restore everything saved in ``path``; returns its state.json. Same number of processes required."""
-        state = json.loads((path / "state.json").read_text())
+        state = read_state(path)
         if "components" not in state:
             raise ValueError(
                 f"{path} was written by an older dpolab (before accelerate checkpoints) and cannot be resumed; "
@@ -160,7 +224,10 @@ class Checkpointer:
             raise ValueError(f"{path}: checkpoint has no state for {missing[0]!r}")
         for name, component in self.components.items():  # first: a component may refuse the resume
             component.load_state_dict(state["components"][name])
-        self.accelerator.load_state(str(path), strict=not self.trainable_only)
+        try:
+            self.accelerator.load_state(str(path), strict=not self.trainable_only)
+        except (OSError, RuntimeError, ValueError) as error:  # e.g. a damaged FSDP shard
+            raise DamagedCheckpoint(path, path, error) from None
         return state
 
     def _check_trainable_saved(self, path: Path) -> None:
@@ -186,12 +253,31 @@ HARMLESS_KEYS = frozenset(
         "save_model",
         "output_dir",
         "max_nonfinite",
+        "threads",  # changes the rounding of CPU reductions only (bitwise resume needs the same count)
+        "skip_nonfinite",  # a run that went on without it met no non-finite batch, so the result is the same
         "eval_data",
     }
 )
 
 
+PATH_KEYS = ("model", "tokenizer", "reference", "data", "eval_data")
+# What a key added later meant in checkpoints written before it existed.
+LEGACY_DEFAULTS = {"truncation_mode": "drop", "max_prompt_length": None}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ and that would change the result."""
+    """Keys whose values differ and that would change the result.
+
+    Paths compare as the files they name (checkpoints of older versions hold them relative to where
+    the run started; newer ones absolute)."""
     keys = (set(saved) | set(current)) - HARMLESS_KEYS
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+    def same(key: str) -> bool:
+        before, now = saved.get(key, LEGACY_DEFAULTS.get(key)), current.get(key)
+        if before == now:
+            return True
+        if key in PATH_KEYS and isinstance(before, str) and isinstance(now, str):
+            return Path(before).expanduser().absolute() == Path(now).expanduser().absolute()
+        return False
+
+    return sorted(k for k in keys if not same(k))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from dpolab import safe_yaml
 
 
 @dataclass
@@ -51,7 +53,11 @@ class TrainConfig:
     on_bad_rows: str = "error"
     """``error``: refuse data with bad rows (empty prompt or completion, missing fields), naming up to ten; ``skip``: leave them out and report how many."""
     max_length: int | None = 1024
-    """Most tokens in prompt + one completion. Longer completions are truncated; pairs whose prompt alone reaches it are dropped. Both are counted and reported."""
+    """Most tokens in prompt + one completion. A prompt that leaves the completions fewer than min(longest completion, max_length // 2) tokens is cut per ``truncation_mode``; completions still too long are truncated at the end. Every cut and drop is counted and reported."""
+    max_prompt_length: int | None = None
+    """Most tokens in the prompt: a longer prompt is cut to it per ``truncation_mode`` (then max_length − it are left for the completion). Must be smaller than max_length; ``null``: no separate cap."""
+    truncation_mode: str = "keep_end"
+    """How a prompt too long is cut, on tokens (after the chat template): ``keep_end`` keeps its last tokens, the end of a long dialogue (a leading BOS stays); ``keep_start`` its first; ``drop`` drops the pair instead when the prompt alone reaches max_length or exceeds max_prompt_length."""
 
     # --- loss ------------------------------------------------------------------------------
     loss: str | list[str] = "dpo"
@@ -131,7 +137,9 @@ class TrainConfig:
     cache_dir: str = "~/.cache/dpolab"
     """Where reference log-probs are cached across runs."""
     progress: bool = True
-    """Show progress bars (reference pass and training)."""
+    """Show progress (reference pass and training): a live bar on a terminal, plain periodic lines in a pipe or CI."""
+    threads: int | None = None
+    """Torch CPU threads of this process; default: ``OMP_NUM_THREADS`` if set, else the cores ÷ the processes of this run on the machine, else every core. Set 1 for each of several runs sharing a small machine."""
 
     # ------------------------------------------------------------------------------------------
 
@@ -156,10 +164,23 @@ class TrainConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0; got {getattr(self, key)!r}")
-        for key in ("max_steps", "eval_steps", "max_length", "max_grad_norm", "checkpoint_steps"):
+        for key in (
+            "max_steps",
+            "eval_steps",
+            "max_length",
+            "max_prompt_length",
+            "max_grad_norm",
+            "checkpoint_steps",
+            "threads",
+        ):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"{key}: must be > 0 or null; got {value!r}")
+        if None not in (self.max_prompt_length, self.max_length) and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length: must be smaller than max_length ({self.max_length}) to leave room for a "
+                f"completion; got {self.max_prompt_length!r}"
+            )
         for key in ("weight_decay", "warmup_steps", "sft_weight", "max_nonfinite"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0; got {getattr(self, key)!r}")
@@ -176,16 +197,28 @@ class TrainConfig:
             "sft_reduction": ("token_mean", "sum", "batch_token_mean"),
             "on_bad_rows": ("error", "skip"),
             "task": ("preference", "sft"),
+            "mixed_precision": ("auto", "no", "bf16", "fp16"),
+            "truncation_mode": ("keep_end", "keep_start", "drop"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: must lie in [0, 2**32); got {self.seed!r}")
         for key in ("data", "eval_data"):
             value = getattr(self, key)
-            if value and _looks_like_path(value) and not Path(value).exists():
-                raise ValueError(f"{key}: file not found: {value}")
-        if _looks_like_path(self.model) and not Path(self.model).exists():
-            raise ValueError(f"model: directory not found: {self.model}")
+            if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{key}: no such file: {value}")
+        folders = {"model": self.model, "tokenizer": self.tokenizer}
+        if self.reference not in ("auto", "none"):
+            folders["reference"] = self.reference
+        for key, value in folders.items():
+            if value and _looks_like_path(value) and not Path(value).expanduser().is_dir():
+                raise ValueError(f"{key}: no such folder: {value}")
+        for key in ("output_dir", "cache_dir"):
+            _check_writable_folder(key, getattr(self, key))
+        if self.lora is not None:
+            lora_settings(self.lora)
         self._check_output_apart_from_inputs()
         from dpolab.losses import objective_from_config
         from dpolab.train.monitor import monitor_config
@@ -226,6 +259,71 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose local paths (model, tokenizer, reference, data, eval data, cache, output folder) are
+        absolute, so the config.yaml a run writes resumes from any working directory. Hub ids stay as they are."""
+        changes = {}
+        for key in ("model", "tokenizer", "reference", "data", "eval_data", "cache_dir", "output_dir"):
+            value = getattr(self, key)
+            if not value or (key == "reference" and value in ("auto", "none")):
+                continue
+            local = key in ("cache_dir", "output_dir") or _looks_like_path(value) or Path(value).exists()
+            if local:
+                changes[key] = str(Path(value).expanduser().absolute())
+        return dataclasses.replace(self, **changes)
+
+
+LORA_SHORT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def lora_settings(lora: dict) -> dict:
+    """``lora:`` as keyword arguments of peft's ``LoraConfig``: ``r`` (16), ``alpha`` (32), ``dropout`` (0), and
+    any other ``LoraConfig`` field by its own name. ``ValueError`` naming the key otherwise."""
+    settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+    try:
+        from peft import LoraConfig
+
+        allowed = {f.name for f in dataclasses.fields(LoraConfig)} - {"task_type", "peft_type"}
+    except ImportError:
+        raise ValueError("lora: needs peft (pip install 'dpolab[peft]')") from None
+    for key, value in lora.items():
+        name = LORA_SHORT_NAMES.get(key, key)
+        if not isinstance(key, str) or name not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), [*LORA_SHORT_NAMES, *sorted(allowed)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"lora.{key}: not a LoRA setting{hint}; see peft's LoraConfig")
+        settings[name] = value
+    if isinstance(settings["r"], bool) or not isinstance(settings["r"], int) or settings["r"] < 1:
+        raise ValueError(f"lora.r: must be a positive integer; got {settings['r']!r}")
+    for key, name in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"lora.{key}: must be a number; got {value!r}")
+    if not 0 <= settings["lora_dropout"] < 1:
+        raise ValueError(f"lora.dropout: must lie in [0, 1); got {settings['lora_dropout']!r}")
+    targets = settings.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise ValueError(f"lora.target_modules: expected a name or a list of names; got {targets!r}")
+    return settings
+
+
+def _check_writable_folder(key: str, value: str) -> None:
+    """``value`` is a folder, or can be made one: neither it nor a parent is a file, and its nearest existing
+    ancestor is writable."""
+    path = Path(value).expanduser()
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == path else f"cannot be made: {ancestor} is a file"
+                raise ValueError(f"{key}: {value} {where}")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"{key}: {value} is not writable (no write permission on {ancestor})")
+            return
+
 
 def _looks_like_path(value: str) -> bool:
     return (
@@ -236,7 +334,10 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _check_type(key: str, value: object, hint) -> None:
-    """A small runtime check of the annotated type: str, int, float, bool, list, dict, Optional, unions."""
+    """A small runtime check of the annotated type: str, int, float, bool, list[...], dict, Optional, unions.
+
+    Floats must be finite (``.inf`` and ``.nan`` parse as YAML floats); list elements are checked too.
+    """
     options = (
         typing.get_args(hint)
         if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
@@ -251,11 +352,25 @@ def _check_type(key: str, value: object, hint) -> None:
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{key}: must be a finite number; got {value!r}")
             return
-        if origin in (str, list, dict) and isinstance(value, origin):
+        if origin is list and isinstance(value, list):
+            (element,) = typing.get_args(option) or (object,)
+            for index, item in enumerate(value):
+                if element is not object:
+                    _check_type(f"{key}[{index}]", item, element)
             return
-    names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+        if origin in (str, dict) and isinstance(value, origin):
+            return
+    names = " or ".join(_type_name(o) for o in options)
     raise ValueError(f"{key}: expected {names}; got {value!r}")
+
+
+def _type_name(option) -> str:
+    if typing.get_origin(option) is list:
+        return f"a list of {_type_name(typing.get_args(option)[0])}"
+    return getattr(option, "__name__", str(option)).replace("NoneType", "null")
 
 
 def field_docs() -> dict[str, str]:
@@ -282,11 +397,14 @@ def load_config(
     if path:
         file = Path(path)
         if not file.exists():
-            raise ValueError(f"config file not found: {path}")
+            raise ValueError(f"config: no such file: {path}")
+        if not file.is_file():
+            raise ValueError(f"config: {path} is not a file")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: invalid YAML: {error}") from None
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"config: cannot read {path}: {error}") from None
+        data = safe_yaml.load(text, path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
     data = {**(defaults or {}), **data}
@@ -300,7 +418,7 @@ def load_config(
             if not tokens:
                 raise ValueError(f"--{key}: missing value")
             inline = tokens.pop(0)
-        value = yaml.safe_load(inline)
+        value = safe_yaml.load(inline, f"--{key}")
         key = key.replace("-", "_")
         target = data
         *parents, leaf = key.split(".")
@@ -309,14 +427,16 @@ def load_config(
             if not isinstance(target, dict):
                 raise ValueError(f"--{key}: {parent} is not a mapping")
         target[leaf] = value
+    data = translate_trl_names(data)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown config key {unknown[0]!r}{hint}")
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = NOT_NEEDED.get(key) or (f"did you mean {close[0]!r}?" if close else "")
+        raise ValueError(f"unknown config key {key!r}" + (f" ({hint})" if hint else "") + "; see dpolab train --keys")
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         # YAML 1.1 reads "1e-5" (no dot) as a string; accept it where a float is expected.
@@ -330,18 +450,130 @@ def load_config(
     return config
 
 
+# TRL's DPOConfig / TrainingArguments names with the same meaning here: name → (dpolab key, value map or None).
+TRL_NAMES: dict[str, tuple[str, dict | None]] = {
+    "beta": ("loss_params.beta", None),
+    "loss_type": ("loss", None),
+    "per_device_train_batch_size": ("batch_size", None),
+    "num_train_epochs": ("epochs", None),
+    "lr_scheduler_type": ("lr_scheduler", None),
+    "model_name_or_path": ("model", None),
+    "save_steps": ("checkpoint_steps", None),
+    "save_total_limit": ("keep_checkpoints", None),
+    "bf16": ("mixed_precision", {True: "bf16", False: "no"}),
+    "fp16": ("mixed_precision", {True: "fp16", False: "no"}),
+}
+
+# Names of TRL options that have no key here, with why.
+NOT_NEEDED = {
+    "precompute_ref_log_probs": "dpolab always computes the reference log-probs once, before training, and caches them",
+    "per_device_eval_batch_size": "evaluation uses batch_size",
+    "rpo_alpha": "use sft_weight (the 3D paper's α·NLL(chosen)); TRL's rpo_alpha normalises differently",
+    "report_to": "dpolab writes metrics.jsonl and, with tensorboard: true, TensorBoard events",
+    "dataset_name": "use data (a file or a datasets id)",
+    "eval_strategy": "use eval_steps",
+    "save_strategy": "use checkpoint_steps",
+    "logging_strategy": "use logging_steps",
+}
+
+
+def translate_trl_names(data: dict) -> dict:
+    """``data`` with TRL's names replaced by dpolab's (a one-line note each on stderr); a clash is an error."""
+    import sys
+
+    data = dict(data)
+    for name, (key, values) in TRL_NAMES.items():
+        if name not in data:
+            continue
+        value = data.pop(name)
+        if values is not None:
+            if value not in values:
+                raise ValueError(f"{name}: expected one of {', '.join(map(str, values))}; got {value!r}")
+            if value is False and key in data:
+                continue  # bf16: false next to an explicit mixed_precision says nothing more
+            value = values[value]
+        *parents, leaf = key.split(".")
+        target = data
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"{name}: {parent} is not a mapping")
+        if leaf in target and target[leaf] != value:
+            raise ValueError(f"{name} (TRL's name for {key}) = {value!r} conflicts with {key} = {target[leaf]!r}")
+        target[leaf] = value
+        print(f"note: TRL's {name} is {key} in dpolab (using {key}: {value})", file=sys.stderr)
+    return data
+
+
+def default_text(item: dataclasses.Field) -> str:
+    """A field's default as a YAML reader would write it; ``(required)`` for the empty required strings."""
+    default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+    if default is None:
+        return "null"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, str):
+        return default or "(required)"
+    return repr(default)
+
+
+def key_groups() -> list[tuple[str, list[dataclasses.Field]]]:
+    """The fields under the ``# --- group ---`` comments of :class:`TrainConfig`, in order."""
+    source = inspect.getsource(TrainConfig).splitlines()
+    fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
+    groups: list[tuple[str, list[dataclasses.Field]]] = [("task", [])]
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("# ---") and stripped.strip("# -"):
+            groups.append((stripped.strip("# -"), []))
+        name = stripped.split(":", 1)[0]
+        if name in fields and ":" in stripped and not stripped.startswith(("#", '"')):
+            groups[-1][1].append(fields.pop(name))
+    return [(title, items) for title, items in groups if items]
+
+
+def keys_help(width: int = 100) -> str:
+    """``dpolab train --keys``: every key by group, with its default and meaning."""
+    import textwrap
+
+    docs = field_docs()
+    lines = ["Config keys (YAML keys or --key value flags; nested: --loss_params.beta 0.3):"]
+    for title, items in key_groups():
+        lines.append(f"\n{title}:")
+        for item in items:
+            lines.append(f"  {item.name} (default: {default_text(item)})")
+            meaning = " ".join(docs[item.name].replace("``", "").split())
+            lines += textwrap.wrap(meaning, max(width - 6, 40), initial_indent="      ", subsequent_indent="      ")
+    lines.append(
+        "\nTRL's names are accepted where the meaning is the same: "
+        + ", ".join(f"{name} → {key}" for name, (key, _) in TRL_NAMES.items())
+        + "."
+    )
+    return "\n".join(lines)
+
+
+def keys_summary() -> str:
+    """The short list under ``dpolab train --help``: names and defaults by group."""
+    lines = ["config keys (default in brackets; meanings: dpolab train --keys, docs/training.md):"]
+    for title, items in key_groups():
+        line = f"  {title}:"
+        for index, item in enumerate(items):
+            entry = f" {item.name} [{default_text(item)}]" + ("," if index < len(items) - 1 else "")
+            if len(line) + len(entry) > 96:  # an entry is never split across lines
+                lines.append(line)
+                line = "     "
+            line += entry
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def markdown_table() -> str:
     """The "Every key" table of docs/training.md: ``python -m dpolab.train.config``."""
     docs = field_docs()
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for item in dataclasses.fields(TrainConfig):
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        if default is None:
-            shown = "`null`"
-        elif isinstance(default, str):
-            shown = f"`{default}`" if default else "(required)"
-        else:
-            shown = f"`{default!r}`"
+        shown = default_text(item)
+        shown = shown if shown == "(required)" else f"`{shown}`"
         meaning = docs[item.name].replace("|", "\\|")
         lines.append(f"| `{item.name}` | {shown} | {meaning} |")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ class NonFiniteError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM: the current step was finished and a checkpoint written."""
+    """SIGINT/SIGTERM/SIGHUP: the current step was finished and a checkpoint written."""
 
     def __init__(self, signum: int) -> None:
         self.signal = signum
@@ -38,7 +39,7 @@ class StopFlag:
 
 @contextmanager
 def catch_stop_signals():
-    """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, checkpoints, then stops."""
+    """While active, SIGINT, SIGTERM and SIGHUP only set a flag: the loop finishes its step, checkpoints, then stops."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -47,7 +48,8 @@ def catch_stop_signals():
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
         flag.signal = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP: the terminal closed; without a handler the run would die without a checkpoint.
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield flag
     finally:
@@ -94,37 +96,53 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool, main: boo
     """Lock ``out`` and decide what happens to what is already there. Returns (lock, checkpoint to resume or None).
 
     - a finished run (summary.json) is not overwritten without ``overwrite``;
-    - an unfinished one (checkpoints, no summary) needs ``resume`` or ``overwrite``;
+    - an unfinished one (a checkpoint, no summary) needs ``resume`` or ``overwrite``;
+    - an attempt that stopped before its first checkpoint (a bad row, a kill during the reference pass, a full
+      disk) left nothing to resume: a new run replaces its outputs, saying so;
     - ``resume="latest"`` takes the newest checkpoint, or a path names one.
+
+    Temporary checkpoint folders of a run killed while writing one are removed (the lock is held).
     """
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out) if main else None
     try:
+        for stale in (out / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         finished = (out / "summary.json").exists()
-        started = (out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None
+        checkpoint = latest_checkpoint(out)
         if resume:
-            checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
+            if resume != "latest":
+                checkpoint = Path(resume)
             if checkpoint is None:
-                raise ValueError(f"nothing to resume: {out} has no checkpoint")
-            if not (checkpoint / "state.json").exists():
-                raise ValueError(f"{checkpoint} is not a dpolab checkpoint (no state.json)")
+                raise ValueError(
+                    f"nothing to resume: {out} has no checkpoint (an earlier attempt stopped before its first one); "
+                    "run again without --resume to start over"
+                )
+            if not checkpoint.is_dir():
+                raise ValueError(f"--resume: no such checkpoint folder: {checkpoint}")
             if finished:
                 (out / "summary.json").unlink()  # it is being continued; a new summary will be written
             return lock, checkpoint
-        if overwrite:
-            for name in RUN_OUTPUTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            return lock, None
-        if finished:
+        if finished and not overwrite:
             raise ValueError(f"output_dir {out} holds a finished run; pass --overwrite to replace it")
-        if started:
+        if checkpoint is not None and not overwrite:
             raise ValueError(
                 f"output_dir {out} holds an unfinished run; pass --resume to continue it or --overwrite to start again"
             )
+        # config.yaml stays: it may be the file this run was started from, and the run writes it again
+        leftovers = [name for name in RUN_OUTPUTS if name != "config.yaml" and (out / name).exists()]
+        if leftovers and not overwrite:
+            print(
+                f"note: {out} holds the outputs of an attempt that stopped before its first checkpoint "
+                f"({', '.join(leftovers)}); starting over",
+                file=sys.stderr,
+            )
+        for name in leftovers:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
         return lock, None
     except BaseException:
         if lock:

@@ -1,15 +1,12 @@
-"""Run outputs: metrics.jsonl (every logged step), TensorBoard events, console lines, progress bars."""
+"""Run outputs: metrics.jsonl (every logged step), TensorBoard events, console lines (via :mod:`dpolab.console`)."""
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
-
-console = Console(stderr=True)
+from dpolab.console import console
 
 
 class MetricsLog:
@@ -65,7 +62,9 @@ class MetricsLog:
     def truncate_after(self, step: int, final: bool = False) -> None:
         """Drop lines logged after the checkpoint of ``step`` (a resumed run redoes those steps).
 
-        ``final``: ``step`` was the last one, so its evaluation came after the checkpoint and is redone too.
+        ``final``: an evaluation logged at ``step`` came after the checkpoint (the run's last step, or an alarm
+        stop) and is redone too. A torn line (the process was killed mid-write) is dropped: it belongs to a step
+        after the checkpoint, since lines are flushed before a checkpoint is written.
         """
         if not self.main:
             return
@@ -76,7 +75,7 @@ class MetricsLog:
             at = row.get("step", 0)
             return at < step or (at == step and not (final and any(k.startswith("eval/") for k in row)))
 
-        kept = [line for line in lines if line.strip() and before_checkpoint(json.loads(line))]
+        kept = [line for line in lines if (row := parse_line(line)) is not None and before_checkpoint(row)]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.handle = open(self.path, "a")
 
@@ -87,39 +86,24 @@ class MetricsLog:
             self.writer.close()
 
 
-@contextmanager
-def progress_bar(enabled: bool, description: str, total: int, show_metrics: bool = False):
-    """Yields ``advance(n=1, **metrics)``; a rich bar with ETA (and loss/margin/accuracy) when enabled."""
-    if not enabled:
-        yield lambda *args, **kwargs: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def parse_line(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict, or None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    if show_metrics:
-        columns.append(TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, status="")
 
-        def advance(n: int = 1, completed: int | None = None, **metrics) -> None:
-            status = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            if completed is not None:
-                progress.update(task, completed=completed, status=status)
-            else:
-                progress.update(task, advance=n, status=status)
-
-        yield advance
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a metrics.jsonl, and how many lines were unreadable (torn by a kill mid-write)."""
+    rows, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        row = parse_line(line)
+        if row is None:
+            torn += 1
+        else:
+            rows.append(row)
+    return rows, torn

@@ -11,6 +11,7 @@ FSDP averages equals the one-process gradient. Metrics are sums over every proce
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpolab.console import progress_bar
 from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
 from dpolab.engine.logps import TokenLogps
@@ -26,7 +28,6 @@ from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, gather_rows
 from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
-from dpolab.train.metrics import progress_bar
 from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config
 from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
 
@@ -56,6 +57,11 @@ def forward_pairs(
     use_weighting, token_weights = s.config.use_weighting, s.token_weights
     tokens = s.engine.token_logps(model, [pairs[i] for i in ids], ids, with_log_sum_sq=use_weighting)
     sums = tokens.sums(token_weights(tokens) if token_weights else None).float()
+    # A blown-up policy gives NaN/inf log-probs, which the objective's input check refuses: compute on finite
+    # stand-ins, then poison the losses so the loop's non-finite guard stops or skips naming the step and rows.
+    blown_up = not bool(torch.isfinite(sums).all())
+    if blown_up:
+        sums = torch.nan_to_num(sums, nan=0.0, posinf=0.0, neginf=0.0)
     lengths = tokens.branch_lengths
     reference_ids = None if reference is None else reference[ids].to(sums.device)
     inputs = PreferenceLogps(
@@ -72,6 +78,8 @@ def forward_pairs(
     if use_weighting:
         aligned = TokenLogps(tokens.values.detach() - tokens.log_sum_sq, tokens.sequence, tokens.index, lengths).sums()
         losses = losses * wpo_pair_weights(aligned[:, 0], aligned[:, 1], lengths[:, 0], lengths[:, 1])
+    if blown_up:
+        losses = losses * float("nan")
     return PairForward(losses, inputs, result)
 
 
@@ -151,7 +159,8 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
     values = gradient_split_and_likelihood(
         s.accelerator, s.model, s.objective, s.probe_pairs, s.probe_reference, s.engine
     )
-    if s.monitor_settings.sample_prompts > 0:
+    blown_up = math.isnan(values["monitor/param_grad_norm_chosen"])  # agreed by every process
+    if s.monitor_settings.sample_prompts > 0 and not blown_up:
         unwrapped = s.accelerator.unwrap_model(s.model)
         lora_reference = bool(s.config.lora) and s.reference_model is None
         values.update(
@@ -267,6 +276,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     after SIGINT/SIGTERM (a checkpoint is written first) and :class:`NonFiniteError` on NaN/inf.
     """
     config.validate()
+    config = config.with_absolute_paths()  # config.yaml and checkpoints then resume from any directory
     start_time = time.perf_counter()
     accelerator = blocks.make_accelerator(config)
     with blocks.open_run(config, accelerator, resume, overwrite) as folder:
@@ -274,7 +284,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         log, model, processes = folder.log, s.model, accelerator.num_processes
         first_step = blocks.resume(s, log)
         model.train()
-        stopped_by_alarm, last_eval, metrics, steps_done = None, {}, {}, s.total_steps
+        stopped_by_alarm, last_eval, metrics, steps_done, evaluated_at = None, {}, {}, s.total_steps, 0
         show = config.progress and accelerator.is_main_process
         with catch_stop_signals() as stop, progress_bar(show, "training", s.total_steps, show_metrics=True) as bar:
             bar(0, completed=first_step - 1)
@@ -301,7 +311,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                         step_tokens += sum(s.pairs[i].unique_tokens for i in batch.ids)
                         step_rows += [s.pairs[i].row for i in batch.ids]
                         step_logps.append(logps_rows(forward.inputs))
-                grad_norm, learning_rate = blocks.optimizer_step(s, step, finite, step_rows)
+                grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, finite, step_rows)
 
                 metrics = blocks.reduced_means(accelerator, sums, step_pairs)
                 metrics.update(grad_norm=grad_norm, learning_rate=learning_rate, epoch=batch.epoch + 1)
@@ -330,11 +340,13 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 if any_across(accelerator, bool(new_alarms) and s.monitor_settings.on_alarm == "stop"):
                     stopped_by_alarm = new_alarms[0]["alarm"] if new_alarms else "an alarm on another process"
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
-                    last_eval = evaluate(s, step)
+                    last_eval, evaluated_at = evaluate(s, step), step
                 signalled = any_across(accelerator, bool(stop.signal))
                 periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-                if periodic or step == s.total_steps or signalled or stopped_by_alarm:
+                if periodic or step == s.total_steps or signalled or stopped_by_alarm or nonfinite:
                     saved = s.checkpointer.save(step, config.to_dict())
+                if nonfinite:
+                    raise blocks.nonfinite_stop(s, nonfinite, saved, "train")
                 if stopped_by_alarm:
                     log.info(
                         f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; checkpoint: {saved}"
@@ -344,7 +356,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 if signalled:
                     log.info(blocks.stop_message(folder, step, stop.name, saved, "train"))
                     raise TrainingInterrupted(stop.signal or 15)
-        last_eval = evaluate(s, steps_done) or last_eval
+        if evaluated_at != steps_done:  # an alarm stop right after a periodic evaluation: not twice
+            last_eval = evaluate(s, steps_done) or last_eval
 
         if config.save_model:
             blocks.save_final_model(accelerator, model, s.tokenizer, folder.path / "model")

@@ -8,6 +8,7 @@ backwards stay in step and the norms are those of one process.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from dpolab.data.tokenize import TokenizedPair, TokenizedSequence
 from dpolab.engine.logps import LogpEngine, naive_token_logps
 from dpolab.losses import PreferenceLogps
+from dpolab.train.distributed import any_across
 
 
 def _probe_inputs(sums: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor) -> PreferenceLogps:
@@ -58,6 +60,9 @@ def gradient_split_and_likelihood(
             "monitor/probe_chosen_logp": float((sums[:, 0] / lengths[:, 0]).mean()),
             "monitor/probe_rejected_logp": float((sums[:, 1] / lengths[:, 1]).mean()),
         }
+        if any_across(accelerator, not bool(torch.isfinite(sums).all())):
+            # a blown-up policy: nothing to split (the step's own guard names it); every process skips alike
+            return metrics | {"monitor/param_grad_norm_chosen": math.nan, "monitor/param_grad_norm_rejected": math.nan}
         leaves = [sums[:, 0].clone().requires_grad_(True), sums[:, 1].clone().requires_grad_(True)]
         with torch.enable_grad():
             loss = objective(_probe_inputs(torch.stack(leaves, 1), reference, lengths)).losses.sum()

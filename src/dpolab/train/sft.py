@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpolab.console import progress_bar
 from dpolab.data.formats import load_sft_examples
 from dpolab.data.tokenize import TokenizedSequence, tokenize_sft
 from dpolab.engine.logps import LogpEngine
@@ -27,7 +28,6 @@ from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across
 from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
-from dpolab.train.metrics import progress_bar
 
 
 @dataclass
@@ -118,6 +118,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     ``resume`` and ``overwrite`` as in :func:`dpolab.train.preference.train`.
     """
     config.validate()
+    config = config.with_absolute_paths()  # config.yaml and checkpoints then resume from any directory
     start_time = time.perf_counter()
     accelerator = blocks.make_accelerator(config)
     with blocks.open_run(config, accelerator, resume, overwrite) as folder:
@@ -152,7 +153,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                         step_examples += len(batch.ids)
                         step_tokens += sum(s.examples[i].unique_tokens for i in batch.ids)
                         step_rows += [s.examples[i].row for i in batch.ids]
-                grad_norm, learning_rate = blocks.optimizer_step(s, step, finite, step_rows)
+                grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, finite, step_rows)
 
                 metrics = blocks.reduced_means(accelerator, sums, step_examples)
                 metrics.update(grad_norm=grad_norm, learning_rate=learning_rate, epoch=batch.epoch + 1)
@@ -164,8 +165,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     last_eval = evaluate(s, step)
                 signalled = any_across(accelerator, bool(stop.signal))
                 periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-                if periodic or step == s.total_steps or signalled:
+                if periodic or step == s.total_steps or signalled or nonfinite:
                     saved = s.checkpointer.save(step, config.to_dict())
+                if nonfinite:
+                    raise blocks.nonfinite_stop(s, nonfinite, saved, "sft")
                 if signalled:
                     log.info(blocks.stop_message(folder, step, stop.name, saved, "sft"))
                     raise TrainingInterrupted(stop.signal or 15)

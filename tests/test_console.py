@@ -212,7 +212,8 @@ def test_a_60_column_terminal_keeps_the_step_count_and_eta(workspace):
     assert all(cell_len(frame) <= 60 for frame in bars), bars
     assert "…" not in "".join(bars), bars
     assert re.search(r"training ━+ 6/6 \d+:\d\d eta 0:00", bars[-1]), bars[-1]
-    assert any(re.search(r" [1-5]/6 \d+:\d\d eta \d+:\d\d", frame) for frame in bars), bars
+    # every frame drawn (how many depends on the machine's speed) keeps the step count and the ETA
+    assert all(re.search(r" [0-6]/6 \d+:\d\d eta (\d+:\d\d|\?)", frame) for frame in bars), bars
 
 
 # --- `dpolab losses` at 80 columns ------------------------------------------------------------

@@ -13,14 +13,15 @@ from typing import Literal
 
 import torch
 
+from dpolab.data.formats import looks_local as looks_like_local_path
+
 ModelKind = Literal["causal_lm", "sequence_classification"]
 
 
 def looks_local(name: str | Path) -> bool:
-    """A path rather than a hub id: a Path, or starts with . / ~, or has more than one slash, or exists."""
-    if isinstance(name, Path):
-        return True
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    """A path rather than a hub id: a Path, or as :func:`dpolab.data.formats.looks_local` (starts with . / ~,
+    has more than one slash, exists, has a file suffix, or its first folder exists here)."""
+    return isinstance(name, Path) or looks_like_local_path(name)
 
 
 def _check_source(name: str | Path, allow_pickle: bool, what: str) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab import safe_yaml
+from dpolab.data.formats import looks_local
 
 
 @dataclass
@@ -207,13 +208,13 @@ class TrainConfig:
             raise ValueError(f"seed: must lie in [0, 2**32); got {self.seed!r}")
         for key in ("data", "eval_data"):
             value = getattr(self, key)
-            if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+            if value and looks_local(value) and not Path(value).expanduser().exists():
                 raise ValueError(f"{key}: no such file: {value}")
         folders = {"model": self.model, "tokenizer": self.tokenizer}
         if self.reference not in ("auto", "none"):
             folders["reference"] = self.reference
         for key, value in folders.items():
-            if value and _looks_like_path(value) and not Path(value).expanduser().is_dir():
+            if value and looks_local(value) and not Path(value).expanduser().is_dir():
                 raise ValueError(f"{key}: no such folder: {value}")
         for key in ("output_dir", "cache_dir"):
             _check_writable_folder(key, getattr(self, key))
@@ -267,7 +268,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not value or (key == "reference" and value in ("auto", "none")):
                 continue
-            local = key in ("cache_dir", "output_dir") or _looks_like_path(value) or Path(value).exists()
+            local = key in ("cache_dir", "output_dir") or looks_local(value)
             if local:
                 changes[key] = str(Path(value).expanduser().absolute())
         return dataclasses.replace(self, **changes)
@@ -323,14 +324,6 @@ def _check_writable_folder(key: str, value: str) -> None:
             if not os.access(ancestor, os.W_OK | os.X_OK):
                 raise ValueError(f"{key}: {value} is not writable (no write permission on {ancestor})")
             return
-
-
-def _looks_like_path(value: str) -> bool:
-    return (
-        value.startswith((".", "/", "~"))
-        or Path(value).suffix in (".jsonl", ".json", ".parquet", ".csv")
-        or value.count("/") > 1
-    )
 
 
 def _check_type(key: str, value: object, hint) -> None:

@@ -181,6 +181,24 @@ def test_reward_model_gradients_are_balanced():
     torch.testing.assert_close(g_w.abs(), g_l.abs(), **TIGHT)
 
 
+def test_reward_model_centring_term_gradients():
+    """c·(r_w + r_l)² adds 2c(r_w + r_l) to both gradients; the batch mean equals TRL's mean((r_w + r_l)²) term."""
+    generator = torch.Generator().manual_seed(8)
+    chosen = torch.randn(B, generator=generator, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(B, generator=generator, dtype=torch.float64, requires_grad=True)
+    c = 0.01
+    out = L.reward_model(chosen, rejected, center_coefficient=c)
+    g_w, g_l = grads(out.losses, chosen, rejected)
+    one_minus_sigma = torch.sigmoid(-(chosen - rejected))
+    pull = 2 * c * (chosen + rejected)
+    torch.testing.assert_close(g_w, -one_minus_sigma + pull.detach(), **TIGHT)
+    torch.testing.assert_close(g_l, one_minus_sigma + pull.detach(), **TIGHT)
+    trl_style = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + c * ((chosen + rejected) ** 2).mean()
+    torch.testing.assert_close(out.losses.mean(), trl_style, **TIGHT)
+    with pytest.raises(ValueError, match="center_coefficient must be >= 0"):
+        L.get_loss("reward_model").check_params({"center_coefficient": -1.0})
+
+
 # ---------------------------------------------------------------------------------------------
 # Limits and identities
 # ---------------------------------------------------------------------------------------------

@@ -545,11 +545,19 @@ def orpo(logps: PreferenceLogps, lam: float = 0.1, reduction: str = "batch_token
 # ---------------------------------------------------------------------------------------------
 
 
-def reward_model(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None) -> LossOutput:
-    """Bradley–Terry reward-model loss: L = −log σ(r_φ(x, y_w) − r_φ(x, y_l) − m).
+def reward_model(
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    margin: Tensor | float | None = None,
+    center_coefficient: float = 0.0,
+) -> LossOutput:
+    """Bradley–Terry reward-model loss: L = −log σ(r_φ(x, y_w) − r_φ(x, y_l) − m) + c·(r_φ(x, y_w) + r_φ(x, y_l))².
 
     Ouyang et al. 2022; 3D-properties paper Eq. 3. ``margin`` m is optional, per pair or scalar.
-    ∂L/∂r_w = −(1 − σ), ∂L/∂r_l = +(1 − σ): balanced, hence no 3D properties (3D paper §4).
+    ``center_coefficient`` c pulls the rewards towards zero mean (Eisenstein et al. 2023, "Helping or
+    herding?"; TRL's ``center_rewards_coefficient``, whose batch term mean((r_w + r_l)²) is the mean of
+    this per-pair term). ∂L/∂r_w = −(1 − σ) + 2c(r_w + r_l), ∂L/∂r_l = +(1 − σ) + 2c(r_w + r_l): with
+    c = 0 balanced, hence no 3D properties (3D paper §4).
     """
     if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
         raise ValueError(
@@ -560,8 +568,10 @@ def reward_model(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor 
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or inf")
     margin_value = 0.0 if margin is None else margin
-    losses = -F.logsigmoid(chosen_scores - rejected_scores - margin_value)
-    return _output(losses, chosen_scores, rejected_scores)
+    bradley_terry = -F.logsigmoid(chosen_scores - rejected_scores - margin_value)
+    centring = (chosen_scores + rejected_scores) ** 2
+    losses = bradley_terry + center_coefficient * centring if center_coefficient else bradley_terry
+    return _output(losses, chosen_scores, rejected_scores, reward_centring=centring)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +588,7 @@ _PARAM_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "reg_weight": (lambda v: v >= 0, "must be >= 0"),
     "delta": (lambda v: v >= 0, "must be >= 0"),
     "gamma": (lambda v: math.isfinite(v), "must be finite"),
+    "center_coefficient": (lambda v: v >= 0, "must be >= 0"),
     "f_alpha": (lambda v: math.isfinite(v), "must be finite"),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "must lie in [0, 0.5)"),
     "f_divergence": (lambda v: v in F_DIVERGENCES, f"must be one of {', '.join(F_DIVERGENCES)}"),
@@ -746,8 +757,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "reward_model",
             reward_model,
-            "−log σ(r_φ(y_w) − r_φ(y_l) − m)",
-            "Ouyang et al. 2022; 3D paper Eq. 3",
+            "−log σ(r_φ(y_w) − r_φ(y_l) − m) + c·(r_φ(y_w) + r_φ(y_l))²",
+            "Ouyang et al. 2022; 3D paper Eq. 3; centring: Eisenstein et al. 2023",
             needs_reference=False,
             inputs="scalar rewards",
         ),

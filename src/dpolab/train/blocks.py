@@ -690,6 +690,39 @@ def stop_message(folder: RunFolder, step: int, name: str, saved: Path, command: 
     )
 
 
+def finish_run(s, steps: int, unit: str, start_time: float, metrics: dict, last_eval: dict, **extra) -> dict:
+    """The end every recipe shares: save the final model, write summary.json (common keys, then the recipe's
+    ``extra``), log the done line. ``unit``: what a step trains on (pairs, examples)."""
+    folder, accelerator, counters = s.folder, s.accelerator, s.counters
+    if s.config.save_model:
+        save_final_model(accelerator, s.model, s.tokenizer, folder.path / "model")
+    summary = {
+        "steps": steps,
+        **{key: extra.pop(key) for key in list(extra) if key in ("stopped_by_alarm", "alarms", "monitor")},
+        "resumed_from": str(folder.resume_from) if folder.resume_from else None,
+        "processes": accelerator.num_processes,
+        "distributed": accelerator.distributed_type.value.lower(),
+        "nonfinite_skipped": counters.nonfinite_skipped,
+        f"{unit}_seen": counters.items_seen,
+        "tokens_seen": counters.tokens_seen,
+        "train_seconds": counters.elapsed_seconds,
+        "total_seconds": time.perf_counter() - start_time,
+        **extra,
+        "forward": "naive" if s.fallback else "packed",
+        "fallback_reason": s.fallback,
+        "final": metrics,
+        "eval": last_eval,
+        "data": s.data_report,
+    }
+    write_summary(folder, accelerator, summary)
+    seconds = summary["train_seconds"]
+    folder.log.info(
+        f"done: {steps} steps, {counters.items_seen} {unit} in {seconds:.1f} s "
+        f"({counters.items_seen / max(seconds, 1e-9):.1f} {unit}/s); outputs in {folder.path}"
+    )
+    return summary
+
+
 def write_summary(folder: RunFolder, accelerator, summary: dict) -> None:
     if accelerator.is_main_process:
         (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -56,12 +56,11 @@ def forward_pairs(
     """Policy log-probs of ``pairs[ids]`` (LD-DPO token weights applied), the objective, WPO's pair weights."""
     use_weighting, token_weights = s.config.use_weighting, s.token_weights
     tokens = s.engine.token_logps(model, [pairs[i] for i in ids], ids, with_log_sum_sq=use_weighting)
-    sums = tokens.sums(token_weights(tokens) if token_weights else None).float()
+    raw_sums = tokens.sums(token_weights(tokens) if token_weights else None).float()
     # A blown-up policy gives NaN/inf log-probs, which the objective's input check refuses: compute on finite
-    # stand-ins, then poison the losses so the loop's non-finite guard stops or skips naming the step and rows.
-    blown_up = not bool(torch.isfinite(sums).all())
-    if blown_up:
-        sums = torch.nan_to_num(sums, nan=0.0, posinf=0.0, neginf=0.0)
+    # stand-ins (the same values when finite), then poison the losses (+ 0 × Σ raw: NaN if any is not finite,
+    # exactly 0 otherwise, no host sync) so the loop's non-finite guard stops or skips, naming step and rows.
+    sums = torch.nan_to_num(raw_sums, nan=0.0, posinf=0.0, neginf=0.0)
     lengths = tokens.branch_lengths
     reference_ids = None if reference is None else reference[ids].to(sums.device)
     inputs = PreferenceLogps(
@@ -78,9 +77,7 @@ def forward_pairs(
     if use_weighting:
         aligned = TokenLogps(tokens.values.detach() - tokens.log_sum_sq, tokens.sequence, tokens.index, lengths).sums()
         losses = losses * wpo_pair_weights(aligned[:, 0], aligned[:, 1], lengths[:, 0], lengths[:, 1])
-    if blown_up:
-        losses = losses * float("nan")
-    return PairForward(losses, inputs, result)
+    return PairForward(losses + 0.0 * raw_sums.detach().sum(), inputs, result)
 
 
 def pair_metrics(forward: PairForward) -> dict[str, torch.Tensor]:
@@ -359,31 +356,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         if evaluated_at != steps_done:  # an alarm stop right after a periodic evaluation: not twice
             last_eval = evaluate(s, steps_done) or last_eval
 
-        if config.save_model:
-            blocks.save_final_model(accelerator, model, s.tokenizer, folder.path / "model")
-        summary = {
-            "steps": steps_done,
-            "stopped_by_alarm": stopped_by_alarm,
-            "alarms": s.monitor.alarms if s.monitor else [],
-            "monitor": s.monitor.state() if s.monitor else None,
-            "resumed_from": str(folder.resume_from) if folder.resume_from else None,
-            "processes": processes,
-            "distributed": accelerator.distributed_type.value.lower(),
-            "nonfinite_skipped": s.counters.nonfinite_skipped,
-            "pairs_seen": s.counters.items_seen,
-            "tokens_seen": s.counters.tokens_seen,
-            "train_seconds": s.counters.elapsed_seconds,
-            "total_seconds": time.perf_counter() - start_time,
-            "reference_seconds": s.reference_seconds,
-            "forward": "naive" if s.fallback else "packed",
-            "fallback_reason": s.fallback,
-            "final": metrics,
-            "eval": last_eval,
-            "data": s.data_report,
-        }
-        blocks.write_summary(folder, accelerator, summary)
-        log.info(
-            f"done: {steps_done} steps, {s.counters.items_seen} pairs in {summary['train_seconds']:.1f} s "
-            f"({s.counters.items_seen / max(summary['train_seconds'], 1e-9):.1f} pairs/s); outputs in {folder.path}"
-        )
-        return summary
+        return blocks.finish_run(
+            s, steps_done, "pairs", start_time, metrics, last_eval,
+            stopped_by_alarm=stopped_by_alarm,
+            alarms=s.monitor.alarms if s.monitor else [],
+            monitor=s.monitor.state() if s.monitor else None,
+            reference_seconds=s.reference_seconds,
+        )  # fmt: skip

@@ -174,27 +174,4 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     raise TrainingInterrupted(stop.signal or 15)
         last_eval = evaluate(s, s.total_steps) or last_eval
 
-        if config.save_model:
-            blocks.save_final_model(accelerator, model, s.tokenizer, folder.path / "model")
-        summary = {
-            "steps": s.total_steps,
-            "resumed_from": str(folder.resume_from) if folder.resume_from else None,
-            "processes": processes,
-            "distributed": accelerator.distributed_type.value.lower(),
-            "nonfinite_skipped": s.counters.nonfinite_skipped,
-            "examples_seen": s.counters.items_seen,
-            "tokens_seen": s.counters.tokens_seen,
-            "train_seconds": s.counters.elapsed_seconds,
-            "total_seconds": time.perf_counter() - start_time,
-            "forward": "naive" if s.fallback else "packed",
-            "fallback_reason": s.fallback,
-            "final": metrics,
-            "eval": last_eval,
-            "data": s.data_report,
-        }
-        blocks.write_summary(folder, accelerator, summary)
-        log.info(
-            f"done: {s.total_steps} steps, {s.counters.items_seen} examples in {summary['train_seconds']:.1f} s; "
-            f"outputs in {folder.path}"
-        )
-        return summary
+        return blocks.finish_run(s, s.total_steps, "examples", start_time, metrics, last_eval)

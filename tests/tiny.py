@@ -104,3 +104,16 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask):
     token_logps = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None])[..., 0]
     mask = completion_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(1), completion_mask[:, 1:].sum(1)
+
+
+def tiny_scalar_model(architecture: str, vocab_size: int, seed: int = 0, dtype=torch.float32, pad_token_id: int = 0):
+    """The same tiny model with a one-output score head (Hugging Face's ``*ForSequenceClassification``), eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_causal_lm(architecture, vocab_size, seed, dtype, pad_token_id=pad_token_id).config
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # scores of order 1, not ~0.02: equalities on near-zero values would say little
+        model.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    return model

@@ -28,13 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train"], ["sft"]) and (processes := processes_asked_of_accelerate_cpu()):
+    training = argv[:1] in (["train"], ["sft"], ["rm"])
+    if training and (processes := processes_asked_of_accelerate_cpu()):
         relaunch_with_torchrun(processes, argv)
-    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+    if training and not {"-h", "--help"} & set(argv[1:]):
         # argparse cannot hand "--key value" pairs of arbitrary keys to a subcommand: route them directly.
-        args = argparse.Namespace(command="train", handler=train_command, rest=argv[1:], sft=False)
-    elif argv[:1] == ["sft"] and not {"-h", "--help"} & set(argv[1:]):
-        args = argparse.Namespace(command="sft", handler=train_command, rest=argv[1:], sft=True)
+        args = argparse.Namespace(command=argv[0], handler=train_command, rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

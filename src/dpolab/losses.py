@@ -575,6 +575,139 @@ def reward_model(
 
 
 # ---------------------------------------------------------------------------------------------
+# RLHF-PPO: per-token quantities of sampled responses (Schulman et al. 2017; Ouyang et al. 2022)
+#
+# Shapes: (B, T) for B responses of up to T tokens, right-padded; ``mask`` is 1 on response tokens.
+# ``logps`` are log π(a_t | s_t) of the sampled tokens. Not in the registry: they take token tensors.
+# ---------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logps: Tensor, reference_logps: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (Schulman 2020, "Approximating KL").
+
+    With log ρ = log π_ref − log π: ``k1`` = −log ρ (unbiased; negative on some tokens), ``k2`` = ½(log ρ)²
+    (biased, low variance), ``k3`` = (ρ − 1) − log ρ (unbiased and ≥ 0). Their expectations under π:
+    E[k1] = E[k3] = KL(π ‖ π_ref); E[k2] = KL to second order.
+    """
+    log_ratio = reference_logps - logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}")
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is 1 (every response token weighs the same)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(values − mean) / std over the masked positions (the mean kept when ``shift_mean`` is false); 0 elsewhere.
+
+    Used for advantages (zero mean, unit variance per rollout batch) and, without the shift, for rewards.
+    """
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16): (advantages, returns), each (B, T).
+
+    δ_t = r_t + γ V_{t+1} − V_t, with V = 0 after a response's last token; A_t = Σ_l (γλ)^l δ_{t+l};
+    returns R_t = A_t + V_t (the value targets). Positions outside ``mask`` get 0.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+@dataclass
+class PPOLosses:
+    """The policy and value terms of one PPO minibatch, and what to log about them."""
+
+    policy: Tensor  # scalar: the clipped surrogate, a mean over response tokens
+    value: Tensor  # scalar: the clipped value loss, a mean over response tokens
+    clip_fraction: Tensor  # share of tokens whose ratio was clipped (the gradient came from the clipped side)
+    approx_kl: Tensor  # ½ E[(log π − log π_old)²] over tokens: how far this update moved the policy
+    value_clip_fraction: Tensor
+
+
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), a mean over response tokens:
+
+    L = −E[min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t)], ρ_t = π(a_t|s_t) / π_old(a_t|s_t).
+
+    Returns (loss, clip fraction, approx KL ½(log ρ)²). ∂L/∂log π_t = −ρ_t A_t / N where the unclipped
+    term is the smaller, 0 where the clipped one is (N: the response tokens).
+    """
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).to(logps.dtype), mask)
+    approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask)
+    return loss, clip_fraction.detach(), approx_kl
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """The clipped value loss of PPO for language models (Ziegler et al. 2019; OpenAI baselines), a mean over
+    response tokens: ½ E[max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)]. Returns (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
+
+
+def ppo_losses(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    clip_range_value: float = 0.2,
+) -> PPOLosses:
+    """Both PPO terms of one minibatch (:func:`ppo_policy_loss`, :func:`ppo_value_loss`)."""
+    policy, clip_fraction, approx_kl = ppo_policy_loss(logps, old_logps, advantages, mask, clip_range)
+    value, value_clip_fraction = ppo_value_loss(values, old_values, returns, mask, clip_range_value)
+    return PPOLosses(policy, value, clip_fraction, approx_kl, value_clip_fraction)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, Eq. 4): for k samples of one prompt, (prompts, k) rewards,
+    A_i = R_i − mean_{j≠i} R_j, a baseline with no value model."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 

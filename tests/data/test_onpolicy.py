@@ -193,7 +193,8 @@ def test_reward_model_judge_scores_equal_the_model_on_each_text_alone(tmp_path):
     ]
     verdicts = RewardModelJudge(str(tmp_path / "rm"), batch_size=2).score(items)
     for (prompt, candidate, _), verdict in zip(items[:2], verdicts, strict=False):
-        ids = torch.tensor([tokenizer(prompt + candidate)["input_ids"]])
+        # prompt + candidate + EOS, the text `dpolab rm` trains on, scored at its last token (the EOS)
+        ids = torch.tensor([tokenizer(prompt + candidate + tokenizer.eos_token)["input_ids"]])
         with torch.no_grad():
             alone = model(input_ids=ids).logits[0, 0].item()
         assert verdict.score == pytest.approx(alone, abs=1e-5)

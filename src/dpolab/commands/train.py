@@ -1,10 +1,17 @@
-"""``dpolab train`` and ``dpolab sft``, and the relaunch of ``accelerate launch --cpu`` under torchrun."""
+"""``dpolab train``, ``dpolab sft`` and ``dpolab rm``, and the relaunch of ``accelerate launch --cpu`` under torchrun."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+# What each command sets before the config file and flags (which may override it).
+COMMAND_DEFAULTS = {
+    "train": None,
+    "sft": {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}},
+    "rm": {"task": "reward", "loss": "reward_model"},
+}
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -26,14 +33,14 @@ def train_command(args: argparse.Namespace) -> int:
         at = rest.index("--resume")
         rest.pop(at)
         resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
-    defaults = {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}} if args.sft else None
+    defaults = COMMAND_DEFAULTS[args.command]
     config = load_config(config_path, rest, defaults)
     try:
         run(config, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:
         return stop.exit_code
     except NonFiniteError as error:
-        print(f"dpolab train: error: {error}", file=sys.stderr)
+        print(f"dpolab {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -95,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="[CONFIG.yaml] [--key value ...]",
         help="YAML config file (optional when the required keys are flags), then overrides",
     )
-    train.set_defaults(handler=train_command, sft=False)
+    train.set_defaults(handler=train_command, command="train")
     sft = subparsers.add_parser(
         "sft",
         help="supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
@@ -105,4 +112,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
-    sft.set_defaults(handler=train_command, sft=True)
+    sft.set_defaults(handler=train_command, command="sft")
+    rm = subparsers.add_parser(
+        "rm",
+        help="train a reward model (Bradley–Terry) on preference pairs: a causal LM with a scalar head",
+        description="dpolab train with task: reward and loss: reward_model: −log σ(r_w − r_l − margin) + "
+        "c·(r_w + r_l)², the score read at the last token of each completion, chosen and rejected in one packed "
+        "pass. Optional margin column; loss_params.center_coefficient is c (TRL's center_rewards_coefficient). "
+        "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/rlhf.md.",
+        epilog=keys_summary(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rm.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
+    rm.set_defaults(handler=train_command, command="rm")

@@ -18,7 +18,9 @@ deep is a bad line like invalid JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -37,6 +39,7 @@ class PreferenceExample:
     rejected: str | Messages
     row: int
     conversational: bool = False
+    margin: float | None = None  # the optional ``margin`` column: reward-model training's m (dpolab rm)
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,17 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceExample:
     """Validate one row and turn it into a :class:`PreferenceExample` (the one validator of the loaders and
-    ``dpolab data check``)."""
+    ``dpolab data check``). An optional ``margin`` column (a finite number, or null) is kept for reward models."""
+    example = _example_from_row(row, index, source)
+    margin = row.get("margin")
+    if margin is None:
+        return example
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"{source}: row {index}: field 'margin' must be a finite number or null; got {margin!r}")
+    return dataclasses.replace(example, margin=float(margin))
+
+
+def _example_from_row(row: dict, index: int, source: str) -> PreferenceExample:
     where = f"{source}: row {index}"
     if isinstance(row, BadLine):
         raise DataError(

@@ -3,7 +3,8 @@
 - :class:`MathJudge`: 1 when the candidate's final number equals the reference's (GSM8K ``#### N`` or
   ``A: N``), 0 when it differs or the candidate states none; the reference must have one.
 - :class:`RewardModelJudge`: the scalar output of a Hugging Face sequence-classification model
-  (``num_labels = 1``) on prompt + candidate, e.g. a reward model trained with dpolab.
+  (``num_labels = 1``) at the last token of prompt + candidate + EOS, e.g. a reward model trained with
+  ``dpolab rm`` (scored exactly as it was trained: :mod:`dpolab.engine.scores`).
 - :class:`LLMJudge`: an OpenAI-compatible chat-completions endpoint grading with a rubric (by default
   the 3D paper's 1–5 maths rubric, PAPERS.md §5). The API key is read from an environment variable at
   request time and never written; transient failures are retried with exponential back-off; a reply
@@ -74,53 +75,48 @@ class RewardModelJudge:
         if self.model.config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has num_labels = 1; this one has {self.model.config.num_labels}")
         self.tokenizer = load_tokenizer(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:  # needed to find each row's last token
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.batch_size, self.max_length = batch_size, max_length
         self.device = default_device()
         self.model.to(self.device)
 
     def score(self, items: list[Item]) -> list[Verdict]:
+        """The score at the last token of prompt + candidate + EOS, tokenised as ``dpolab rm`` trains (the chat
+        template for message prompts when the tokenizer has one), so a dpolab reward model is read as trained."""
         import torch
 
+        from dpolab.data.formats import DataError, SFTExample
         from dpolab.data.onpolicy import prompt_text
+        from dpolab.data.tokenize import tokenize_sft
+        from dpolab.engine.scores import naive_scores
 
         verdicts: list[Verdict | None] = [None] * len(items)
-        texts = []
+        examples = []
         for index, (prompt, candidate, _) in enumerate(items):
             if not candidate.strip():
                 verdicts[index] = Verdict(None, "empty generation")
             elif isinstance(prompt, list) and getattr(self.tokenizer, "chat_template", None):
-                conversation = prompt + [{"role": "assistant", "content": candidate}]
-                try:
-                    text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
-                except Exception as error:  # noqa: BLE001 - jinja and template errors vary; one line
-                    from dpolab.data.formats import _one_line
-
-                    raise ValueError(
-                        f"{self.path}: the reward model's chat template fails on the prompt "
-                        f"{prompt_text(prompt)[:60]!r}: {type(error).__name__}: {_one_line(error)}"
-                    ) from None
-                texts.append((index, text, False))
+                examples.append(SFTExample(prompt, [{"role": "assistant", "content": candidate}], index, True))
             else:
-                texts.append((index, prompt_text(prompt) + candidate, True))
-        self.tokenizer.padding_side = "right"
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            encoded = self.tokenizer(
-                [text for _, text, _ in chunk],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=all(special for *_, special in chunk),  # a chat template writes its own
-            ).to(self.device)
+                examples.append(SFTExample(prompt_text(prompt), candidate, index))
+        try:
+            sequences, report = tokenize_sft(self.tokenizer, examples, self.max_length)
+        except DataError as error:  # a chat template that raises: one line naming the prompt
+            row = int(str(error).split(":")[0].split()[-1])
+            raise ValueError(
+                f"{self.path}: the reward model's chat template fails on the prompt "
+                f"{prompt_text(items[row][0])[:60]!r}: {str(error).split(': ', 2)[-1]}"
+            ) from None
+        for row in report.dropped_rows:
+            verdicts[row] = Verdict(None, "nothing left to score after truncation to max_length")
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
             with torch.no_grad():
-                logits = self.model(**encoded).logits[:, 0].float().tolist()
-            for (index, *_), value in zip(chunk, logits, strict=True):
-                verdicts[index] = Verdict(value)
+                values = naive_scores(self.model, chunk, self.pad_token_id, self.device)[:, 0].tolist()
+            for sequence, value in zip(chunk, values, strict=True):
+                verdicts[sequence.row] = Verdict(value)
         return verdicts  # type: ignore[return-value]
 
     def describe(self) -> dict:

@@ -9,7 +9,8 @@ micro-batch only.
 
 The log-prob of branch token k is read at its *predecessor*: the last prompt token for k = 0, else
 branch token k − 1 of the same branch. :class:`PackedBatch` carries those positions, so the LM head
-runs at completion positions only. Sequence s = item × branches + branch numbers every (prompt,
+runs at completion positions only; a reward model reads its score at each branch's last token
+(``branch_end_positions``). Sequence s = item × branches + branch numbers every (prompt,
 branch) sequence of the micro-batch.
 """
 
@@ -50,6 +51,7 @@ class PackedBatch:
     target_index: torch.Tensor  # (n,) the token's index within its branch (0-based)
     branch_lengths: torch.Tensor  # (num_items, branches) completion token counts
     item_ids: torch.Tensor  # (num_items,) index of each item in the data set
+    branch_end_positions: torch.Tensor  # (num_items × branches,) flat index of each sequence's last token
 
     @property
     def num_items(self) -> int:
@@ -121,6 +123,7 @@ def pack(items: list[Item], item_ids: list[int], row_tokens: int, pad_token_id: 
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     branch_ids = torch.zeros(shape, dtype=torch.long)
     predict, targets, target_sequence, target_index = [], [], [], []
+    branch_end = [0] * (len(items) * branches)
     for row_number, row in enumerate(rows):
         column = 0
         for slot, index in enumerate(row):
@@ -142,6 +145,7 @@ def pack(items: list[Item], item_ids: list[int], row_tokens: int, pad_token_id: 
                     targets.extend(ids)
                     target_sequence.extend([index * branches + branch - 1] * n)
                     target_index.extend(range(n))
+                    branch_end[index * branches + branch - 1] = flat + n - 1
                 column += n
     return PackedBatch(
         input_ids=input_ids,
@@ -154,4 +158,5 @@ def pack(items: list[Item], item_ids: list[int], row_tokens: int, pad_token_id: 
         target_index=torch.tensor(target_index, dtype=torch.long),
         branch_lengths=torch.tensor([[len(ids) for ids in item.branches] for item in items], dtype=torch.long),
         item_ids=torch.tensor(item_ids, dtype=torch.long),
+        branch_end_positions=torch.tensor(branch_end, dtype=torch.long),
     )

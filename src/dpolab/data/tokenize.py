@@ -39,6 +39,7 @@ class TokenizedPair:
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     row: int
+    margin: float | None = None  # the row's ``margin`` column, for reward models
 
     @property
     def branches(self) -> tuple[tuple[int, ...], ...]:
@@ -265,7 +266,8 @@ def _tokenize(tokenizer, examples, limits: dict, progress, fields, build):
             progress(number, len(examples))
         split = _split(tokenizer, example.prompt, [getattr(example, f) for f in fields], limits, report, example.row)
         if split is not None:
-            items.append(build(split[0], *split[1], example.row))
+            extra = {"margin": example.margin} if getattr(example, "margin", None) is not None else {}
+            items.append(build(split[0], *split[1], example.row, **extra))
     report.kept = len(items)
     if progress:
         progress(len(examples), len(examples))

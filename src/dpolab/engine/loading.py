@@ -42,9 +42,11 @@ def load_model(
     allow_pickle: bool = False,
     device: torch.device | str | None = None,
     what: str = "model",
+    num_labels: int | None = None,
 ):
     """A Hugging Face model (causal LM or sequence classifier) from a folder or hub id, under the policy above.
 
+    ``num_labels``: the output count of a sequence classifier (1 for a reward or value model).
     ``what`` names the config key in errors (``model``, ``reference``). A local folder whose files cannot be
     read (a truncated ``model.safetensors``, a broken ``config.json``) is a ``ValueError`` naming the folder.
     """
@@ -59,6 +61,7 @@ def load_model(
             dtype=dtype if dtype is not None else "auto",
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
+            **({"num_labels": num_labels} if num_labels is not None else {}),
         )
     except (SafetensorError, OSError, ValueError) as error:
         if not looks_local(name):

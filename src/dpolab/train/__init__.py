@@ -1,7 +1,8 @@
 """Training: one recipe per method over the shared blocks of :mod:`dpolab.train.blocks`.
 
 ``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``: it runs the recipe that
-``config.task`` names — ``preference`` (:mod:`dpolab.train.preference`) or ``sft`` (:mod:`dpolab.train.sft`).
+``config.task`` names — ``preference`` (:mod:`dpolab.train.preference`), ``sft`` (:mod:`dpolab.train.sft`) or
+``reward`` (:mod:`dpolab.train.reward`).
 """
 
 from dpolab.train.config import TrainConfig, load_config
@@ -17,6 +18,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
 
     if config.task == "sft":
         from dpolab.train.sft import train
+    elif config.task == "reward":
+        from dpolab.train.reward import train
     else:
         from dpolab.train.preference import train
     configure_threads(config.threads)

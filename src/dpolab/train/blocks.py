@@ -1,4 +1,4 @@
-"""The building blocks every training recipe (``sft.py``, ``preference.py``) is made of.
+"""The building blocks every training recipe (``sft.py``, ``preference.py``, ``reward.py``) is made of.
 
 Each is a plain function or a small class with ``state_dict``/``load_state_dict``: the accelerator,
 the run folder (lock, resume decision, log), the policy and its reference, the forward path, the
@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,6 +259,54 @@ def load_policy(config: TrainConfig):
     return model
 
 
+def load_scalar_model(config: TrainConfig, pad_token_id: int, log: MetricsLog | None = None):
+    """A model with a one-output score head: a sequence classifier with one label as it is, or any causal LM
+    checkpoint with a new head (seeded random init, as Hugging Face's ``from_pretrained(num_labels=1)``).
+    A classifier with more labels is refused: a reward has one."""
+    from transformers import AutoConfig
+
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    try:
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"model: cannot read the config of {config.model}: {' '.join(str(error).split())[:300]}"
+        ) from None
+    architectures = model_config.architectures or []
+    classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    if classifier and model_config.num_labels != 1:
+        raise ValueError(
+            f"model: {config.model} is a sequence classifier with {model_config.num_labels} labels; a reward model "
+            "has one output (num_labels: 1). Start from its base causal LM, or a one-label classifier"
+        )
+    torch.manual_seed(config.seed)  # the new head's init, the same on every process
+    with (
+        nullcontext() if classifier else _transformers_errors_only()
+    ):  # its report: "lm_head unexpected, score missing"
+        model = load_model(
+            config.model, "sequence_classification", dtype, config.trust_remote_code, config.allow_pickle, num_labels=1
+        )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id  # Hugging Face's pooling needs it for batches of more than one
+    if log is not None and not classifier:
+        log.info(f"model: {', '.join(architectures) or 'the checkpoint'} with a new one-output score head")
+    if config.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+@contextmanager
+def _transformers_errors_only():
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(before)
+
+
 def load_reference(config: TrainConfig, model):
     """The frozen reference: a copy of the initial policy, another model, or None (LoRA: the adapter disabled)."""
     if config.reference == "auto":
@@ -278,11 +326,12 @@ def load_reference(config: TrainConfig, model):
     return reference.eval()
 
 
-def apply_lora(model, lora: dict):
+def apply_lora(model, lora: dict, task_type: str = "CAUSAL_LM"):
+    """The model with LoRA adapters; ``task_type="SEQ_CLS"`` (reward models) also trains the score head whole."""
     from peft import LoraConfig, get_peft_model
 
     try:
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(lora)))
+        return get_peft_model(model, LoraConfig(task_type=task_type, **lora_settings(lora)))
     except (ValueError, TypeError) as error:  # e.g. target_modules that the model does not have
         raise ValueError(f"lora: {' '.join(str(error).split())}") from None
 
@@ -292,6 +341,19 @@ def choose_engine(config: TrainConfig, model, items: list[Item], pad_token_id: i
     engine = LogpEngine(config.row_tokens, pad_token_id, accelerator.device)
     fallback = None if config.packing else "packing: false in the config"
     fallback = fallback or packing_fallback_reason(model, items, engine, dtype, accelerator.autocast)
+    if fallback:
+        log.info(f"using the naive forward (one padded row per sequence): {fallback}")
+        engine.naive = True
+    return engine, fallback
+
+
+def choose_score_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
+    """As :func:`choose_engine`, for models with a score head (:mod:`dpolab.engine.scores`)."""
+    from dpolab.engine.scores import ScoreEngine, scores_fallback_reason
+
+    engine = ScoreEngine(config.row_tokens, pad_token_id, accelerator.device)
+    fallback = None if config.packing else "packing: false in the config"
+    fallback = fallback or scores_fallback_reason(model, items, engine, dtype, accelerator.autocast)
     if fallback:
         log.info(f"using the naive forward (one padded row per sequence): {fallback}")
         engine.naive = True
@@ -562,7 +624,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     parameters: list
-    engine: LogpEngine
+    engine: LogpEngine  # or a ScoreEngine (reward models)
     fallback: str | None
     stream: BatchStream
     counters: Counters

@@ -22,7 +22,7 @@ from dpolab.data.formats import looks_local
 @dataclass
 class TrainConfig:
     task: str = "preference"
-    """``preference`` (pairs: prompt, chosen, rejected) or ``sft`` (prompt + completion, or messages; `dpolab sft` sets it)."""
+    """``preference`` (pairs: prompt, chosen, rejected), ``sft`` (prompt + completion, or messages; `dpolab sft` sets it) or ``reward`` (a reward model on pairs; `dpolab rm` sets it)."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = ""
@@ -197,7 +197,7 @@ class TrainConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "sft_reduction": ("token_mean", "sum", "batch_token_mean"),
             "on_bad_rows": ("error", "skip"),
-            "task": ("preference", "sft"),
+            "task": ("preference", "sft", "reward"),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "truncation_mode": ("keep_end", "keep_start", "drop"),
         }
@@ -228,11 +228,39 @@ class TrainConfig:
         names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
         if self.task == "sft" and names != ["sft"]:
             raise ValueError(f"loss: task sft trains with loss: sft; got {self.loss!r}")
+        if self.task == "reward":
+            self._check_reward_task(names)
+            return
+        if "reward_model" in names:
+            raise ValueError("loss: reward_model trains a reward model: use dpolab rm (task: reward)")
 
         try:
             objective_from_config(self.loss, self.loss_weights, self.loss_params, self.sft_weight, self.sft_reduction)
         except ValueError as error:
             raise ValueError(f"loss: {error}") from None
+
+    def _check_reward_task(self, names: list[str]) -> None:
+        """``task: reward`` trains with the Bradley–Terry loss only, on scores: the log-prob options do not apply."""
+        from dpolab.losses import get_loss
+
+        if names != ["reward_model"]:
+            raise ValueError(f"loss: task reward trains with loss: reward_model; got {self.loss!r}")
+        not_used = {
+            "sft_weight": self.sft_weight != 0,
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "loss_weights": self.loss_weights is not None,
+            "reference": self.reference not in ("auto", "none"),
+        }
+        for key, set_here in not_used.items():
+            if set_here:
+                raise ValueError(f"{key}: not used by task reward (a reward model scores sequences; no log-probs)")
+        if not isinstance(self.loss_params, dict):
+            raise ValueError("loss_params: task reward takes one mapping, e.g. {center_coefficient: 0.01}")
+        try:
+            get_loss("reward_model").check_params(self.loss_params)
+        except ValueError as error:
+            raise ValueError(f"loss_params: {error}") from None
 
     def _check_output_apart_from_inputs(self) -> None:
         """``output_dir`` may neither be, contain, nor lie inside an input: ``--overwrite`` or a new run
@@ -455,6 +483,7 @@ TRL_NAMES: dict[str, tuple[str, dict | None]] = {
     "save_total_limit": ("keep_checkpoints", None),
     "bf16": ("mixed_precision", {True: "bf16", False: "no"}),
     "fp16": ("mixed_precision", {True: "fp16", False: "no"}),
+    "center_rewards_coefficient": ("loss_params.center_coefficient", None),
 }
 
 # Names of TRL options that have no key here, with why.

@@ -17,6 +17,15 @@ def sum_across(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
 
+def max_across(accelerator, values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over every process (a minimum is the maximum of the negated value)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)  # accelerate reduces by sum or mean only
+    return tensor.tolist()
+
+
 def any_across(accelerator, flag: bool) -> bool:
     """True if ``flag`` is true on any process (a stop signal, a non-finite loss)."""
     return sum_across(accelerator, [float(flag)])[0] > 0

@@ -14,8 +14,9 @@ step count, each in its own process (so peak RSS is its own):
   in one prefix-shared packed pass, the score at each branch's last token.
 - ``trl``: TRL ``RewardTrainer`` with its defaults (chosen and rejected as two padded rows each).
 
-It prints pairs/s end to end (data preparation and training; model loading excluded), training-only
-step time, peak RSS, and the ratios. Copy the table into docs/performance.md.
+It prints pairs/s end to end (dpolab: the whole ``run()`` call, model loading included; TRL: trainer
+construction and training, the model loaded before), training-only step time, peak RSS, and the
+ratios. Copy the table into docs/performance.md.
 """
 
 from __future__ import annotations

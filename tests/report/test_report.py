@@ -51,6 +51,14 @@ def runs(tmp_path_factory):
         )
         folders.append(out)
     folders.append(run_toy(ToyConfig(loss="dpo", steps=400)).save(root / "toy-dpo"))
+    run(
+        TrainConfig(
+            task="reward", loss="reward_model", model=str(root / "llama"), data=str(root / "pairs.jsonl"),
+            output_dir=str(root / "rm"), max_steps=20, batch_size=4, learning_rate=3e-3, eval_fraction=0.2,
+            eval_steps=5, progress=False, tensorboard=False, save_model=False, cache_dir=str(root / "cache"),
+        )
+    )  # fmt: skip
+    folders.append(root / "rm")
     return root, folders
 
 
@@ -59,8 +67,10 @@ def test_report_is_self_contained_with_every_plot(runs, tmp_path):
     out = write_report(folders, tmp_path / "report.html")
     text = out.read_text()
     assert not re.search(r"https?://|//cdn|<script|<link", text), "the report must need no network"
-    assert text.count('<img alt="plot" src="data:image/png;base64,') == 7
+    assert text.count('<img alt="plot" src="data:image/png;base64,') == 8  # the held-out panel: the RM run's
     assert "degradation" in text and "remedy" in text and "Verdicts" in text
+    assert "A reward model (dpolab rm): no policy likelihood, so no 3D monitor." in text
+    assert re.search(r"held-out accuracy \d\.\d\d", text)
     assert '<tr class="differs"><th>loss</th>' in text  # dpo vs dpop highlighted
     assert "toy-dpo" in text and "(toy," in text
 

@@ -42,6 +42,7 @@ PANELS = [
     ("loss", [("loss", "", "-")], "linear"),
     ("reward margin", [("rewards/margins", "", "-")], "linear"),
     ("reward accuracy", [("rewards/accuracies", "", "-")], "linear"),
+    ("held-out reward accuracy (every eval_steps)", [("eval/rewards/accuracies", "", "-o")], "linear"),
     (
         "log-ratio r = log π_θ − log π_ref (mean; solid chosen, dashed rejected)",
         [("monitor/logratio_chosen_mean", " chosen", "-"), ("monitor/logratio_rejected_mean", " rejected", "--")],
@@ -123,7 +124,12 @@ def verdict(run: Run) -> str:
     accuracy, margin = run.last("rewards/accuracies"), run.last("rewards/margins")
     if accuracy == accuracy:
         parts.append(f"reward accuracy {accuracy:.2f}, margin {margin:+.3g}")
+    held_out = run.last("eval/rewards/accuracies")
+    if held_out == held_out:
+        parts.append(f"held-out accuracy {held_out:.2f}")
     text = ", ".join(parts) + "."
+    if run.config.get("task") == "reward":
+        return text + " A reward model (dpolab rm): no policy likelihood, so no 3D monitor."
     if run.alarms:
         kinds = ", ".join(f"{a['alarm']} (step {a['step']})" for a in run.alarms)
         remedies = "; ".join(f"{a['alarm']}: {REMEDIES[a['alarm']]}" for a in run.alarms)

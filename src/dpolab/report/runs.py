@@ -77,7 +77,12 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{path}: not a dpolab run folder (no config.yaml + metrics.jsonl, nor a toy run)")
     config = safe_yaml.load((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
     alarms = [row for row in rows if "alarm" in row]
-    steps, series = _series([row for row in rows if "alarm" not in row and "loss" in row])
+    training = [dict(row) for row in rows if "alarm" not in row and "loss" in row]
+    by_step = {row["step"]: row for row in training}
+    for row in rows:  # held-out values join the training line of their step (eval_steps on a logged step)
+        if "eval/loss" in row and row["step"] in by_step:
+            by_step[row["step"]].update({k: v for k, v in row.items() if k.startswith("eval/")})
+    steps, series = _series(training)
     return Run(path.name, "train", path, config, steps, series, alarms, summary)
 
 

@@ -16,7 +16,7 @@ test: $(STAMP)
 	# The report test renders HTML in Debian's chromium; CI installs it when missing.
 	if [ "$$CI" = "true" ] && ! command -v chromium >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest
 
 install: $(STAMP)
@@ -31,8 +31,8 @@ $(STAMP):
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -7,26 +7,14 @@ sequence alone (no padding, its pooled logit), and the naive padded path.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from dpolab.data.packing import pack
 from dpolab.data.tokenize import TokenizedPair
 from dpolab.engine.scores import ScoreEngine, naive_scores, packed_scores, score_head, scores_fallback_reason
+from tests.engine.test_logps import VOCAB, random_pairs
 from tests.tiny import tiny_scalar_model
-
-VOCAB = 300
-
-
-def random_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
-    rng = random.Random(seed)
-
-    def ids(low, high):
-        return tuple(rng.randrange(3, VOCAB) for _ in range(rng.randint(low, high)))
-
-    return [TokenizedPair(ids(1, 12), ids(1, 15), ids(1, 15), i) for i in range(count)]
 
 
 def alone(model, pairs) -> torch.Tensor:

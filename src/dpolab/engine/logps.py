@@ -115,10 +115,8 @@ def packed_token_logps(model, batch: PackedBatch, with_log_sum_sq: bool = False)
     return TokenLogps(values, batch.target_sequence, batch.target_index, batch.branch_lengths, log_sum_sq)
 
 
-def naive_token_logps(
-    model, items: list[Item], pad_token_id: int, device=None, with_log_sum_sq: bool = False
-) -> TokenLogps:
-    """Reference implementation: one right-padded row per (prompt, branch), the model's full forward and logits."""
+def padded_rows(items: list[Item], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask): one right-padded row per (prompt, branch) sequence, in sequence order."""
     rows = [item.prompt_ids + ids for item in items for ids in item.branches]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -128,6 +126,14 @@ def naive_token_logps(
         attention[i, : len(row)] = 1
     if device is not None:
         input_ids, attention = input_ids.to(device), attention.to(device)
+    return input_ids, attention
+
+
+def naive_token_logps(
+    model, items: list[Item], pad_token_id: int, device=None, with_log_sum_sq: bool = False
+) -> TokenLogps:
+    """Reference implementation: one right-padded row per (prompt, branch), the model's full forward and logits."""
+    input_ids, attention = padded_rows(items, pad_token_id, device)
     logits = _at_least_fp32(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits)
     # log_probs[s, t] is the log-prob of token t + 1 of row s
     values, log_sum_sq = _gather(torch.log_softmax(logits[:, :-1], dim=-1), input_ids[:, 1:], with_log_sum_sq)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.data.packing import Item, pack
-from dpolab.engine.logps import _mask_dtype
+from dpolab.engine.logps import _at_least_fp32, _mask_dtype, padded_rows
 
 HEAD_NAMES = ("score", "classifier")  # the one-output head of Hugging Face's sequence classifiers
 
@@ -64,10 +64,6 @@ def _single_output(outputs: list[torch.Tensor], rows: int, length: int) -> torch
     return outputs[0][..., 0]
 
 
-def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-
-
 def packed_scores(model, items: list[Item], ids: list[int], row_tokens: int, pad_token_id: int, device) -> torch.Tensor:
     """Scores (items, branches) from one forward over prefix-shared packed rows."""
     batch = pack(items, ids, row_tokens, pad_token_id).to(device)
@@ -85,20 +81,12 @@ def packed_scores(model, items: list[Item], ids: list[int], row_tokens: int, pad
 
 def naive_scores(model, items: list[Item], pad_token_id: int, device=None) -> torch.Tensor:
     """Reference: one right-padded row per (prompt, branch); the score at each row's last real token."""
-    rows = [item.prompt_ids + ids for item in items for ids in item.branches]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
-    if device is not None:
-        input_ids, attention = input_ids.to(device), attention.to(device)
+    input_ids, attention = padded_rows(items, pad_token_id, device)
     with recorded_head_output(model) as outputs:
         model(input_ids=input_ids, attention_mask=attention, use_cache=False)
-    every = _single_output(outputs, len(rows), length)
-    last = torch.tensor([len(r) - 1 for r in rows], device=every.device)
-    scores = every[torch.arange(len(rows), device=every.device), last]
+    every = _single_output(outputs, *input_ids.shape)
+    rows = torch.arange(input_ids.shape[0], device=every.device)
+    scores = every[rows, attention.sum(1).to(every.device) - 1]
     return _at_least_fp32(scores).view(len(items), len(items[0].branches))
 
 

@@ -54,7 +54,11 @@ class SFTExample:
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the source and the row."""
+    """Bad input data; the message names the source and the row (``row``, when one row is at fault)."""
+
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,12 @@ class RewardModelJudge:
         try:
             sequences, report = tokenize_sft(self.tokenizer, examples, self.max_length)
         except DataError as error:  # a chat template that raises: one line naming the prompt
-            row = int(str(error).split(":")[0].split()[-1])
+            if error.row is None:
+                raise
+            detail = str(error).split("chat template fails: ", 1)[-1]
             raise ValueError(
                 f"{self.path}: the reward model's chat template fails on the prompt "
-                f"{prompt_text(items[row][0])[:60]!r}: {str(error).split(': ', 2)[-1]}"
+                f"{prompt_text(items[error.row][0])[:60]!r}: {detail}"
             ) from None
         for row in report.dropped_rows:
             verdicts[row] = Verdict(None, "nothing left to score after truncation to max_length")

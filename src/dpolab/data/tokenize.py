@@ -224,7 +224,9 @@ def _split(tokenizer, prompt, completions: list, limits: dict, report: TokenizeR
         if not isinstance(prompt, list):
             raise
         detail = " ".join(str(error).split())[:200]
-        raise DataError(f"row {row}: the tokenizer's chat template fails: {type(error).__name__}: {detail}") from None
+        raise DataError(
+            f"row {row}: the tokenizer's chat template fails: {type(error).__name__}: {detail}", row=row
+        ) from None
     shared = min(_common_prefix(prompt_ids, ids) for ids in full)
     if shared < len(prompt_ids):
         report.prompt_not_prefix += 1

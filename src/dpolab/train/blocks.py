@@ -39,7 +39,7 @@ from dpolab.engine.reference import (
 from dpolab.train.checkpoint import Checkpointer, config_differences, verify_checkpoint
 from dpolab.train.config import TrainConfig, lora_settings
 from dpolab.train.distributed import any_across, broadcast_object, gather_rows, sum_across
-from dpolab.train.guard import NonFiniteError, RunLock, prepare_output_dir
+from dpolab.train.guard import NonFiniteError, RunLock, TrainingInterrupted, prepare_output_dir
 from dpolab.train.metrics import MetricsLog
 
 # --- the accelerator -------------------------------------------------------------------------
@@ -745,11 +745,28 @@ def resume(s, log) -> int:
     return first_step
 
 
-def stop_message(folder: RunFolder, step: int, name: str, saved: Path, command: str) -> str:
-    return (
-        f"stopped by {name or 'a signal to another process'} after step {step}; checkpoint: {saved}\n"
-        f"resume with: dpolab {command} {folder.path / 'config.yaml'} --resume"
+def checkpoint_step(s, step: int, stop, nonfinite: str | None, command: str, force: bool = False):
+    """The end of every recipe's optimiser step: agree across processes on a stop signal; checkpoint when due
+    (every ``checkpoint_steps``, the last step, a signal, a non-finite batch, or ``force``: the recipe stops
+    here); raise :func:`nonfinite_stop` after a non-finite batch. Returns (the checkpoint written or None,
+    whether a signal asks to stop: the recipe raises :func:`interrupted` once it has handled its own stops)."""
+    signalled = any_across(s.accelerator, bool(stop.signal))
+    periodic = s.config.checkpoint_steps and step % s.config.checkpoint_steps == 0
+    saved = None
+    if periodic or step == s.total_steps or signalled or nonfinite or force:
+        saved = s.checkpointer.save(step, s.config.to_dict())
+    if nonfinite:
+        raise nonfinite_stop(s, nonfinite, saved, command)
+    return saved, signalled
+
+
+def interrupted(s, step: int, stop, saved: Path | None, command: str) -> TrainingInterrupted:
+    """Log where a signalled run stopped and how to resume it; the exception that ends it."""
+    s.folder.log.info(
+        f"stopped by {stop.name or 'a signal to another process'} after step {step}; checkpoint: {saved}\n"
+        f"resume with: dpolab {command} {s.folder.path / 'config.yaml'} --resume"
     )
+    return TrainingInterrupted(stop.signal or 15)
 
 
 def finish_run(s, steps: int, unit: str, start_time: float, metrics: dict, last_eval: dict, **extra) -> dict:

@@ -27,7 +27,7 @@ from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from
 from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, gather_rows
-from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
+from dpolab.train.guard import catch_stop_signals
 from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config
 from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
 
@@ -338,12 +338,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     stopped_by_alarm = new_alarms[0]["alarm"] if new_alarms else "an alarm on another process"
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
-                signalled = any_across(accelerator, bool(stop.signal))
-                periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-                if periodic or step == s.total_steps or signalled or stopped_by_alarm or nonfinite:
-                    saved = s.checkpointer.save(step, config.to_dict())
-                if nonfinite:
-                    raise blocks.nonfinite_stop(s, nonfinite, saved, "train")
+                saved, signalled = blocks.checkpoint_step(
+                    s, step, stop, nonfinite, "train", force=bool(stopped_by_alarm)
+                )
                 if stopped_by_alarm:
                     log.info(
                         f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; checkpoint: {saved}"
@@ -351,8 +348,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     steps_done = step
                     break
                 if signalled:
-                    log.info(blocks.stop_message(folder, step, stop.name, saved, "train"))
-                    raise TrainingInterrupted(stop.signal or 15)
+                    raise blocks.interrupted(s, step, stop, saved, "train")
         if evaluated_at != steps_done:  # an alarm stop right after a periodic evaluation: not twice
             last_eval = evaluate(s, steps_done) or last_eval
 

@@ -29,8 +29,8 @@ from dpolab.engine.scores import ScoreEngine
 from dpolab.losses import LossOutput, get_loss, reward_model
 from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
-from dpolab.train.distributed import any_across, max_across
-from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
+from dpolab.train.distributed import max_across
+from dpolab.train.guard import catch_stop_signals
 
 
 @dataclass
@@ -202,15 +202,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, loss=metrics["loss"], accuracy=metrics["rewards/accuracies"])
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval = evaluate(s, step)
-                signalled = any_across(accelerator, bool(stop.signal))
-                periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-                if periodic or step == s.total_steps or signalled or nonfinite:
-                    saved = s.checkpointer.save(step, config.to_dict())
-                if nonfinite:
-                    raise blocks.nonfinite_stop(s, nonfinite, saved, "rm")
+                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "rm")
                 if signalled:
-                    log.info(blocks.stop_message(folder, step, stop.name, saved, "rm"))
-                    raise TrainingInterrupted(stop.signal or 15)
+                    raise blocks.interrupted(s, step, stop, saved, "rm")
         last_eval = evaluate(s, s.total_steps) or last_eval
 
         return blocks.finish_run(s, s.total_steps, "pairs", start_time, metrics, last_eval)

@@ -26,8 +26,7 @@ from dpolab.engine.logps import LogpEngine
 from dpolab.losses import nll
 from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
-from dpolab.train.distributed import any_across
-from dpolab.train.guard import TrainingInterrupted, catch_stop_signals
+from dpolab.train.guard import catch_stop_signals
 
 
 @dataclass
@@ -163,15 +162,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, loss=metrics.get("loss", float("nan")))
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval = evaluate(s, step)
-                signalled = any_across(accelerator, bool(stop.signal))
-                periodic = config.checkpoint_steps and step % config.checkpoint_steps == 0
-                if periodic or step == s.total_steps or signalled or nonfinite:
-                    saved = s.checkpointer.save(step, config.to_dict())
-                if nonfinite:
-                    raise blocks.nonfinite_stop(s, nonfinite, saved, "sft")
+                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "sft")
                 if signalled:
-                    log.info(blocks.stop_message(folder, step, stop.name, saved, "sft"))
-                    raise TrainingInterrupted(stop.signal or 15)
+                    raise blocks.interrupted(s, step, stop, saved, "sft")
         last_eval = evaluate(s, s.total_steps) or last_eval
 
         return blocks.finish_run(s, s.total_steps, "examples", start_time, metrics, last_eval)

@@ -117,3 +117,34 @@ def tiny_scalar_model(architecture: str, vocab_size: int, seed: int = 0, dtype=t
     with torch.no_grad():  # scores of order 1, not ~0.02: equalities on near-zero values would say little
         model.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
     return model
+
+
+def digit_tokenizer():
+    """A word-level tokenizer of 15 tokens (specials, ``say``, ``:``, the ten digits): a random model's first
+    token is the right digit about 1 time in 15, so a reward for it is seen from the first rollouts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "say", ":"] + [str(d) for d in range(10)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()  # words joined with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_digit_task(directory) -> dict[str, str]:
+    """The verifiable task of the PPO tests: "say D :" → answer with the digit D. A random-init tiny Llama with
+    :func:`digit_tokenizer`, the ten prompts (with their ``answer``), saved under ``directory``."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    tokenizer = digit_tokenizer()
+    model = tiny_causal_lm(
+        "llama", len(tokenizer), 0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    model.save_pretrained(directory / "model", safe_serialization=True)
+    tokenizer.save_pretrained(directory / "model")
+    rows = [{"prompt": f"say {d} :", "answer": str(d)} for d in range(10)]
+    (directory / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": str(directory / "model"), "data": str(directory / "prompts.jsonl")}

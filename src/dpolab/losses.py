@@ -601,18 +601,24 @@ def kl_estimate(logps: Tensor, reference_logps: Tensor, estimator: str = "k1") -
     raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}")
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is 1 (every response token weighs the same)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: Tensor, mask: Tensor, count: Tensor | float | None = None) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is 1 (every response token weighs the same).
+
+    ``count``: divide by it instead of this mask's sum. On P processes, the global minibatch's token count / P
+    makes the average that DDP takes of the P local results the mean over every process's tokens."""
+    return (values * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten(
+    values: Tensor, mask: Tensor, shift_mean: bool = True, mean: Tensor | None = None, variance: Tensor | None = None
+) -> Tensor:
     """(values − mean) / std over the masked positions (the mean kept when ``shift_mean`` is false); 0 elsewhere.
 
     Used for advantages (zero mean, unit variance per rollout batch) and, without the shift, for rewards.
+    ``mean`` and ``variance``: given when the batch spans several processes (computed over all of them).
     """
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask) if mean is None else mean
+    variance = masked_mean((values - mean) ** 2, mask) if variance is None else variance
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -650,35 +656,35 @@ class PPOLosses:
 
 
 def ppo_policy_loss(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2, count=None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), a mean over response tokens:
 
     L = −E[min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t)], ρ_t = π(a_t|s_t) / π_old(a_t|s_t).
 
     Returns (loss, clip fraction, approx KL ½(log ρ)²). ∂L/∂log π_t = −ρ_t A_t / N where the unclipped
-    term is the smaller, 0 where the clipped one is (N: the response tokens).
+    term is the smaller, 0 where the clipped one is (N: the response tokens, or ``count``: :func:`masked_mean`).
     """
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).to(logps.dtype), mask)
-    approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count)
+    clip_fraction = masked_mean((clipped > unclipped).to(logps.dtype), mask, count)
+    approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask, count)
     return loss, clip_fraction.detach(), approx_kl
 
 
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2, count=None
 ) -> tuple[Tensor, Tensor]:
     """The clipped value loss of PPO for language models (Ziegler et al. 2019; OpenAI baselines), a mean over
     response tokens: ½ E[max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)]. Returns (loss, clip fraction)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask, count)
+    return loss, masked_mean((clipped > unclipped).to(values.dtype), mask, count).detach()
 
 
 def ppo_losses(
@@ -691,10 +697,12 @@ def ppo_losses(
     mask: Tensor,
     clip_range: float = 0.2,
     clip_range_value: float = 0.2,
+    count: Tensor | float | None = None,
 ) -> PPOLosses:
-    """Both PPO terms of one minibatch (:func:`ppo_policy_loss`, :func:`ppo_value_loss`)."""
-    policy, clip_fraction, approx_kl = ppo_policy_loss(logps, old_logps, advantages, mask, clip_range)
-    value, value_clip_fraction = ppo_value_loss(values, old_values, returns, mask, clip_range_value)
+    """Both PPO terms of one minibatch (:func:`ppo_policy_loss`, :func:`ppo_value_loss`); ``count`` as in
+    :func:`masked_mean`."""
+    policy, clip_fraction, approx_kl = ppo_policy_loss(logps, old_logps, advantages, mask, clip_range, count)
+    value, value_clip_fraction = ppo_value_loss(values, old_values, returns, mask, clip_range_value, count)
     return PPOLosses(policy, value, clip_fraction, approx_kl, value_clip_fraction)
 
 

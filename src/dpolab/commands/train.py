@@ -1,4 +1,4 @@
-"""``dpolab train``, ``dpolab sft`` and ``dpolab rm``, and the relaunch of ``accelerate launch --cpu`` under torchrun."""
+"""``dpolab train``, ``dpolab sft``, ``dpolab rm`` and ``dpolab ppo``, and the relaunch of ``accelerate launch --cpu`` under torchrun."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMAND_DEFAULTS = {
     "train": None,
     "sft": {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}},
     "rm": {"task": "reward", "loss": "reward_model"},
+    "ppo": {"task": "ppo", "loss": "ppo"},
 }
 
 
@@ -125,3 +126,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     rm.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
     rm.set_defaults(handler=train_command, command="rm")
+    ppo = subparsers.add_parser(
+        "ppo",
+        help="RLHF-PPO of a causal LM on prompts: sampled responses, a reward (reward model, math judge or rules)",
+        description="dpolab train with task: ppo. Each step samples responses to batch_size prompts per process, "
+        "scores them (ppo.reward: {model: DIR} | {judge: math} | {rules: [...]}), and runs ppo.ppo_epochs passes "
+        "of the clipped PPO loss with a KL penalty to the initial policy; ppo.advantage: rloo for the "
+        "critic-free variant. Same config keys, outputs, checkpoints and resume as dpolab train; the ppo: "
+        "settings are in docs/rlhf.md.",
+        epilog=keys_summary(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ppo.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
+    ppo.set_defaults(handler=train_command, command="ppo")

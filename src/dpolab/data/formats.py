@@ -53,6 +53,16 @@ class SFTExample:
     conversational: bool = False
 
 
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt for RLHF rollouts (``dpolab ppo``): text or messages, and the ``answer`` column when given
+    (the reference a verifiable reward checks, e.g. a GSM8K final number)."""
+
+    prompt: str | Messages
+    answer: str | None
+    row: int
+
+
 class DataError(ValueError):
     """Bad input data; the message names the source and the row (``row``, when one row is at fault)."""
 
@@ -384,6 +394,42 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExam
     return SFTExample(row["prompt"], row["completion"], index)
 
 
+def prompt_example_from_row(row: dict, index: int, source: str = "data") -> PromptExample:
+    """A prompt row: ``prompt`` (a string or a list of role/content messages), optionally ``answer``."""
+    where = f"{source}: row {index}"
+    if isinstance(row, BadLine):
+        raise DataError(
+            f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
+        )
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    prompt = row.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        problem = messages_problem(prompt, "prompt")
+    elif isinstance(prompt, str) and prompt.strip():
+        problem = text_problem(prompt, "field 'prompt'")
+    else:
+        problem = "needs a non-empty field 'prompt' (a string or a list of messages)"
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    answer = row.get("answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise DataError(f"{where}: field 'answer' must be a string or a number, got {_type_name(answer)}")
+        answer = str(answer)
+        problem = text_problem(answer, "field 'answer'")
+        if problem:
+            raise DataError(f"{where}: {problem}")
+    return PromptExample(prompt, answer, index)
+
+
+def load_prompt_examples(
+    source: str, split: str = "train", on_bad_rows: str = "error"
+) -> tuple[list[PromptExample], list[str]]:
+    """Prompts (with their optional answers) and the reasons for skipped rows; as :func:`load_examples`."""
+    return _load(source, split, on_bad_rows, prompt_example_from_row)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write ``rows`` as JSONL (UTF-8, non-ASCII kept), creating the folder; returns how many."""
     path = Path(path)
@@ -429,8 +475,10 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
-def pair_key(example: PreferenceExample | SFTExample) -> str:
+def pair_key(example: PreferenceExample | SFTExample | PromptExample) -> str:
     """Identity of an example, for finding duplicates."""
+    if isinstance(example, PromptExample):
+        return json.dumps([example.prompt, example.answer], sort_keys=True)
     if isinstance(example, SFTExample):
         return json.dumps([example.prompt, example.completion], sort_keys=True)
     return json.dumps([example.prompt, example.chosen, example.rejected], sort_keys=True)

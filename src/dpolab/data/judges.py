@@ -5,6 +5,8 @@
 - :class:`RewardModelJudge`: the scalar output of a Hugging Face sequence-classification model
   (``num_labels = 1``) at the last token of prompt + candidate + EOS, e.g. a reward model trained with
   ``dpolab rm`` (scored exactly as it was trained: :mod:`dpolab.engine.scores`).
+- :class:`RulesJudge`: the share of format rules (a regex, the answer's presence, word and line counts)
+  that the candidate passes.
 - :class:`LLMJudge`: an OpenAI-compatible chat-completions endpoint grading with a rubric (by default
   the 3D paper's 1–5 maths rubric, PAPERS.md §5). The API key is read from an environment variable at
   request time and never written; transient failures are retried with exponential back-off; a reply
@@ -67,7 +69,17 @@ class RewardModelJudge:
     name = "reward-model"
     needs_reference = False
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 16,
+        max_length: int = 1024,
+        allow_pickle: bool = False,
+        score_empty: bool = False,
+        device=None,
+    ) -> None:
+        """``score_empty``: score an empty candidate too (prompt + EOS), as a PPO reward must; else it gets
+        no score."""
         from dpolab.engine.loading import default_device, load_model, load_tokenizer
 
         self.path = path
@@ -78,8 +90,8 @@ class RewardModelJudge:
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
-        self.batch_size, self.max_length = batch_size, max_length
-        self.device = default_device()
+        self.batch_size, self.max_length, self.score_empty = batch_size, max_length, score_empty
+        self.device = device if device is not None else default_device()
         self.model.to(self.device)
 
     def score(self, items: list[Item]) -> list[Verdict]:
@@ -95,7 +107,7 @@ class RewardModelJudge:
         verdicts: list[Verdict | None] = [None] * len(items)
         examples = []
         for index, (prompt, candidate, _) in enumerate(items):
-            if not candidate.strip():
+            if not candidate.strip() and not self.score_empty:
                 verdicts[index] = Verdict(None, "empty generation")
             elif isinstance(prompt, list) and getattr(self.tokenizer, "chat_template", None):
                 examples.append(SFTExample(prompt, [{"role": "assistant", "content": candidate}], index, True))
@@ -123,6 +135,46 @@ class RewardModelJudge:
 
     def describe(self) -> dict:
         return {"kind": self.name, "model": str(self.path)}
+
+
+RULE_TYPES = ("regex", "contains_answer", "words", "lines")
+
+
+class RulesJudge:
+    """Format rules, each pass or fail; the score is the share passed. A rule is a mapping: ``{type: regex,
+    pattern: P}`` (searched in the candidate; ``{answer}`` in P stands for the reference, regex-escaped),
+    ``{type: contains_answer}``, ``{type: words, min: A, max: B}`` or ``{type: lines, min: A, max: B}``
+    (bounds inclusive, either may be left out; lines are the non-empty ones)."""
+
+    name = "rules"
+
+    def __init__(self, rules: list[dict]) -> None:
+        self.rules = rules
+        self.needs_reference = any(r["type"] == "contains_answer" or "{answer}" in r.get("pattern", "") for r in rules)
+
+    def _passes(self, rule: dict, candidate: str, reference: str | None) -> bool:
+        kind = rule["type"]
+        if kind == "regex":
+            pattern = rule["pattern"].replace("{answer}", re.escape(reference or ""))
+            return re.search(pattern, candidate) is not None
+        if kind == "contains_answer":
+            return bool(reference) and reference.strip() in candidate
+        count = len(candidate.split()) if kind == "words" else sum(1 for line in candidate.splitlines() if line.strip())
+        return rule.get("min", 0) <= count <= rule.get("max", count)
+
+    def score(self, items: list[Item]) -> list[Verdict]:
+        verdicts = []
+        for _, candidate, reference in items:
+            if self.needs_reference and reference is None:
+                verdicts.append(Verdict(None, "a rule needs the row's answer, and it has none"))
+                continue
+            failed = [i for i, rule in enumerate(self.rules) if not self._passes(rule, candidate, reference)]
+            note = f"failed rules {failed}" if failed else None
+            verdicts.append(Verdict(1.0 - len(failed) / len(self.rules), note))
+        return verdicts
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "rules": self.rules}
 
 
 MATH_RUBRIC = """You grade solutions to maths problems. Compare the response with the reference answer and \

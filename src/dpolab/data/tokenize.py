@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpolab.data.formats import DataError, PreferenceExample, SFTExample
+from dpolab.data.formats import DataError, PreferenceExample, PromptExample, SFTExample
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,25 @@ class TokenizedSequence:
     @property
     def unique_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt for rollouts: its token ids (chat template applied, generation prompt added), and the prompt as
+    written and its answer, for the reward."""
+
+    prompt_ids: tuple[int, ...]
+    row: int
+    prompt: str | list[dict]
+    answer: str | None
+
+    @property
+    def branches(self) -> tuple[tuple[int, ...], ...]:
+        return ()
+
+    @property
+    def unique_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 TRUNCATION_MODES = ("keep_end", "keep_start", "drop")
@@ -302,3 +321,48 @@ def tokenize_sft(
     """Tokenise SFT examples (prompt + completion) with the same conventions and truncation policy."""
     limits = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
     return _tokenize(tokenizer, examples, limits, progress, ("completion",), TokenizedSequence)
+
+
+def tokenize_prompts(
+    tokenizer,
+    examples: list[PromptExample],
+    max_length: int | None = None,
+    progress=None,
+    *,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[TokenizedPrompt], TokenizeReport]:
+    """Tokenise prompts as the policy will see them before its response; a prompt longer than
+    ``max_prompt_length`` is cut per ``truncation_mode`` (or dropped with ``drop``) and counted."""
+    check_truncation(max_length, max_prompt_length, truncation_mode)
+    limits = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+    report = TokenizeReport(total=len(examples), unit="prompts", **limits)
+    items = []
+    for number, example in enumerate(examples):
+        if progress and number % 256 == 0:
+            progress(number, len(examples))
+        try:
+            prompt_ids, _ = _encode(tokenizer, example.prompt, [])
+        except Exception as error:  # noqa: BLE001 - a chat template is user code (jinja): any failure is the row's
+            if not isinstance(example.prompt, list):
+                raise
+            detail = " ".join(str(error).split())[:200]
+            raise DataError(
+                f"row {example.row}: the tokenizer's chat template fails: {type(error).__name__}: {detail}",
+                row=example.row,
+            ) from None
+        if not prompt_ids:
+            report.drop("empty", example.row)
+            continue
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            if truncation_mode == "drop":
+                report.drop("prompt_over_max_prompt_length", example.row)
+                continue
+            report.prompt_cut_rows.append(example.row)
+            report.prompt_tokens_cut += len(prompt_ids) - max_prompt_length
+            prompt_ids = _cut_prompt(prompt_ids, max_prompt_length, truncation_mode, tokenizer.bos_token_id)
+        items.append(TokenizedPrompt(tuple(prompt_ids), example.row, example.prompt, example.answer))
+    report.kept = len(items)
+    if progress:
+        progress(len(examples), len(examples))
+    return items, report

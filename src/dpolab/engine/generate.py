@@ -4,11 +4,16 @@ Prompts are sorted by length and left-padded in batches (so a batch wastes littl
 come back in the input order. Greedy decoding gives, per prompt, the same tokens as generating that
 prompt alone without padding (tested). Used by the quickstart's accuracy evaluation and by
 ``dpolab data sample``.
+
+:func:`sample_responses` is the token-level sampler of RLHF rollouts (``dpolab ppo``): token ids in and out
+(no re-tokenisation between sampling and scoring), one generator per row (a prompt's sample does not depend
+on its batch), temperature and top-p, EOS handling, and a lock-step mode for collective (FSDP) forwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -81,3 +86,94 @@ def generate(
     finally:
         model.train(was_training)
     return results
+
+
+# --- token-level sampling for RLHF rollouts -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A generated response: its token ids up to and including the first EOS, and whether it reached one."""
+
+    ids: tuple[int, ...]
+    finished: bool  # False: cut at max_new_tokens without an EOS
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (rows, vocab) restricted to each row's smallest set of most likely tokens whose mass reaches
+    ``top_p`` (Holtzman et al. 2020), renormalised; the most likely token is always kept."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the row's CDF at its uniform draw in [0, 1)."""
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1).to(cdf.dtype), right=True)[:, 0]
+    return picked.clamp(max=probs.shape[-1] - 1)
+
+
+def sample_responses(
+    forward: Callable,
+    prompts: list[tuple[int, ...]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    device,
+    seeds: list[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    keep_going: Callable[[bool], bool] | None = None,
+) -> list[Sample]:
+    """One response per prompt (token ids), in one left-padded batch with a KV cache.
+
+    ``forward``: a causal LM's call (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values``,
+    ``use_cache``) → an output with ``logits`` and ``past_key_values``. ``seeds``: one per prompt: row i draws
+    its tokens from its own generator, so a prompt's response does not depend on which prompts share its
+    batch or its process (a run on several processes samples what one process would). ``seeds=None``:
+    greedy. ``keep_going(still_generating)``: for collective forwards (FSDP), every process steps until the
+    answer is False on all of them.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if seeds is not None and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
+    responses: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    past, step_ids = None, input_ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            output = forward(
+                input_ids=step_ids, attention_mask=attention, position_ids=positions, past_key_values=past,
+                use_cache=True,
+            )  # fmt: skip
+            past = output.past_key_values
+            logits = output.logits[:, -1].float()
+            if generators is None:
+                tokens = logits.argmax(-1)
+            else:
+                probs = nucleus(torch.softmax(logits / temperature, dim=-1), top_p)
+                uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+                tokens = draw(probs.double(), uniforms.to(probs.device))
+            for row, token in enumerate(tokens.tolist()):
+                if not finished[row]:
+                    responses[row].append(token)
+                    finished[row] = token == eos_token_id
+            still = not all(finished)
+            if not (keep_going(still) if keep_going is not None else still):
+                break
+            step_ids = tokens[:, None]
+            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+    return [Sample(tuple(ids), done) for ids, done in zip(responses, finished, strict=True)]

@@ -137,22 +137,27 @@ def naive_token_logps(
     logits = _at_least_fp32(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits)
     # log_probs[s, t] is the log-prob of token t + 1 of row s
     values, log_sum_sq = _gather(torch.log_softmax(logits[:, :-1], dim=-1), input_ids[:, 1:], with_log_sum_sq)
+    rows_at, columns, sequence, index, lengths = naive_positions(items, input_ids.device)
+    return TokenLogps(
+        values[rows_at, columns],
+        sequence,
+        index,
+        lengths,
+        None if log_sum_sq is None else log_sum_sq[rows_at, columns],
+    )
+
+
+def naive_positions(items: list[Item], device) -> tuple[torch.Tensor, ...]:
+    """For the rows of :func:`padded_rows`: (row, column) of the output that predicts each completion token,
+    the token's sequence number and index within its completion, and the (items, branches) lengths."""
     rows_at, columns, sequence, index = [], [], [], []
     for s, (prompt_length, n) in enumerate((len(item.prompt_ids), len(ids)) for item in items for ids in item.branches):
         rows_at += [s] * n
         columns += range(prompt_length - 1, prompt_length - 1 + n)
         sequence += [s] * n
         index += range(n)
-    rows_at = torch.tensor(rows_at, dtype=torch.long, device=input_ids.device)
-    columns = torch.tensor(columns, dtype=torch.long, device=input_ids.device)
-    lengths = torch.tensor([[len(ids) for ids in item.branches] for item in items], dtype=torch.long)
-    return TokenLogps(
-        values[rows_at, columns],
-        torch.tensor(sequence, dtype=torch.long, device=input_ids.device),
-        torch.tensor(index, dtype=torch.long, device=input_ids.device),
-        lengths.to(input_ids.device),
-        None if log_sum_sq is None else log_sum_sq[rows_at, columns],
-    )
+    lengths = [[len(ids) for ids in item.branches] for item in items]
+    return tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (rows_at, columns, sequence, index, lengths))
 
 
 @dataclass

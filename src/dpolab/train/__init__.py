@@ -2,7 +2,7 @@
 
 ``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``: it runs the recipe that
 ``config.task`` names — ``preference`` (:mod:`dpolab.train.preference`), ``sft`` (:mod:`dpolab.train.sft`) or
-``reward`` (:mod:`dpolab.train.reward`).
+``reward`` (:mod:`dpolab.train.reward`) or ``ppo`` (:mod:`dpolab.train.ppo`).
 """
 
 from dpolab.train.config import TrainConfig, load_config
@@ -20,6 +20,8 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
         from dpolab.train.sft import train
     elif config.task == "reward":
         from dpolab.train.reward import train
+    elif config.task == "ppo":
+        from dpolab.train.ppo import train
     else:
         from dpolab.train.preference import train
     configure_threads(config.threads)

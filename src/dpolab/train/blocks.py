@@ -633,10 +633,11 @@ class Run:
     data_report: dict
 
 
-def run_state(config: TrainConfig, accelerator, folder: RunFolder, model, items: list) -> dict:
+def run_state(config: TrainConfig, accelerator, folder: RunFolder, model, items: list, stream=None) -> dict:
     """The data order, the counters and the checkpointer with every common component registered (the data
-    position, the data's fingerprint, the counters), as keyword arguments for a recipe's ``Setup``."""
-    stream = BatchStream(
+    position, the data's fingerprint, the counters), as keyword arguments for a recipe's ``Setup``.
+    ``stream``: a recipe's own data order (any :class:`Stateful` with ``next_step``); default a :class:`BatchStream`."""
+    stream = stream or BatchStream(
         len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
         config.gradient_accumulation_steps,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from dpolab.data.formats import looks_local
 @dataclass
 class TrainConfig:
     task: str = "preference"
-    """``preference`` (pairs: prompt, chosen, rejected), ``sft`` (prompt + completion, or messages; `dpolab sft` sets it) or ``reward`` (a reward model on pairs; `dpolab rm` sets it)."""
+    """``preference`` (pairs: prompt, chosen, rejected), ``sft`` (prompt + completion, or messages; `dpolab sft` sets it), ``reward`` (a reward model on pairs; `dpolab rm` sets it) or ``ppo`` (RLHF-PPO on prompts; `dpolab ppo` sets it)."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = ""
@@ -109,6 +109,10 @@ class TrainConfig:
     """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own). Attention is dense within a row, so its cost grows with the square of the row length: 512 was 2.1× faster per step than 2048 on the benchmark's 5M model (docs/performance.md); 256 suits the quickstart's tiny one."""
     packing: bool = True
     """Prefix-shared packed forward; false forces the naive path (one padded row per sequence)."""
+
+    # --- RLHF-PPO ---------------------------------------------------------------------------
+    ppo: dict = field(default_factory=dict)
+    """Settings of ``dpolab ppo`` (docs/rlhf.md): ``{reward: {judge: math}, value_model: head, advantage: gae, samples_per_prompt: 1, max_new_tokens: 64, kl_coef: 0.05, ppo_epochs: 4, …}``. ``batch_size`` is then prompts per process per rollout."""
 
     # --- monitoring ---------------------------------------------------------------------------
     monitor: dict = field(default_factory=dict)
@@ -197,7 +201,7 @@ class TrainConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "sft_reduction": ("token_mean", "sum", "batch_token_mean"),
             "on_bad_rows": ("error", "skip"),
-            "task": ("preference", "sft", "reward"),
+            "task": ("preference", "sft", "reward", "ppo"),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "truncation_mode": ("keep_end", "keep_start", "drop"),
         }
@@ -231,6 +235,11 @@ class TrainConfig:
         if self.task == "reward":
             self._check_reward_task(names)
             return
+        if self.task == "ppo":
+            self._check_ppo_task(names)
+            return
+        if self.ppo:
+            raise ValueError("ppo: settings of dpolab ppo (task: ppo); not used by this task")
         if "reward_model" in names:
             raise ValueError("loss: reward_model trains a reward model: use dpolab rm (task: reward)")
 
@@ -261,6 +270,29 @@ class TrainConfig:
             get_loss("reward_model").check_params(self.loss_params)
         except ValueError as error:
             raise ValueError(f"loss_params: {error}") from None
+
+    def _check_ppo_task(self, names: list[str]) -> None:
+        """``task: ppo`` trains on prompts with the PPO objective of the ``ppo:`` settings: no preference loss keys."""
+        from dpolab.train.ppo_settings import ppo_settings
+
+        if names != ["ppo"]:
+            raise ValueError(f"loss: task ppo trains with the PPO objective (loss: ppo); got {self.loss!r}")
+        not_used = {
+            "sft_weight": self.sft_weight != 0,
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "loss_weights": self.loss_weights is not None,
+            "loss_params": bool(self.loss_params),
+        }
+        for key, set_here in not_used.items():
+            if set_here:
+                raise ValueError(f"{key}: not used by task ppo (its settings are under ppo:, docs/rlhf.md)")
+        if self.reference == "none":
+            raise ValueError("reference: PPO needs a reference for its KL term: auto (the initial policy) or a model")
+        settings = ppo_settings(self.ppo)
+        for key, value in (("reward.model", settings.reward.get("model")), ("value_model", settings.value_model)):
+            if value and value not in ("head", "none") and looks_local(value) and not Path(value).expanduser().is_dir():
+                raise ValueError(f"ppo.{key}: no such folder: {value}")
 
     def _check_output_apart_from_inputs(self) -> None:
         """``output_dir`` may neither be, contain, nor lie inside an input: ``--overwrite`` or a new run
@@ -299,6 +331,14 @@ class TrainConfig:
             local = key in ("cache_dir", "output_dir") or looks_local(value)
             if local:
                 changes[key] = str(Path(value).expanduser().absolute())
+        if self.ppo:  # the reward model and the critic are inputs too
+            ppo = {**self.ppo, "reward": dict(self.ppo.get("reward") or {})}
+            if isinstance(ppo["reward"].get("model"), str) and looks_local(ppo["reward"]["model"]):
+                ppo["reward"]["model"] = str(Path(ppo["reward"]["model"]).expanduser().absolute())
+            critic = ppo.get("value_model")
+            if isinstance(critic, str) and critic not in ("head", "none") and looks_local(critic):
+                ppo["value_model"] = str(Path(critic).expanduser().absolute())
+            changes["ppo"] = ppo
         return dataclasses.replace(self, **changes)
 
 
@@ -396,7 +436,12 @@ def _type_name(option) -> str:
 
 def field_docs() -> dict[str, str]:
     """Field name → its docstring (the attribute docstrings in this file's source)."""
-    source = inspect.getsource(TrainConfig)
+    return attribute_docs(TrainConfig)
+
+
+def attribute_docs(cls) -> dict[str, str]:
+    """Field name → its docstring (the string under each annotated attribute of a dataclass's source)."""
+    source = inspect.getsource(cls)
     tree = ast.parse(source)
     docs = {}
     body = tree.body[0].body

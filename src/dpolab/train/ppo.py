@@ -1,0 +1,572 @@
+"""The RLHF-PPO recipe (``dpolab ppo``): sample responses, score them, and improve the policy with clipped PPO.
+
+Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`), then per step — one
+*rollout batch* of ``batch_size × processes`` prompts —
+
+1. **rollout** (:func:`rollout`): ``samples_per_prompt`` responses per prompt from the policy (token ids,
+   :func:`dpolab.engine.generate.sample_responses`; each response's randomness is a pure function of
+   (seed, step, prompt position, sample), so a resumed or multi-process run samples what one uninterrupted
+   process would); their rewards (:class:`RewardSource`); log π_old, V_old and log π_ref of every response
+   token in one prefix-shared pass each (:func:`dpolab.engine.policy_value.rollout_outputs`);
+2. **advantages** (:func:`advantages`): per-token rewards r_t = −β·KL_t, plus the response's reward on its
+   last token (Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2), then GAE (Schulman et al. 2016) —
+   or, with ``advantage: rloo``, the leave-one-out baseline over each prompt's k responses (Ahmadian et al.
+   2024) and no critic; whitened over the whole batch (every process);
+3. **update** (:func:`update`): ``ppo_epochs`` passes, each cut into ``minibatches`` optimiser steps, of the
+   clipped surrogate + ``value_coef`` × the clipped value loss (:func:`dpolab.losses.ppo_losses`);
+
+then log, evaluate (greedy responses to held-out prompts, their mean reward), checkpoint. Losses are means
+over the response tokens of the *global* minibatch (each process divides its token sum by the global count
+÷ P, so DDP's average is the one-process value); minibatches are cut from one permutation of the global
+batch's prompts, the same on every process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dpolab.console import progress_bar
+from dpolab.data.formats import load_prompt_examples
+from dpolab.data.judges import MathJudge, RewardModelJudge, RulesJudge
+from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
+from dpolab.engine.generate import sample_responses
+from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
+from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
+from dpolab.train import blocks
+from dpolab.train.config import TrainConfig
+from dpolab.train.distributed import any_across, sum_across
+from dpolab.train.guard import catch_stop_signals
+from dpolab.train.ppo_settings import PPOSettings, ppo_settings
+
+# --- the reward ----------------------------------------------------------------------------------
+
+
+def same_vocabulary(first, second) -> bool:
+    return first.get_vocab() == second.get_vocab()
+
+
+class RewardSource:
+    """The reward of each response: a reward model, the ``math`` judge, or format rules (:mod:`dpolab.data.judges`).
+
+    A response the judge cannot score (e.g. no text for the math judge) gets 0."""
+
+    def __init__(self, settings: PPOSettings, config: TrainConfig, tokenizer, device) -> None:
+        reward = settings.reward
+        if "model" in reward:
+            from transformers import AutoConfig
+
+            from dpolab.engine.loading import load_tokenizer
+
+            path = reward["model"]
+            try:
+                labels = AutoConfig.from_pretrained(path).num_labels
+            except (OSError, ValueError) as error:
+                raise ValueError(f"ppo.reward.model: cannot read the config of {path}: {str(error)[:200]}") from None
+            if labels != 1:
+                raise ValueError(
+                    f"ppo.reward.model: {path} has {labels} labels; a reward model has one output (num_labels: 1)"
+                )
+            reward_tokenizer = load_tokenizer(path)
+            if not same_vocabulary(tokenizer, reward_tokenizer) and not getattr(
+                reward_tokenizer, "chat_template", None
+            ):
+                raise ValueError(
+                    f"ppo.reward.model: {path} has another tokenizer than the policy and no chat template, so "
+                    "dpolab cannot know how it was shown a prompt and a response; train the reward model on the "
+                    "policy's tokenizer (dpolab rm --tokenizer POLICY) or give its tokenizer a chat template"
+                )
+            self.judge = RewardModelJudge(
+                path, batch_size=config.batch_size * settings.samples_per_prompt, max_length=config.max_length or 4096,
+                allow_pickle=config.allow_pickle, score_empty=True, device=device,
+            )  # fmt: skip
+        elif "judge" in reward:
+            self.judge = MathJudge()
+        else:
+            self.judge = RulesJudge(reward["rules"])
+        self.needs_answer = bool(getattr(self.judge, "needs_reference", False))
+        self.name = self.judge.name
+
+    def check_answers(self, prompts: list[TokenizedPrompt], source: str) -> None:
+        """A reward that compares with the row's ``answer`` needs every prompt to have one."""
+        missing = [p.row for p in prompts if p.answer is None]
+        if self.needs_answer and missing:
+            raise ValueError(
+                f"{source}: the {self.name} reward compares each response with the row's 'answer', and "
+                f"{len(missing)} rows have none (rows {', '.join(map(str, missing[:10]))})"
+            )
+
+    def scores(self, prompts: list[TokenizedPrompt], texts: list[str]) -> torch.Tensor:
+        verdicts = self.judge.score([(p.prompt, t, p.answer) for p, t in zip(prompts, texts, strict=True)])
+        return torch.tensor([v.score if v.score is not None else 0.0 for v in verdicts], dtype=torch.float32)
+
+
+# --- the data order ----------------------------------------------------------------------------
+
+
+class PromptStream:
+    """The prompt order: a seeded shuffle per epoch, read as one endless sequence; step t takes its next
+    ``per_step`` = batch_size × processes prompts (always full: the last batch of an epoch runs on into the
+    next), and process r the positions r, r + P, … of them. The position is the whole state."""
+
+    def __init__(self, size: int, per_step: int, seed: int) -> None:
+        self.size, self.per_step, self.seed = size, per_step, seed
+        self.consumed = 0
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def next_step(self) -> tuple[list[int], int]:
+        """(the step's prompts, in global order; the epoch its first prompt belongs to)."""
+        start = self.consumed * self.per_step
+        self.consumed += 1
+        orders: dict[int, list[int]] = {}
+        prompts = []
+        for position in range(start, start + self.per_step):
+            epoch = position // self.size
+            if epoch not in orders:
+                orders[epoch] = self.order(epoch)
+            prompts.append(orders[epoch][position % self.size])
+        return prompts, start // self.size
+
+    def state_dict(self) -> dict:
+        return {"steps": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["steps"]
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each phase over the run (every resume adds to them): the PPO time split."""
+
+    seconds: dict = field(default_factory=lambda: {"generation": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0})
+
+    def state_dict(self) -> dict:
+        return dict(self.seconds)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = dict(state)
+
+
+def mix(*numbers: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), for per-sample and per-epoch generators."""
+    value = 0x9E3779B97F4A7C15
+    for number in numbers:
+        value = (value ^ (number & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value = (value ^ (value >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return value >> 1
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup(blocks.Run):
+    """Everything the loop reads, built by :func:`setup`."""
+
+    settings: PPOSettings
+    prompts: list[TokenizedPrompt]
+    eval_prompts: list[TokenizedPrompt]
+    reward: RewardSource
+    reference: torch.nn.Module | None  # None: LoRA, the reference is the policy with its adapter off
+    pad_token_id: int
+    eos_token_id: int
+    phases: PhaseTimes
+
+
+def load_critic(config: TrainConfig, settings: PPOSettings, pad_token_id: int, log):
+    """The separate critic of ``value_model: DIR``, loaded as a reward model is (a new head on a causal LM)."""
+    if settings.value_model in ("head", "none"):
+        return None
+    critic = blocks.load_scalar_model(replace(config, model=settings.value_model), pad_token_id, log)
+    return blocks.apply_lora(critic, config.lora, task_type="SEQ_CLS") if config.lora else critic
+
+
+def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
+    """Data, reward, policy with its critic, reference, optimiser, prompt order, checkpointer."""
+    blocks.announce(folder, accelerator, config, "ppo")
+    settings = ppo_settings(config.ppo)
+    data = blocks.prepare_data(config, accelerator, folder, load_prompt_examples, tokenize_prompts)
+    tokenizer, pad_token_id, log = data.tokenizer, data.pad_token_id, folder.log
+    per_step = config.batch_size * accelerator.num_processes
+    if settings.minibatches > per_step:
+        raise ValueError(
+            f"ppo.minibatches: {settings.minibatches} minibatches of a rollout batch of {per_step} prompts "
+            "(batch_size × processes) leave some empty; use at most that many"
+        )
+    reward = RewardSource(settings, config, tokenizer, accelerator.device)  # refuses a bad reward model first
+    reward.check_answers(data.items, config.data)
+    reward.check_answers(data.eval_items, config.eval_data or config.data)
+    log.info(f"reward: {reward.name}; advantage: {settings.advantage}; critic: {settings.value_model}")
+
+    policy = blocks.load_policy(config)
+    reference = blocks.load_reference(config, policy)
+    if config.lora:
+        policy = blocks.apply_lora(policy, config.lora)
+    critic = load_critic(config, settings, pad_token_id, log)
+    model = PolicyWithValue(policy, critic, value_head=settings.value_model == "head").to(accelerator.device)
+    if reference is not None:
+        reference.to(accelerator.device)
+    dtype = blocks.compute_dtype(accelerator, policy.dtype)
+    probe = [Rollout(p.prompt_ids, (p.prompt_ids[-4:],)) for p in data.items[:4]]  # any text checks the mask
+    engine, fallback = blocks.choose_engine(config, policy, probe, pad_token_id, accelerator, dtype, log)
+    steps = config.max_steps or max(1, math.ceil(config.epochs * len(data.items) / per_step))
+    optimizer, scheduler = blocks.build_optimizer(config, model, steps * settings.ppo_epochs * settings.minibatches)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    stream = PromptStream(len(data.items), per_step, config.seed)
+    state = blocks.run_state(config, accelerator, folder, model, data.items, stream=stream)
+    phases = PhaseTimes()
+    state["checkpointer"].register("phase_seconds", phases)
+    return Setup(
+        config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
+        optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
+        data_report=data.report, settings=settings, prompts=data.items, eval_prompts=data.eval_items, reward=reward,
+        reference=reference, pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, phases=phases, **state,
+    )  # fmt: skip
+
+
+# --- 1. rollout ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutBatch:
+    """This process's share of one rollout batch; per-token tensors are (responses, longest response)."""
+
+    prompts: list[TokenizedPrompt]
+    positions: list[int]  # each prompt's position in the global batch
+    items: list[Rollout]
+    texts: list[str]  # per response (prompt-major: prompt i's k responses are i·k … i·k + k − 1)
+    scores: torch.Tensor  # (responses,) the reward source's score
+    rewards: torch.Tensor  # (responses,) the score less the missing-EOS penalty
+    finished: torch.Tensor  # (responses,) reached an EOS
+    mask: torch.Tensor
+    logps: torch.Tensor  # log π_old
+    reference_logps: torch.Tensor
+    values: torch.Tensor | None  # V_old
+    entropy: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None  # per token, the configured estimator
+
+
+def decode_with(s: Setup):
+    """The policy's forward for decoding (through the module's own call: FSDP gathers its shards)."""
+    unwrapped = s.accelerator.unwrap_model(s.model)
+    return lambda **inputs: unwrapped(mode="decode", **inputs)
+
+
+def generate(s: Setup, prompts: list[TokenizedPrompt], seeds: list[int] | None):
+    """One response per prompt (``seeds=None``: greedy); lock-step across processes under FSDP."""
+    fsdp = s.accelerator.distributed_type.value == "FSDP"
+    return sample_responses(
+        decode_with(s), [p.prompt_ids for p in prompts], max_new_tokens=s.settings.max_new_tokens,
+        eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id, device=s.accelerator.device, seeds=seeds,
+        temperature=s.settings.temperature, top_p=s.settings.top_p,
+        keep_going=(lambda still: any_across(s.accelerator, still)) if fsdp else None,
+    )  # fmt: skip
+
+
+def token_pass(s: Setup, model, items: list[Rollout], mode: str = "train", entropy: bool = False):
+    return rollout_outputs(
+        model, items, list(range(len(items))), s.pad_token_id, s.accelerator.device,
+        temperature=s.settings.temperature, mode=mode, entropy=entropy, naive=s.engine.naive,
+        row_tokens=s.config.row_tokens,
+    )  # fmt: skip
+
+
+def rollout(s: Setup, step: int, global_prompts: list[int]) -> RolloutBatch:
+    """Sample, score, and read log π_old, V_old, log π_ref of this process's prompts of the step."""
+    settings, accelerator, k = s.settings, s.accelerator, s.settings.samples_per_prompt
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    positions = list(range(rank, len(global_prompts), processes))
+    prompts = [s.prompts[global_prompts[p]] for p in positions]
+    unwrapped = accelerator.unwrap_model(s.model)
+    unwrapped.eval()
+    clock = time.perf_counter()
+    expanded = [p for p in prompts for _ in range(k)]
+    seeds = [mix(s.config.seed, step, p, j) for p in positions for j in range(k)]
+    with accelerator.autocast():
+        samples = generate(s, expanded, seeds)
+    tick = time.perf_counter()
+    s.phases.seconds["generation"] += tick - clock
+    texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)
+    scores = s.reward.scores(expanded, texts).to(accelerator.device)
+    finished = torch.tensor([sample.finished for sample in samples], device=accelerator.device)
+    penalty = settings.missing_eos_penalty or 0.0
+    rewards = scores - penalty * (~finished).to(scores.dtype)
+    clock = time.perf_counter()
+    s.phases.seconds["reward"] += clock - tick
+    items = [Rollout(p.prompt_ids, tuple(samples[i * k + j].ids for j in range(k))) for i, p in enumerate(prompts)]
+    with torch.no_grad(), accelerator.autocast():
+        old = token_pass(s, unwrapped, items, entropy=True)
+        if s.reference is not None:
+            reference = token_pass(s, s.reference, items)
+        else:
+            reference = token_pass(s, unwrapped, items, mode="reference")
+    unwrapped.train()
+    s.phases.seconds["logps"] += time.perf_counter() - clock
+    return RolloutBatch(
+        prompts=prompts, positions=positions, items=items, texts=texts, scores=scores, rewards=rewards,
+        finished=finished, mask=old.mask(), logps=old.dense(old.logps), reference_logps=old.dense(reference.logps),
+        values=old.dense(old.values) if old.values is not None else None, entropy=old.dense(old.entropy),
+    )  # fmt: skip
+
+
+# --- 2. advantages ---------------------------------------------------------------------------------
+
+
+def global_moments(accelerator, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``values`` over the masked positions of every process."""
+    total, squares, count = sum_across(
+        accelerator, [float((values * mask).sum()), float((values**2 * mask).sum()), float(mask.sum())]
+    )
+    mean = total / max(count, 1.0)
+    variance = max(squares / max(count, 1.0) - mean**2, 0.0)
+    return torch.tensor(mean, dtype=values.dtype), torch.tensor(variance, dtype=values.dtype)
+
+
+def advantages(s: Setup, batch: RolloutBatch) -> None:
+    """Per-token rewards, then the advantages (and GAE's returns), whitened over the global batch."""
+    settings, mask = s.settings, batch.mask
+    batch.kl = kl_estimate(batch.logps, batch.reference_logps, settings.kl_estimator) * mask
+    rewards = -settings.kl_coef * batch.kl if settings.kl_in == "reward" else torch.zeros_like(mask)
+    last = mask.sum(1).long() - 1
+    rewards = rewards.index_put((torch.arange(len(last), device=mask.device), last), batch.rewards, accumulate=True)
+    if settings.whiten_rewards:
+        mean, variance = global_moments(s.accelerator, rewards, mask)
+        rewards = whiten(rewards, mask, shift_mean=False, mean=mean, variance=variance)
+    if settings.advantage == "gae":
+        batch.advantages, batch.returns = gae(rewards, batch.values, mask, settings.gamma, settings.lam)
+    else:
+        per_response = rloo_advantages(rewards.sum(1).view(-1, settings.samples_per_prompt)).reshape(-1)
+        batch.advantages = per_response[:, None] * mask
+    if settings.whiten_advantages:
+        mean, variance = global_moments(s.accelerator, batch.advantages, mask)
+        batch.advantages = whiten(batch.advantages, mask, mean=mean, variance=variance)
+
+
+def rollout_metrics(s: Setup, batch: RolloutBatch) -> dict[str, float]:
+    """Means over every process's responses (and tokens) of the rollout batch."""
+    lengths = batch.mask.sum(1)
+    per_response = {
+        "rewards/mean": batch.rewards,
+        "rewards/squared": batch.rewards**2,
+        "scores/mean": batch.scores,
+        "kl": batch.kl.sum(1),
+        "response_length": lengths,
+        "no_eos_fraction": (~batch.finished).float(),
+    }
+    sums: dict[str, float] = {}
+    blocks.add_sums(sums, per_response)
+    metrics = blocks.reduced_means(s.accelerator, sums, len(lengths))
+    metrics["rewards/std"] = math.sqrt(max(metrics.pop("rewards/squared") - metrics["rewards/mean"] ** 2, 0.0))
+    tokens = {"entropy": batch.entropy}
+    if batch.returns is not None:  # explained variance of the rollout's values: 1 − Var(R − V) / Var(R)
+        tokens.update(returns=batch.returns, returns_squared=batch.returns**2, error=batch.returns - batch.values)
+        tokens["error_squared"] = tokens["error"] ** 2
+    names = sorted(tokens)
+    totals = sum_across(
+        s.accelerator, [float((tokens[n] * batch.mask).sum()) for n in names] + [float(batch.mask.sum())]
+    )
+    means = {n: t / max(totals[-1], 1.0) for n, t in zip(names, totals, strict=False)}
+    metrics["entropy"] = means["entropy"]
+    if batch.returns is not None:
+        returns_variance = means["returns_squared"] - means["returns"] ** 2
+        error_variance = means["error_squared"] - means["error"] ** 2
+        metrics["explained_variance"] = 1 - error_variance / returns_variance if returns_variance > 0 else float("nan")
+    return metrics
+
+
+# --- 3. update -------------------------------------------------------------------------------------
+
+
+def minibatch_of(batch: RolloutBatch, positions: list[int]) -> tuple[list[int], bool]:
+    """This process's prompts (indices into the batch) among the global ``positions``; (stand-in [0], False) if none."""
+    index = {p: i for i, p in enumerate(batch.positions)}
+    mine = [index[p] for p in positions if p in index]
+    return (mine, True) if mine else ([0], False)
+
+
+def minibatch_loss(s: Setup, batch: RolloutBatch, local: list[int], real: bool) -> tuple[torch.Tensor, dict]:
+    """The PPO loss of one minibatch's share on this process, normalised by the global minibatch's tokens."""
+    settings, k = s.settings, s.settings.samples_per_prompt
+    with s.accelerator.autocast():
+        outputs = token_pass(s, s.model, [batch.items[i] for i in local], entropy=True)
+    rows = torch.tensor([i * k + j for i in local for j in range(k)], device=batch.mask.device)
+    mask = outputs.mask()
+    width = mask.shape[1]
+
+    def old(values: torch.Tensor) -> torch.Tensor:
+        return values[rows, :width]
+
+    local_tokens = float(mask.sum()) if real else 0.0
+    count = max(sum_across(s.accelerator, [local_tokens])[0], 1.0) / s.accelerator.num_processes
+    logps = outputs.dense(outputs.logps)
+    loss, clip_fraction, approx_kl = ppo_policy_loss(
+        logps, old(batch.logps), old(batch.advantages), mask, settings.clip_range, count
+    )
+    terms = {"loss/policy": loss.detach(), "clip_fraction": clip_fraction, "approx_kl": approx_kl}
+    if batch.returns is not None:
+        values = outputs.dense(outputs.values)
+        value_loss, value_clip = ppo_value_loss(
+            values, old(batch.values), old(batch.returns), mask, settings.value_clip_range, count
+        )
+        loss = loss + settings.value_coef * value_loss
+        terms.update({"loss/value": value_loss.detach(), "value_clip_fraction": value_clip})
+    if settings.kl_in == "loss":
+        kl = masked_mean(kl_estimate(logps, old(batch.reference_logps), settings.kl_estimator), mask, count)
+        loss = loss + settings.kl_coef * kl
+        terms["loss/kl"] = kl.detach()
+    if settings.entropy_coef:
+        loss = loss - settings.entropy_coef * masked_mean(outputs.dense(outputs.entropy), mask, count)
+    return loss * float(real), {name: float(value) * float(real) for name, value in terms.items()}
+
+
+def update(s: Setup, step: int, batch: RolloutBatch) -> tuple[dict[str, float], str | None]:
+    """``ppo_epochs`` passes over the batch, ``minibatches`` optimiser steps each; the mean metrics of the
+    updates (over every process), and why the run must stop (a non-finite update) or None."""
+    settings, accelerator = s.settings, s.accelerator
+    size = len(batch.positions) * accelerator.num_processes
+    sums: dict[str, float] = {}
+    norms, updates = [], 0
+    rows = [p.row for p in batch.prompts]
+    for epoch in range(settings.ppo_epochs):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(mix(s.config.seed, step, epoch))).tolist()
+        for m in range(settings.minibatches):
+            chunk = order[m * size // settings.minibatches : (m + 1) * size // settings.minibatches]
+            local, real = minibatch_of(batch, chunk)
+            loss, terms = minibatch_loss(s, batch, local, real)
+            accelerator.backward(loss)
+            grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, bool(torch.isfinite(loss)), rows)
+            if nonfinite:
+                return {}, nonfinite
+            norms.append(grad_norm)
+            updates += 1
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value
+    names = sorted(sums)
+    totals = sum_across(accelerator, [sums[n] for n in names])  # each local value is already a share of the mean
+    metrics = {name: total / updates for name, total in zip(names, totals, strict=True)}
+    metrics.update(grad_norm=sum(norms) / len(norms), learning_rate=learning_rate)
+    return metrics, None
+
+
+# --- logging and evaluation ------------------------------------------------------------------------
+
+
+def log_samples(s: Setup, step: int, batch: RolloutBatch) -> None:
+    """The first responses of this step's rollout (main process) in samples.jsonl and the log."""
+    if not s.accelerator.is_main_process or not s.settings.samples_logged:
+        return
+    from dpolab.data.onpolicy import prompt_text
+
+    k = s.settings.samples_per_prompt
+    with open(s.folder.path / "samples.jsonl", "a", encoding="utf-8") as handle:
+        for index in range(min(s.settings.samples_logged, len(batch.texts))):
+            prompt = batch.prompts[index // k]
+            row = {
+                "step": step, "row": prompt.row, "prompt": prompt.prompt, "response": batch.texts[index],
+                "reward": float(batch.rewards[index]), "score": float(batch.scores[index]),
+                "finished": bool(batch.finished[index]),
+            }  # fmt: skip
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            s.folder.log.info(
+                f"sample at step {step}: {prompt_text(prompt.prompt)[-60:]!r} → {batch.texts[index][:80]!r} "
+                f"(reward {row['reward']:.3f})"
+            )
+
+
+def evaluate(s: Setup, step: int) -> dict:
+    """Greedy responses to the held-out prompts: their mean reward, length and share without an EOS (``eval/``)."""
+    if not s.eval_prompts:
+        return {}
+    accelerator = s.accelerator
+    batches = blocks.shard_batches(
+        len(s.eval_prompts), s.config.batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    sums: dict[str, float] = {}
+    count = 0
+    unwrapped = accelerator.unwrap_model(s.model)
+    unwrapped.eval()
+    for ids, real in batches:
+        prompts = [s.eval_prompts[i] for i in ids]
+        with accelerator.autocast():
+            samples = generate(s, prompts, seeds=None)
+        if not real:
+            continue
+        texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)
+        values = {
+            "rewards/mean": s.reward.scores(prompts, texts),
+            "response_length": torch.tensor([float(len(sample.ids)) for sample in samples]),
+            "no_eos_fraction": torch.tensor([float(not sample.finished) for sample in samples]),
+        }
+        blocks.add_sums(sums, values)
+        count += len(ids)
+    unwrapped.train()
+    values = {f"eval/{name}": value for name, value in blocks.reduced_means(accelerator, sums, count).items()}
+    s.folder.log.write(step, values)
+    s.folder.log.info(f"eval at step {step}: greedy reward {values.get('eval/rewards/mean', float('nan')):.4f}")
+    return values
+
+
+def peak_memory_mib(device) -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory."""
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    """RLHF-PPO with ``config``; returns the summary (also written to output_dir/summary.json).
+
+    ``resume`` and ``overwrite`` as in :func:`dpolab.train.preference.train`.
+    """
+    config.validate()
+    config = config.with_absolute_paths()
+    start_time = time.perf_counter()
+    accelerator = blocks.make_accelerator(config)
+    with blocks.open_run(config, accelerator, resume, overwrite) as folder:
+        s = setup(config, accelerator, folder)
+        log = folder.log
+        first_step = blocks.resume(s, log)
+        last_eval, metrics = {}, {}
+        show = config.progress and accelerator.is_main_process
+        with catch_stop_signals() as stop, progress_bar(show, "ppo", s.total_steps, show_metrics=True) as bar:
+            bar(0, completed=first_step - 1)
+            for step in range(first_step, s.total_steps + 1):
+                global_prompts, epoch = s.stream.next_step()
+                batch = rollout(s, step, global_prompts)
+                advantages(s, batch)
+                metrics = rollout_metrics(s, batch)
+                clock = time.perf_counter()
+                update_metrics, nonfinite = update(s, step, batch)
+                s.phases.seconds["update"] += time.perf_counter() - clock
+                metrics.update(update_metrics, epoch=epoch + 1)
+                tokens = sum(item.unique_tokens for item in batch.items)
+                metrics.update(blocks.throughput(s, len(batch.prompts), tokens, "prompts"))
+                metrics.update({f"time/{phase}": seconds for phase, seconds in s.phases.seconds.items()})
+                if step % config.logging_steps == 0 or step == s.total_steps:
+                    log.write(step, metrics)
+                if step % s.settings.sample_steps == 0 or step == 1:
+                    log_samples(s, step, batch)
+                bar(1, reward=metrics["rewards/mean"], kl=metrics["kl"])
+                if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
+                    last_eval = evaluate(s, step)
+                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo")
+                if signalled:
+                    raise blocks.interrupted(s, step, stop, saved, "ppo")
+        last_eval = evaluate(s, s.total_steps) or last_eval
+        return blocks.finish_run(
+            s, s.total_steps, "prompts", start_time, metrics, last_eval,
+            phase_seconds=dict(s.phases.seconds), **peak_memory_mib(accelerator.device),
+        )  # fmt: skip

@@ -1,0 +1,225 @@
+"""`dpolab ppo` (RLHF-PPO) end to end on tiny local models: it learns a verifiable task, starts from the rollout
+policy, resumes exactly after SIGKILL, reads each reward source as its judge does, and refuses bad configs.
+
+PPO's maths are checked by hand in tests/test_losses_ppo.py; the rollout engine (sampling, packed log-probs and
+values) in tests/engine/; two processes against one in tests/train/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.train import TrainConfig, run
+from tests.tiny import digit_tokenizer, save_digit_task, tiny_scalar_model, tiny_tokenizer
+
+# "answer with the digit the prompt names": 1 when the response starts with it.
+FIRST_DIGIT = {"rules": [{"type": "regex", "pattern": r"^\s*{answer}\b"}]}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    paths = save_digit_task(root)
+    tokenizer = digit_tokenizer()
+    reward_model = tiny_scalar_model("llama", len(tokenizer), seed=5, pad_token_id=tokenizer.pad_token_id)
+    reward_model.save_pretrained(root / "reward_model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "reward_model")
+    return {**paths, "root": root}
+
+
+def base(workspace, tmp_path, ppo: dict | None = None, **overrides) -> TrainConfig:
+    settings = dict(
+        task="ppo", loss="ppo", model=workspace["model"], data=workspace["data"], output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"), max_steps=3, batch_size=10, learning_rate=3e-3, lr_scheduler="constant",
+        progress=False, tensorboard=False,
+        ppo={"reward": FIRST_DIGIT, "max_new_tokens": 2, "samples_per_prompt": 4, "kl_coef": 0.01, "ppo_epochs": 2,
+             "minibatches": 2, **(ppo or {})},
+    )  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_the_reward_of_the_digit_task_with_a_finite_kl(workspace, tmp_path):
+    """60 rollouts of 40 responses: the share of responses that start with the named digit rises from chance
+    (~1/15) to well above it; the KL to the initial policy stays finite; every documented metric is logged."""
+    summary = run(base(workspace, tmp_path, max_steps=60))
+    steps = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
+    assert len(steps) == 60
+    first = sum(m["rewards/mean"] for m in steps[:5]) / 5
+    last = sum(m["rewards/mean"] for m in steps[-5:]) / 5
+    assert first < 0.2 and last > 0.5, (first, last)
+    assert all(math.isfinite(m["kl"]) and abs(m["kl"]) < 20 for m in steps)
+    for key in ("rewards/std", "scores/mean", "entropy", "clip_fraction", "approx_kl", "loss/policy", "loss/value",
+                "explained_variance", "response_length", "no_eos_fraction", "time/generation", "time/update"):  # fmt: skip
+        assert key in steps[-1], key
+    assert steps[-1]["entropy"] < steps[0]["entropy"]  # the policy concentrates on the answer
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 10, 20, 30, 40, 50, 60}
+    assert summary["prompts_seen"] == 600 and set(summary["phase_seconds"]) == {
+        "generation",
+        "reward",
+        "logps",
+        "update",
+    }
+    # The saved policy loads as a plain causal LM and the value head next to it.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert set(load_file(str(tmp_path / "run" / "model" / "value_head.safetensors"))) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
+def test_the_first_update_starts_at_the_rollout_policy_and_the_reference(workspace, tmp_path, lora):
+    """Step 1, one epoch, one minibatch: the update's log-probs are the rollout's (ratio 1: no clipping, approx KL
+    0) and the rollout policy is the reference (KL 0), through the frozen copy or the LoRA adapter switched off."""
+    extra = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    run(base(workspace, tmp_path, ppo={"ppo_epochs": 1, "minibatches": 1, "kl_estimator": "k3"}, max_steps=2,
+             **extra))  # fmt: skip
+    first, second = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
+    assert first["approx_kl"] == pytest.approx(0, abs=1e-10) and first["clip_fraction"] == 0
+    assert first["kl"] == pytest.approx(0, abs=1e-6)
+    assert second["kl"] > 1e-6  # the policy moved, and the reference did not
+    if lora:
+        assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_rloo_trains_without_a_critic(workspace, tmp_path):
+    run(base(workspace, tmp_path, ppo={"advantage": "rloo"}, max_steps=3))
+    steps = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
+    assert len(steps) == 3 and "loss/value" not in steps[-1] and "explained_variance" not in steps[-1]
+    assert not (tmp_path / "run" / "model" / "value_head.safetensors").exists()
+
+
+def test_a_reward_model_reward_is_the_judges_score_of_the_response(workspace, tmp_path):
+    """The reward of a logged sample equals what `dpolab data judge --judge reward-model` gives that text."""
+    from dpolab.data.judges import RewardModelJudge
+
+    rm = str(workspace["root"] / "reward_model")
+    run(base(workspace, tmp_path, ppo={"reward": {"model": rm}, "samples_logged": 6, "max_new_tokens": 3},
+             max_steps=1, eval_fraction=0.2))  # fmt: skip
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    verdicts = RewardModelJudge(rm, score_empty=True).score([(s["prompt"], s["response"], None) for s in samples])
+    assert [s["score"] for s in samples] == pytest.approx([v.score for v in verdicts], abs=1e-5)
+    assert len({round(s["score"], 6) for s in samples}) > 1  # the scores differ: the comparison says something
+    assert "eval/rewards/mean" in read_metrics(tmp_path / "run")[-1]
+
+
+def test_a_separate_critic_and_the_math_judge(workspace, tmp_path):
+    run(base(workspace, tmp_path, ppo={"reward": {"judge": "math"}, "value_model": workspace["model"]}, max_steps=2))
+    steps = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
+    assert steps[-1]["rewards/mean"] == 0  # no response of this vocabulary states "A: N" or "#### N"
+    assert steps[-1]["loss/value"] >= 0
+    assert (tmp_path / "run" / "model" / "value_model" / "model.safetensors").exists()
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "ppo, message",
+    [
+        ({"reward": {}}, "ppo.reward: give exactly one reward source"),
+        ({"reward": {"judge": "math", "rules": []}}, "ppo.reward: give exactly one reward source"),
+        ({"reward": {"judge": "llm"}}, "ppo.reward.judge: the judge a PPO reward can use here is math"),
+        ({"advantage": "rloo", "samples_per_prompt": 1}, "advantage rloo needs at least 2 samples per prompt"),
+        ({"value_model": "none"}, "advantage gae needs a critic"),
+        ({"kl_estimatr": "k3"}, "ppo.kl_estimatr: not a PPO setting (did you mean 'kl_estimator'?)"),
+        ({"temperature": 0}, "ppo.temperature: out of range"),
+        ({"reward": {"rules": [{"type": "regex", "pattern": "("}]}}, "ppo.reward.rules[0].pattern: not a regular"),
+        ({"reward": {"model": "/no/such/rm"}}, "ppo.reward.model: no such folder"),
+    ],
+)
+def test_bad_ppo_settings_fail_before_loading_anything(workspace, tmp_path, ppo, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        base(workspace, tmp_path, ppo=ppo).validate()
+
+
+def test_bad_reward_sources_are_refused_with_one_line(workspace, tmp_path):
+    """A two-label classifier, a reward model with another tokenizer and no chat template, a math reward on
+    prompts without answers: `dpolab ppo` exits 2 with one line naming the problem, before training."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = workspace["root"]
+    two = root / "two-labels"
+    if not two.exists():
+        model = AutoModelForSequenceClassification.from_pretrained(root / "reward_model", num_labels=2,
+                                                                   ignore_mismatched_sizes=True)  # fmt: skip
+        model.save_pretrained(two)
+        digit_tokenizer().save_pretrained(two)
+    other = root / "other-tokenizer"
+    if not other.exists():
+        tokenizer = tiny_tokenizer()
+        tiny_scalar_model("llama", len(tokenizer), seed=1, pad_token_id=tokenizer.pad_token_id).save_pretrained(other)
+        tokenizer.save_pretrained(other)
+    no_answers = write_rows(tmp_path / "no-answers.jsonl", [{"prompt": f"say {d} :"} for d in range(4)])
+    cases = [
+        (["--ppo.reward.model", str(two)], "has 2 labels; a reward model has one output"),
+        (["--ppo.reward.model", str(other)], "has another tokenizer than the policy and no chat template"),
+        (["--ppo.reward.judge", "math", "--data", no_answers], "4 rows have none (rows 0, 1, 2, 3)"),
+    ]
+    for extra, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "dpolab", "ppo", "--model", workspace["model"], "--data", workspace["data"],
+             "--output_dir", str(tmp_path / "bad"), "--overwrite", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()[-1]) > 20
+
+
+@pytest.mark.slow
+def test_ppo_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path):
+    """The rollout randomness is a function of (seed, step, prompt): a run killed after a checkpoint and resumed
+    samples the same responses and ends with bitwise the same policy and value head."""
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "dpolab", "ppo", "--model", workspace["model"], "--data", workspace["data"],
+                "--output_dir", str(out), "--max_steps", "16", "--batch_size", "5", "--learning_rate", "3e-3",
+                "--checkpoint_steps", "4", "--eval_fraction", "0.2", "--eval_steps", "6", "--progress", "false",
+                "--tensorboard", "false", "--ppo.reward.rules", json.dumps(FIRST_DIGIT["rules"]),
+                "--ppo.samples_per_prompt", "2", "--ppo.max_new_tokens", "3", *extra]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-0000008").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists(), "the kill must land before the end"
+    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    for name in ("model.safetensors", "value_head.safetensors"):
+        final = load_file(str(out / "model" / name))
+        expected = load_file(str(tmp_path / "whole" / "model" / name))
+        assert final.keys() == expected.keys()
+        assert all(torch.equal(final[k], expected[k]) for k in final), name
+    ours, theirs = read_metrics(out), read_metrics(tmp_path / "whole")
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("rewards/mean", "kl", "loss/policy", "eval/rewards/mean"):
+            assert a.get(key) == b.get(key), (a["step"], key)

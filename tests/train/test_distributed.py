@@ -297,3 +297,46 @@ def test_two_process_reward_model_equals_one_process(workspace):
     two, one = weights(runs[2]), weights(runs[1])
     assert two.keys() == one.keys() and "score.weight" in two
     assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_process_ppo_with_ddp_and_fsdp2_equals_one_process(tmp_path):
+    """dpolab ppo on 2 processes equals one process with the same global rollout batch: each response's
+    randomness is a function of (seed, step, prompt), minibatches are cut from one permutation of the global
+    batch (so a process may hold none of one: a stand-in forward), losses are means over the global
+    minibatch's tokens and advantages are whitened over both processes."""
+    from tests.tiny import save_digit_task
+
+    paths = save_digit_task(tmp_path)
+    rules = json.dumps([{"type": "regex", "pattern": r"^\s*{answer}\b"}])
+    runs = {}
+    for name, processes, batch in (("ddp", 2, 4), ("fsdp", 2, 4), ("one", 1, 8)):
+        out = tmp_path / f"ppo-{name}"
+        result = launch(
+            processes, "ppo", "--model", paths["model"], "--data", paths["data"], "--output_dir", out,
+            "--max_steps", 4, "--batch_size", batch, "--learning_rate", 3e-3, "--eval_fraction", 0.2, "--eval_steps", 2,
+            "--ppo.reward.rules", rules, "--ppo.samples_per_prompt", 2, "--ppo.max_new_tokens", 3,
+            "--ppo.minibatches", 3, "--ppo.ppo_epochs", 2, "--ppo.whiten_rewards", "true",
+            "--progress", "false", "--tensorboard", "false",
+            launcher="fsdp" if name == "fsdp" else "torchrun",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["distributed"] == {"ddp": "multi_cpu", "one": "no"}.get(
+            name, name
+        )
+        runs[name] = out
+    for many in ("ddp", "fsdp"):
+        ours, theirs = metrics(runs[many]), metrics(runs["one"])
+        assert [m["step"] for m in ours] == [m["step"] for m in theirs]
+        compared = 0
+        for a, b in zip(ours, theirs, strict=True):
+            for key in ("rewards/mean", "rewards/std", "kl", "entropy", "loss/policy", "loss/value", "approx_kl",
+                        "clip_fraction", "explained_variance", "grad_norm", "eval/rewards/mean"):  # fmt: skip
+                if key in a or key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (many, a["step"], key)
+                    compared += 1
+        assert compared >= 40
+        for file in ("model.safetensors", "value_head.safetensors"):
+            two, one = load_file(str(runs[many] / "model" / file)), load_file(str(runs["one"] / "model" / file))
+            assert two.keys() == one.keys()
+            assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5, (many, file)

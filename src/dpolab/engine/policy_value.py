@@ -121,11 +121,12 @@ class PolicyWithValue(torch.nn.Module):
             logits = self.policy(**inputs, use_cache=False).logits
         values = None
         if self.value_head is not None:  # at the positions the LM head saw
-            values = self.value_head(hidden[-1].to(self.value_head.weight.dtype))[..., 0]
+            # sum over the one output: a new tensor, not a view (FSDP2 warns of views returned by a root)
+            values = self.value_head(hidden[-1].to(self.value_head.weight.dtype)).sum(-1)
         elif self.critic is not None:
             with recorded_head_output(self.critic) as outputs:
                 self.critic(**inputs, use_cache=False)
-            values = outputs[-1][..., 0]
+            values = outputs[-1].sum(-1)
             if select is not None:
                 values = values.reshape(-1)[select][None]
         return logits, values

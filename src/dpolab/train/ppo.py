@@ -451,8 +451,9 @@ def update(s: Setup, step: int, batch: RolloutBatch) -> tuple[dict[str, float], 
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value
     names = sorted(sums)
-    totals = sum_across(accelerator, [sums[n] for n in names])  # each local value is already a share of the mean
-    metrics = {name: total / updates for name, total in zip(names, totals, strict=True)}
+    # Each local value is (its token sum) × P / (global tokens): the P of them add up to P × the global mean.
+    totals = sum_across(accelerator, [sums[n] for n in names])
+    metrics = {name: total / (updates * accelerator.num_processes) for name, total in zip(names, totals, strict=True)}
     metrics.update(grad_norm=sum(norms) / len(norms), learning_rate=learning_rate)
     return metrics, None
 

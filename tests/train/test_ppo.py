@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from safetensors.torch import load_file
 
 from dpolab.train import TrainConfig, run
 from tests.tiny import digit_tokenizer, save_digit_task, tiny_scalar_model, tiny_tokenizer
+from tests.train.killing import kill_after_checkpoint_then_resume, run_to_end
 
 # "answer with the digit the prompt names": 1 when the response starts with it.
 FIRST_DIGIT = {"rules": [{"type": "regex", "pattern": r"^\s*{answer}\b"}]}
@@ -197,22 +195,9 @@ def test_ppo_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path
                 "--tensorboard", "false", "--ppo.reward.rules", json.dumps(FIRST_DIGIT["rules"]),
                 "--ppo.samples_per_prompt", "2", "--ppo.max_new_tokens", "3", *extra]  # fmt: skip
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600, env=env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_to_end(command(tmp_path / "whole"))
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-0000008").exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "summary.json").exists(), "the kill must land before the end"
-    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    kill_after_checkpoint_then_resume(command, out, "step-0000008")
     for name in ("model.safetensors", "value_head.safetensors"):
         final = load_file(str(out / "model" / name))
         expected = load_file(str(tmp_path / "whole" / "model" / name))

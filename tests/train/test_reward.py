@@ -7,11 +7,8 @@ two processes against one in tests/train/test_distributed.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -20,6 +17,7 @@ from safetensors.torch import load_file
 
 from dpolab.train import TrainConfig, run
 from tests.tiny import save_tiny_model, tiny_scalar_model, tiny_tokenizer
+from tests.train.killing import kill_after_checkpoint_then_resume, run_to_end
 
 PAIRS = [
     {"prompt": f"Q: what is {a} plus {b}? A:", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
@@ -220,22 +218,9 @@ def test_rm_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path)
                 "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--checkpoint_steps", "4",
                 "--eval_fraction", "0.2", "--eval_steps", "6", "--progress", "false", "--tensorboard", "false", *extra]  # fmt: skip
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600, env=env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_to_end(command(tmp_path / "whole"))
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-0000008").exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "summary.json").exists(), "the kill must land before the end"
-    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    kill_after_checkpoint_then_resume(command, out, "step-0000008")
     final, expected = (
         load_file(str(out / "model" / "model.safetensors")),
         load_file(str(tmp_path / "whole" / "model" / "model.safetensors")),

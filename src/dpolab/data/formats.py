@@ -203,14 +203,19 @@ def example_from_row(row: dict, index: int, source: str = "data") -> PreferenceE
     return dataclasses.replace(example, margin=float(margin))
 
 
-def _example_from_row(row: dict, index: int, source: str) -> PreferenceExample:
-    where = f"{source}: row {index}"
+def _object_row(row: object, where: str, expected: str = "an object") -> None:
+    """``DataError`` naming ``where`` unless ``row`` is a parsed JSON object (a bad line says why it is not)."""
     if isinstance(row, BadLine):
         raise DataError(
             f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
         )
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with chosen/rejected, got {type(row).__name__}")
+        raise DataError(f"{where}: expected {expected}, got {type(row).__name__}")
+
+
+def _example_from_row(row: dict, index: int, source: str) -> PreferenceExample:
+    where = f"{source}: row {index}"
+    _object_row(row, where, "an object with chosen/rejected")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(row)) or 'none'})")
@@ -363,12 +368,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExam
     """An SFT row: ``prompt`` + ``completion`` strings, or ``messages`` (the last assistant message is the
     completion, the messages before it the prompt)."""
     where = f"{source}: row {index}"
-    if isinstance(row, BadLine):
-        raise DataError(
-            f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
-        )
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    _object_row(row, where)
     if "messages" in row:
         messages = row["messages"]
         problem = messages_problem(messages, "messages")
@@ -397,12 +397,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data") -> SFTExam
 def prompt_example_from_row(row: dict, index: int, source: str = "data") -> PromptExample:
     """A prompt row: ``prompt`` (a string or a list of role/content messages), optionally ``answer``."""
     where = f"{source}: row {index}"
-    if isinstance(row, BadLine):
-        raise DataError(
-            f"{where} (line {row.line}): {row.reason}" if row.line is not None else f"{where}: {row.reason}"
-        )
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    _object_row(row, where)
     prompt = row.get("prompt")
     if isinstance(prompt, list) and prompt:
         problem = messages_problem(prompt, "prompt")

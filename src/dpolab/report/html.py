@@ -67,11 +67,29 @@ PANELS = [
 ]
 
 
-def plot_panel(runs: list[Run], title: str, curves: list[tuple[str, str, str]], scale: str) -> str | None:
+# dpolab ppo runs only (a reward model logs rewards/mean too, with another meaning)
+PPO_PANELS = [
+    (
+        "PPO reward: rollouts' mean (solid), greedy held-out responses (dots)",
+        [("rewards/mean", "", "-"), ("eval/rewards/mean", " held-out", "o")],
+        "linear",
+    ),
+    ("PPO: KL to the reference, nats per response", [("kl", "", "-")], "linear"),
+]
+
+
+def is_ppo(run: Run) -> bool:
+    return run.config.get("task") == "ppo"
+
+
+def plot_panel(runs: list[Run], title: str, curves: list[tuple[str, str, str]], scale: str, include=None) -> str | None:
+    """One plot of ``curves`` for every run (``include``: only the runs it accepts; a run keeps its colour)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 3.2))
     drawn = False
     for index, run in enumerate(runs):
+        if include is not None and not include(run):
+            continue
         colour = COLOURS[index % len(COLOURS)]
         for key, suffix, style in curves:
             steps, values = run.values(key)
@@ -128,6 +146,8 @@ def verdict(run: Run) -> str:
     if held_out == held_out:
         parts.append(f"held-out accuracy {held_out:.2f}")
     text = ", ".join(parts) + "."
+    if is_ppo(run):
+        return ppo_verdict(run)
     if run.config.get("task") == "reward":
         return text + " A reward model (dpolab rm): no policy likelihood, so no 3D monitor."
     if run.alarms:
@@ -137,6 +157,35 @@ def verdict(run: Run) -> str:
     else:
         text += " No alarm fired: no sign of the 3D failure modes by the monitor's rules."
     return text
+
+
+def ppo_verdict(run: Run) -> str:
+    """A PPO run: its reward, KL and held-out reward, and that the 3D monitor did not watch it."""
+    _, rewards = run.values("rewards/mean")
+    text = f"RLHF-PPO (dpolab ppo), {run.steps[-1] if run.steps else 0} steps"
+    if rewards:
+        text += f": mean rollout reward {rewards[0]:.3g} at the first step, {rewards[-1]:.3g} at the last"
+    text += f"; KL to the reference {run.last('kl'):.3g} nats per response"
+    held_out = run.last("eval/rewards/mean")
+    if held_out == held_out:
+        text += f"; greedy held-out reward {held_out:.3g}"
+    return text + ". The 3D monitor does not run on PPO runs yet: no claim about the 3D properties here."
+
+
+def samples_table(runs: list[Run]) -> str:
+    """The last logged responses of each PPO run (prompt, response, reward)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(run.name)}</td><td>{sample['step']}</td><td>{html.escape(str(sample.get('prompt'))[-120:])}</td>"
+        f"<td>{html.escape(str(sample.get('response'))[:300])}</td><td>{float(sample.get('reward', float('nan'))):.3g}</td></tr>"
+        for run in runs
+        for sample in run.samples
+    )
+    if not rows:
+        return ""
+    return (
+        "<h2>Samples (dpolab ppo: the last logged step)</h2><table><tr><th>run</th><th>step</th><th>prompt</th>"
+        f"<th>response</th><th>reward</th></tr>{rows}</table>"
+    )
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -179,6 +228,7 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
         if names.count(run.name) > 1:
             run.name = f"{run.name} ({index + 1})"
     panels = [plot_panel(runs, *panel) for panel in PANELS]
+    panels += [plot_panel(runs, *panel, include=is_ppo) for panel in PPO_PANELS]
     images = "".join(f'<img alt="plot" src="{png}">' for png in panels if png)
     alarm_rows = (
         "".join(
@@ -201,6 +251,7 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
 <h2>Verdicts</h2>{verdicts}
 <h2>Alarms</h2><table><tr><th>step</th><th>run</th><th>alarm</th><th>evidence</th><th>remedy</th></tr>{alarm_rows}</table>
 <h2>Training curves and the 3D monitor</h2><div class="plots">{images}</div>
+{samples_table(runs)}
 <h2>Configurations (differing keys highlighted)</h2>{config_table(runs)}
 </body></html>
 """

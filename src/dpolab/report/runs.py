@@ -23,6 +23,7 @@ class Run:
     series: dict[str, list[float]]  # aligned with steps (NaN where a step lacks the value)
     alarms: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)  # dpolab ppo: the logged responses of the last sampled step
 
     def values(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) where the value exists."""
@@ -77,13 +78,35 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{path}: not a dpolab run folder (no config.yaml + metrics.jsonl, nor a toy run)")
     config = safe_yaml.load((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
     alarms = [row for row in rows if "alarm" in row]
-    training = [dict(row) for row in rows if "alarm" not in row and "loss" in row]
+    # a training line has the loss, or (dpolab ppo) the rollout's reward
+    training = [dict(row) for row in rows if "alarm" not in row and ("loss" in row or "rewards/mean" in row)]
     by_step = {row["step"]: row for row in training}
     for row in rows:  # held-out values join the training line of their step (eval_steps on a logged step)
-        if "eval/loss" in row and row["step"] in by_step:
-            by_step[row["step"]].update({k: v for k, v in row.items() if k.startswith("eval/")})
+        held_out = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if held_out and len(held_out) == len(row) - 1 and row["step"] in by_step:
+            by_step[row["step"]].update(held_out)
     steps, series = _series(training)
-    return Run(path.name, "train", path, config, steps, series, alarms, summary)
+    return Run(path.name, "train", path, config, steps, series, alarms, summary, _last_samples(path))
+
+
+def _last_samples(path: Path) -> list[dict]:
+    """The responses of the last step in ``samples.jsonl`` (dpolab ppo), or none."""
+    rows = [row for row in _read_jsonl_plain(path / "samples.jsonl") if isinstance(row.get("step"), int)]
+    return [row for row in rows if row["step"] == rows[-1]["step"]] if rows else []
+
+
+def _read_jsonl_plain(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _toy_run(path: Path, config: dict, rows: list[dict], summary: dict) -> Run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,40 @@ def test_parquet_and_csv(tmp_path):
     for name in ("p.parquet", "p.csv"):
         examples, _ = load_examples(str(tmp_path / name))
         assert [e.chosen for e in examples] == [" a", " b"], name
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"answer": "3"}, "needs a non-empty field 'prompt'"),
+        ({"prompt": "   "}, "needs a non-empty field 'prompt'"),
+        ({"prompt": [{"role": "user"}]}, "prompt"),
+        ({"prompt": "say 3 :", "answer": {"value": 3}}, "field 'answer' must be a string or a number, got"),
+        ({"prompt": "say 3 :", "answer": True}, "field 'answer' must be a string or a number"),
+        (["say 3 :"], "expected an object, got list"),
+    ],
+)
+def test_bad_prompt_rows_are_named(row, message):
+    from dpolab.data.formats import DataError, prompt_example_from_row
+
+    with pytest.raises(DataError, match=re.escape(message)) as caught:
+        prompt_example_from_row(row, 7, "prompts.jsonl")
+    assert str(caught.value).startswith("prompts.jsonl: row 7")
+
+
+def test_prompt_rows_keep_messages_and_numeric_answers(tmp_path):
+    from dpolab.data.formats import load_prompt_examples
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "say 3 :", "answer": 3},
+        {"prompt": [{"role": "user", "content": "hi"}]},
+        {"prompt": "say 3 :", "answer": 3},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    examples, bad = load_prompt_examples(str(path), on_bad_rows="skip")
+    assert [(e.prompt, e.answer, e.row) for e in examples] == [("say 3 :", "3", 0), (rows[1]["prompt"], None, 1)]
+    assert [b.split(": ", 1)[1] for b in bad] == [
+        "row 2: duplicate of row 0",
+        "row 3 (line 4): invalid JSON (Expecting value, column 1)",
+    ]

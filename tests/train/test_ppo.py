@@ -149,6 +149,15 @@ def test_bad_ppo_settings_fail_before_loading_anything(workspace, tmp_path, ppo,
         base(workspace, tmp_path, ppo=ppo).validate()
 
 
+def test_ppo_settings_outside_task_ppo_and_preference_keys_inside_it_are_refused(workspace, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("ppo: settings of dpolab ppo (task: ppo); not used by this task")):
+        base(workspace, tmp_path, task="preference", loss="dpo").validate()
+    with pytest.raises(ValueError, match=re.escape("loss: task ppo trains with the PPO objective (loss: ppo)")):
+        base(workspace, tmp_path, loss="dpo").validate()
+    with pytest.raises(ValueError, match=re.escape("sft_weight: not used by task ppo")):
+        base(workspace, tmp_path, sft_weight=0.1).validate()
+
+
 def test_bad_reward_sources_are_refused_with_one_line(workspace, tmp_path):
     """A two-label classifier, a reward model with another tokenizer and no chat template, a math reward on
     prompts without answers: `dpolab ppo` exits 2 with one line naming the problem, before training."""

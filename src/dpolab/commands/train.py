@@ -15,6 +15,29 @@ COMMAND_DEFAULTS = {
 }
 
 
+# The commands that are dpolab train with a task set (COMMAND_DEFAULTS): name → (help, description).
+VARIANTS = {
+    "sft": (
+        "supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
+        "dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only); see "
+        "docs/training.md.",
+    ),
+    "rm": (
+        "train a reward model (Bradley–Terry) on preference pairs: a causal LM with a scalar head",
+        "dpolab train with task: reward and loss: reward_model: −log σ(r_w − r_l − margin) + c·(r_w + r_l)², the "
+        "score read at the last token of each completion, chosen and rejected in one packed pass. Optional "
+        "margin column; loss_params.center_coefficient is c (TRL's center_rewards_coefficient); see docs/rlhf.md.",
+    ),
+    "ppo": (
+        "RLHF-PPO of a causal LM on prompts: sampled responses, a reward (reward model, math judge or rules)",
+        "dpolab train with task: ppo. Each step samples responses to batch_size prompts per process, scores them "
+        "(ppo.reward: {model: DIR} | {judge: math} | {rules: [...]}), and runs ppo.ppo_epochs passes of the "
+        "clipped PPO loss with a KL penalty to the initial policy; ppo.advantage: rloo for the critic-free "
+        "variant; the ppo: settings are in docs/rlhf.md.",
+    ),
+}
+
+
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
     from dpolab.train.guard import NonFiniteError, TrainingInterrupted
@@ -104,38 +127,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="YAML config file (optional when the required keys are flags), then overrides",
     )
     train.set_defaults(handler=train_command, command="train")
-    sft = subparsers.add_parser(
-        "sft",
-        help="supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
-        description="dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only). "
-        "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/training.md.",
-        epilog=keys_summary(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sft.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
-    sft.set_defaults(handler=train_command, command="sft")
-    rm = subparsers.add_parser(
-        "rm",
-        help="train a reward model (Bradley–Terry) on preference pairs: a causal LM with a scalar head",
-        description="dpolab train with task: reward and loss: reward_model: −log σ(r_w − r_l − margin) + "
-        "c·(r_w + r_l)², the score read at the last token of each completion, chosen and rejected in one packed "
-        "pass. Optional margin column; loss_params.center_coefficient is c (TRL's center_rewards_coefficient). "
-        "Same config keys, outputs, checkpoints and resume as dpolab train; see docs/rlhf.md.",
-        epilog=keys_summary(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    rm.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
-    rm.set_defaults(handler=train_command, command="rm")
-    ppo = subparsers.add_parser(
-        "ppo",
-        help="RLHF-PPO of a causal LM on prompts: sampled responses, a reward (reward model, math judge or rules)",
-        description="dpolab train with task: ppo. Each step samples responses to batch_size prompts per process, "
-        "scores them (ppo.reward: {model: DIR} | {judge: math} | {rules: [...]}), and runs ppo.ppo_epochs passes "
-        "of the clipped PPO loss with a KL penalty to the initial policy; ppo.advantage: rloo for the "
-        "critic-free variant. Same config keys, outputs, checkpoints and resume as dpolab train; the ppo: "
-        "settings are in docs/rlhf.md.",
-        epilog=keys_summary(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ppo.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
-    ppo.set_defaults(handler=train_command, command="ppo")
+    for name, (help_text, description) in VARIANTS.items():
+        variant = subparsers.add_parser(
+            name,
+            help=help_text,
+            description=description + " Same config keys, outputs, checkpoints and resume as dpolab train.",
+            epilog=keys_summary(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        variant.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
+        variant.set_defaults(handler=train_command, command=name)

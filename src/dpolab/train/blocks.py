@@ -339,12 +339,7 @@ def apply_lora(model, lora: dict, task_type: str = "CAUSAL_LM"):
 def choose_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
     """The packed path if this model takes it and agrees with the naive one on a few items, else the naive path."""
     engine = LogpEngine(config.row_tokens, pad_token_id, accelerator.device)
-    fallback = None if config.packing else "packing: false in the config"
-    fallback = fallback or packing_fallback_reason(model, items, engine, dtype, accelerator.autocast)
-    if fallback:
-        log.info(f"using the naive forward (one padded row per sequence): {fallback}")
-        engine.naive = True
-    return engine, fallback
+    return _packed_or_naive(config, engine, packing_fallback_reason, model, items, accelerator, dtype, log)
 
 
 def choose_score_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
@@ -352,8 +347,13 @@ def choose_score_engine(config: TrainConfig, model, items: list[Item], pad_token
     from dpolab.engine.scores import ScoreEngine, scores_fallback_reason
 
     engine = ScoreEngine(config.row_tokens, pad_token_id, accelerator.device)
+    return _packed_or_naive(config, engine, scores_fallback_reason, model, items, accelerator, dtype, log)
+
+
+def _packed_or_naive(config: TrainConfig, engine, fallback_reason, model, items, accelerator, dtype, log):
+    """(``engine``, None) on the packed path, or (``engine`` set to naive, why) when packing is off or fails."""
     fallback = None if config.packing else "packing: false in the config"
-    fallback = fallback or scores_fallback_reason(model, items, engine, dtype, accelerator.autocast)
+    fallback = fallback or fallback_reason(model, items, engine, dtype, accelerator.autocast)
     if fallback:
         log.info(f"using the naive forward (one padded row per sequence): {fallback}")
         engine.naive = True

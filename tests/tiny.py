@@ -134,7 +134,7 @@ def digit_tokenizer():
 
 def save_digit_task(directory) -> dict[str, str]:
     """The verifiable task of the PPO tests: "say D :" → answer with the digit D. A random-init tiny Llama with
-    :func:`digit_tokenizer`, the ten prompts (with their ``answer``), saved under ``directory``."""
+    :func:`digit_tokenizer`, the ten prompts (with their ``answer``) and ten pairs, saved under ``directory``."""
     import json
     from pathlib import Path
 
@@ -147,4 +147,8 @@ def save_digit_task(directory) -> dict[str, str]:
     tokenizer.save_pretrained(directory / "model")
     rows = [{"prompt": f"say {d} :", "answer": str(d)} for d in range(10)]
     (directory / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"model": str(directory / "model"), "data": str(directory / "prompts.jsonl")}
+    # held-out pairs for the 3D monitor: the named digit (chosen) against the next one (rejected)
+    pairs = [{"prompt": f"say {d} :", "chosen": f" {d}", "rejected": f" {(d + 1) % 10}"} for d in range(10)]
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return {"model": str(directory / "model"), "data": str(directory / "prompts.jsonl"),
+            "pairs": str(directory / "pairs.jsonl")}  # fmt: skip

@@ -62,7 +62,8 @@ def runs(tmp_path_factory):
     digits = save_digit_task(root / "digits")
     run(
         TrainConfig(
-            task="ppo", loss="ppo", **digits, output_dir=str(root / "ppo"), max_steps=6, batch_size=4,
+            task="ppo", loss="ppo", model=digits["model"], data=digits["data"], monitor={"pairs": digits["pairs"]},
+            output_dir=str(root / "ppo"), max_steps=6, batch_size=4,
             learning_rate=3e-3, eval_fraction=0.2, eval_steps=3, progress=False, tensorboard=False, save_model=False,
             ppo={"reward": {"rules": [{"type": "regex", "pattern": "^\\s*{answer}"}]}, "max_new_tokens": 2,
                  "sample_steps": 3},
@@ -80,7 +81,8 @@ def test_report_is_self_contained_with_every_plot(runs, tmp_path):
     # 8 panels (the held-out one: the RM run's) and PPO's two: its rewards and its KL
     assert text.count('<img alt="plot" src="data:image/png;base64,') == 10
     assert "RLHF-PPO (dpolab ppo), 6 steps: mean rollout reward" in text
-    assert "The 3D monitor does not run on PPO runs yet" in text and re.search(r"greedy held-out reward \d", text)
+    assert re.search(r"greedy held-out reward \d", text)
+    assert re.search(r"held-out pairs the chosen log-ratio ended at [+-]\d", text)
     assert "Samples (dpolab ppo: the last logged step)" in text and text.count("<td>ppo</td><td>6</td>") == 4
     assert "degradation" in text and "remedy" in text and "Verdicts" in text
     assert "A reward model (dpolab rm): no policy likelihood, so no 3D monitor." in text

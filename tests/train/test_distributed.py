@@ -304,7 +304,8 @@ def test_two_process_ppo_with_ddp_and_fsdp2_equals_one_process(tmp_path):
     """dpolab ppo on 2 processes equals one process with the same global rollout batch: each response's
     randomness is a function of (seed, step, prompt), minibatches are cut from one permutation of the global
     batch (so a process may hold none of one: a stand-in forward), losses are means over the global
-    minibatch's tokens and advantages are whitened over both processes."""
+    minibatch's tokens and advantages are whitened over both processes; the 3D monitor's probes (held-out pairs,
+    the policy's own samples) read what one process reads."""
     from tests.tiny import save_digit_task
 
     paths = save_digit_task(tmp_path)
@@ -317,7 +318,7 @@ def test_two_process_ppo_with_ddp_and_fsdp2_equals_one_process(tmp_path):
             "--max_steps", 4, "--batch_size", batch, "--learning_rate", 3e-3, "--eval_fraction", 0.2, "--eval_steps", 2,
             "--ppo.reward.rules", rules, "--ppo.samples_per_prompt", 2, "--ppo.max_new_tokens", 3,
             "--ppo.minibatches", 3, "--ppo.ppo_epochs", 2, "--ppo.whiten_rewards", "true",
-            "--progress", "false", "--tensorboard", "false",
+            "--monitor.pairs", paths["pairs"], "--monitor.probe_steps", 2, "--progress", "false", "--tensorboard", "false",
             launcher="fsdp" if name == "fsdp" else "torchrun",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
@@ -331,11 +332,13 @@ def test_two_process_ppo_with_ddp_and_fsdp2_equals_one_process(tmp_path):
         compared = 0
         for a, b in zip(ours, theirs, strict=True):
             for key in ("rewards/mean", "rewards/std", "kl", "entropy", "loss/policy", "loss/value", "approx_kl",
-                        "clip_fraction", "explained_variance", "grad_norm", "eval/rewards/mean"):  # fmt: skip
+                        "clip_fraction", "explained_variance", "grad_norm", "eval/rewards/mean",
+                        "monitor/logratio_chosen_mean", "monitor/logratio_rejected_p90", "monitor/probe_chosen_logp",
+                        "monitor/sample_logp_policy", "monitor/sample_logp_reference", "monitor/sample_entropy"):  # fmt: skip
                 if key in a or key in b:
                     assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (many, a["step"], key)
                     compared += 1
-        assert compared >= 40
+        assert compared >= 60
         for file in ("model.safetensors", "value_head.safetensors"):
             two, one = load_file(str(runs[many] / "model" / file)), load_file(str(runs["one"] / "model" / file))
             assert two.keys() == one.keys()

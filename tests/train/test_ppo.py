@@ -55,9 +55,12 @@ def read_metrics(output_dir) -> list[dict]:
 def test_ppo_raises_the_reward_of_the_digit_task_with_a_finite_kl(workspace, tmp_path):
     """60 rollouts of 40 responses: the share of responses that start with the named digit rises from chance
     (~1/15) to well above it; the KL to the initial policy stays finite; every documented metric is logged."""
-    summary = run(base(workspace, tmp_path, max_steps=60))
+    summary = run(base(workspace, tmp_path, max_steps=60, monitor={"pairs": workspace["pairs"], "probe_pairs": 10}))
     steps = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
     assert len(steps) == 60
+    # The 3D monitor sees the task being learnt on held-out pairs: the named digit gains on the next one.
+    assert steps[-1]["monitor/margin"] > 1 and steps[0]["monitor/margin"] < 0.5
+    assert summary["monitor"]["trajectory"]["steps"] == list(range(1, 61))
     first = sum(m["rewards/mean"] for m in steps[:5]) / 5
     last = sum(m["rewards/mean"] for m in steps[-5:]) / 5
     assert first < 0.2 and last > 0.5, (first, last)
@@ -125,6 +128,82 @@ def test_a_separate_critic_and_the_math_judge(workspace, tmp_path):
     assert (tmp_path / "run" / "model" / "value_model" / "model.safetensors").exists()
 
 
+def pair_logps(model_dir, pairs) -> torch.Tensor:
+    """(pairs, 2) Σ log p of chosen and rejected, each pair a plain full forward of prompt + completion."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for pair in pairs:
+            sums = []
+            for completion in (pair.chosen_ids, pair.rejected_ids):
+                ids = torch.tensor([pair.prompt_ids + completion])
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                targets = ids[0, 1:]
+                sums.append(float(logps[torch.arange(len(targets)), targets][-len(completion) :].sum()))
+            out.append(sums)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
+def test_the_3d_monitor_on_ppo_reads_held_out_pairs_as_a_plain_forward_does(workspace, tmp_path, lora):
+    """monitor.pairs: every step logs the pairs' log-ratios r = log π_θ − log π_ref, probe steps (1, every
+    probe_steps, the last) their per-token likelihood and the policy's own samples; the last step's values equal
+    plain forwards of the saved policy and of the initial model (the frozen copy, or the adapter switched off)."""
+    from dpolab.data.formats import load_examples
+    from dpolab.data.tokenize import tokenize_pairs
+
+    extra = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "learning_rate": 3e-2} if lora else {}
+    monitor = {"pairs": workspace["pairs"], "probe_steps": 2, "probe_pairs": 6}
+    summary = run(base(workspace, tmp_path, max_steps=5, monitor=monitor, **extra))
+    steps = [m for m in read_metrics(tmp_path / "run") if "rewards/mean" in m]
+    assert all("monitor/logratio_chosen_mean" in m for m in steps)
+    assert [m["step"] for m in steps if "monitor/sample_logp_policy" in m] == [1, 2, 4, 5]
+    assert [m["step"] for m in steps if "monitor/probe_chosen_logp" in m] == [1, 2, 4, 5]
+    examples, _ = load_examples(workspace["pairs"])
+    pairs, _ = tokenize_pairs(digit_tokenizer(), examples[:6])
+    if lora:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace["model"]),
+                                           tmp_path / "run" / "model").merge_and_unload()  # fmt: skip
+        merged.save_pretrained(tmp_path / "merged")
+        policy = pair_logps(tmp_path / "merged", pairs)
+    else:
+        policy = pair_logps(tmp_path / "run" / "model", pairs)
+    reference = pair_logps(workspace["model"], pairs)
+    ratios, last = policy - reference, steps[-1]
+    assert ratios.abs().max() > 0.05  # the policy moved: the comparison says something
+    for side, name in enumerate(("chosen", "rejected")):
+        assert last[f"monitor/logratio_{name}_mean"] == pytest.approx(float(ratios[:, side].mean()), abs=1e-4)
+        assert last[f"monitor/logratio_{name}_p50"] == pytest.approx(float(ratios[:, side].quantile(0.5)), abs=1e-4)
+        lengths = torch.tensor([float(len(p.branches[side])) for p in pairs], dtype=torch.float64)
+        per_token = float((policy[:, side] / lengths).mean())
+        assert last[f"monitor/probe_{name}_logp"] == pytest.approx(per_token, abs=1e-4)
+    assert last["monitor/margin"] == pytest.approx(float((ratios[:, 0] - ratios[:, 1]).mean()), abs=1e-4)
+    assert last["monitor/chosen_below_reference"] == pytest.approx(float((ratios[:, 0] < 0).double().mean()))
+    assert last["monitor/sample_logratio"] == pytest.approx(
+        last["monitor/sample_logp_policy"] - last["monitor/sample_logp_reference"]
+    )
+    assert 0 < last["monitor/sample_tokens"] <= 32 and last["monitor/sample_entropy"] > 0
+    assert summary["monitor"]["trajectory"]["probe_steps"] == [1, 2, 4, 5]
+
+
+def test_an_alarm_stops_a_ppo_run_with_a_checkpoint_when_asked(workspace, tmp_path):
+    """on_alarm: stop: the run ends at the alarm's step, checkpointed, with the policy saved and the alarm in the
+    summary, its log line and the PPO remedy."""
+    monitor = {"pairs": workspace["pairs"], "probe_steps": 2, "dispersion_change": 0.01, "window": 3,
+               "drop_min_fall": 0.05, "drop_ratio": 1.0, "on_alarm": "stop"}  # fmt: skip
+    summary = run(base(workspace, tmp_path, max_steps=30, monitor=monitor))
+    alarms = [m for m in read_metrics(tmp_path / "run") if "alarm" in m]
+    assert summary["stopped_by_alarm"] == alarms[0]["alarm"] and summary["steps"] == alarms[0]["step"] < 30
+    assert "ppo.kl_coef" in alarms[0]["remedy"]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{summary['steps']:07d}").is_dir()
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
 def write_rows(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -150,6 +229,12 @@ def test_bad_ppo_settings_fail_before_loading_anything(workspace, tmp_path, ppo,
 
 
 def test_ppo_settings_outside_task_ppo_and_preference_keys_inside_it_are_refused(workspace, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("monitor.pairs: read by task ppo only")):
+        base(
+            workspace, tmp_path, task="preference", loss="dpo", ppo={}, monitor={"pairs": workspace["pairs"]}
+        ).validate()
+    with pytest.raises(ValueError, match=re.escape("monitor.pairs: no such file: /no/such/pairs.jsonl")):
+        base(workspace, tmp_path, monitor={"pairs": "/no/such/pairs.jsonl"}).validate()
     with pytest.raises(ValueError, match=re.escape("ppo: settings of dpolab ppo (task: ppo); not used by this task")):
         base(workspace, tmp_path, task="preference", loss="dpo").validate()
     with pytest.raises(ValueError, match=re.escape("loss: task ppo trains with the PPO objective (loss: ppo)")):
@@ -195,14 +280,15 @@ def test_bad_reward_sources_are_refused_with_one_line(workspace, tmp_path):
 @pytest.mark.slow
 def test_ppo_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path):
     """The rollout randomness is a function of (seed, step, prompt): a run killed after a checkpoint and resumed
-    samples the same responses and ends with bitwise the same policy and value head."""
+    samples the same responses and ends with bitwise the same policy and value head, and the same monitor."""
 
     def command(out, *extra):
         return [sys.executable, "-m", "dpolab", "ppo", "--model", workspace["model"], "--data", workspace["data"],
                 "--output_dir", str(out), "--max_steps", "16", "--batch_size", "5", "--learning_rate", "3e-3",
                 "--checkpoint_steps", "4", "--eval_fraction", "0.2", "--eval_steps", "6", "--progress", "false",
                 "--tensorboard", "false", "--ppo.reward.rules", json.dumps(FIRST_DIGIT["rules"]),
-                "--ppo.samples_per_prompt", "2", "--ppo.max_new_tokens", "3", *extra]  # fmt: skip
+                "--ppo.samples_per_prompt", "2", "--ppo.max_new_tokens", "3", "--monitor.pairs", workspace["pairs"],
+                "--monitor.probe_steps", "3", "--monitor.window", "4", *extra]  # fmt: skip
 
     run_to_end(command(tmp_path / "whole"))
     out = tmp_path / "killed"
@@ -215,5 +301,11 @@ def test_ppo_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path
     ours, theirs = read_metrics(out), read_metrics(tmp_path / "whole")
     assert [m["step"] for m in ours] == [m["step"] for m in theirs]
     for a, b in zip(ours, theirs, strict=True):
-        for key in ("rewards/mean", "kl", "loss/policy", "eval/rewards/mean"):
+        for key in ("rewards/mean", "kl", "loss/policy", "eval/rewards/mean", "monitor/logratio_chosen_mean",
+                    "monitor/sample_logp_policy", "monitor/drop_ratio", "alarm"):  # fmt: skip
             assert a.get(key) == b.get(key), (a["step"], key)
+    # the monitor's trajectory (and so its alarms) continues across the kill
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (out, tmp_path / "whole")]
+    assert (
+        summaries[0]["monitor"] == summaries[1]["monitor"] and len(summaries[0]["monitor"]["trajectory"]["steps"]) == 16
+    )

@@ -160,7 +160,7 @@ def verdict(run: Run) -> str:
 
 
 def ppo_verdict(run: Run) -> str:
-    """A PPO run: its reward, KL and held-out reward, and that the 3D monitor did not watch it."""
+    """A PPO run: its reward, KL and held-out reward, and what the 3D monitor saw on its held-out pairs."""
     _, rewards = run.values("rewards/mean")
     text = f"RLHF-PPO (dpolab ppo), {run.steps[-1] if run.steps else 0} steps"
     if rewards:
@@ -169,7 +169,25 @@ def ppo_verdict(run: Run) -> str:
     held_out = run.last("eval/rewards/mean")
     if held_out == held_out:
         text += f"; greedy held-out reward {held_out:.3g}"
-    return text + ". The 3D monitor does not run on PPO runs yet: no claim about the 3D properties here."
+    chosen, rejected = run.last("monitor/logratio_chosen_mean"), run.last("monitor/logratio_rejected_mean")
+    if chosen != chosen:
+        return text + ". No held-out pairs (monitor.pairs), so the 3D monitor made no claim about this run."
+    text += (
+        f". On the monitor's held-out pairs the chosen log-ratio ended at {chosen:+.3g} nats and the rejected at "
+        f"{rejected:+.3g}"
+    )
+    samples = run.last("monitor/sample_logratio")
+    if samples == samples:
+        text += f"; the policy's own samples at {samples:+.3g} nats per token against the reference"
+    if run.alarms:
+        kinds = ", ".join(f"{a['alarm']} (step {a['step']})" for a in run.alarms)
+        return (
+            text
+            + f". Alarms: {kinds}. Suggested: "
+            + "; ".join(f"{a['alarm']}: {a['remedy']}" for a in run.alarms)
+            + "."
+        )
+    return text + ". No alarm fired: no sign of the 3D failure modes by the monitor's rules."
 
 
 def samples_table(runs: list[Run]) -> str:

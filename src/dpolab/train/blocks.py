@@ -596,6 +596,16 @@ class MonitorState:
         self.monitor.load_state(state)
 
 
+def alarm_stop(accelerator, log: MetricsLog, new_alarms: list[dict], on_alarm: str) -> str | None:
+    """Log this step's new alarms; with ``on_alarm: stop``, the alarm that stops the run, agreed by every
+    process (a stop decided on one alone would leave the others waiting in a collective), else None."""
+    for alarm in new_alarms:
+        log.alarm(alarm)
+    if any_across(accelerator, bool(new_alarms) and on_alarm == "stop"):
+        return new_alarms[0]["alarm"] if new_alarms else "an alarm on another process"
+    return None
+
+
 def token_weight_fn(config: TrainConfig):
     """LD-DPO token weights as a function of a micro-batch's token log-probs (None without ``ld_alpha``)."""
     if config.ld_alpha is None:

@@ -116,7 +116,7 @@ class TrainConfig:
 
     # --- monitoring ---------------------------------------------------------------------------
     monitor: dict = field(default_factory=dict)
-    """The 3D monitor (docs/monitor.md): ``{enabled: true, window: 20, probe_steps: 50, probe_pairs: 8, sample_prompts: 4, sample_tokens: 32, on_alarm: warn, …thresholds}``; ``{enabled: false}`` turns it off."""
+    """The 3D monitor (docs/monitor.md): ``{enabled: true, window: 20, probe_steps: 50, probe_pairs: 8, sample_prompts: 4, sample_tokens: 32, on_alarm: warn, …thresholds}``; ``{enabled: false}`` turns it off. Task ppo: ``pairs: FILE`` of held-out preference pairs for its likelihood probes."""
 
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = "runs/dpo"
@@ -228,7 +228,13 @@ class TrainConfig:
         from dpolab.losses import objective_from_config
         from dpolab.train.monitor import monitor_config
 
-        monitor_config(self.monitor)
+        pairs = monitor_config(self.monitor).pairs
+        if pairs is not None and self.task != "ppo":
+            raise ValueError(
+                "monitor.pairs: read by task ppo only (preference training probes its own eval pairs: eval_data)"
+            )
+        if pairs is not None and looks_local(pairs) and not Path(pairs).expanduser().exists():
+            raise ValueError(f"monitor.pairs: no such file: {pairs}")
         names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
         if self.task == "sft" and names != ["sft"]:
             raise ValueError(f"loss: task sft trains with loss: sft; got {self.loss!r}")
@@ -339,6 +345,9 @@ class TrainConfig:
             if isinstance(critic, str) and critic not in ("head", "none") and looks_local(critic):
                 ppo["value_model"] = str(Path(critic).expanduser().absolute())
             changes["ppo"] = ppo
+        pairs = (self.monitor or {}).get("pairs")
+        if isinstance(pairs, str) and looks_local(pairs):  # the PPO monitor's held-out pairs
+            changes["monitor"] = {**self.monitor, "pairs": str(Path(pairs).expanduser().absolute())}
         return dataclasses.replace(self, **changes)
 
 

@@ -19,6 +19,10 @@ Every ``probe_steps`` steps, on a fixed probe set (the eval pairs, else the firs
   sampled from the policy, scored per token under the policy and the reference, and the policy's token
   entropy while sampling.
 
+Under ``dpolab ppo`` there are no training pairs: :mod:`dpolab.train.ppo_monitor` computes the per-step
+log-ratios on the held-out pairs of ``monitor.pairs`` instead (with ``monitor/margin`` = mean r_w − r_l for the
+margin), and the sample probe as above, so the same alarms watch RLHF runs.
+
 The alarms (:func:`check_alarms`) read a plain trajectory, so the same rules run live, offline in the
 report, and on toy-lab runs.
 """
@@ -59,10 +63,13 @@ class MonitorConfig:
     drop_min_fall: float = 2.0  # ... and by at least this many nats
     dispersion_change: float = 0.05  # alarm (c): data probe down from its best, samples up since then, by this
     on_alarm: str = "warn"  # or "stop": checkpoint and stop at the first alarm
+    pairs: str | None = None  # task ppo: held-out preference pairs (a file or data set) the probes read
 
     def __post_init__(self) -> None:
         if self.on_alarm not in ("warn", "stop"):
             raise ValueError(f"monitor.on_alarm: must be warn or stop; got {self.on_alarm!r}")
+        if self.pairs is not None and (not isinstance(self.pairs, str) or not self.pairs):
+            raise ValueError(f"monitor.pairs: must be a file or data set of preference pairs; got {self.pairs!r}")
         for key in ("window", "probe_pairs", "sample_tokens"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"monitor.{key}: must be a positive integer; got {getattr(self, key)!r}")
@@ -105,8 +112,11 @@ class Trajectory:
     peak_chosen_window_mean: float = -math.inf  # best window mean of chosen_logratio so far (kept by check_alarms)
 
 
-def check_alarms(trajectory: Trajectory, config: MonitorConfig, fired: set[str]) -> list[dict]:
-    """New alarms at the trajectory's last step (each fires once; ``fired`` is updated)."""
+def check_alarms(
+    trajectory: Trajectory, config: MonitorConfig, fired: set[str], descriptions=DESCRIPTIONS, remedies=REMEDIES
+) -> list[dict]:
+    """New alarms at the trajectory's last step (each fires once; ``fired`` is updated); ``descriptions`` and
+    ``remedies``: the words for each kind (PPO runs have their own, :mod:`dpolab.train.ppo_monitor`)."""
     alarms = []
     step = trajectory.steps[-1] if trajectory.steps else 0
     w = config.window
@@ -167,12 +177,12 @@ def check_alarms(trajectory: Trajectory, config: MonitorConfig, fired: set[str])
     for kind, evidence in alarms:
         fired.add(kind)
         out.append(
-            {"step": step, "alarm": kind, "message": f"{DESCRIPTIONS[kind]} ({evidence})", "remedy": REMEDIES[kind]}
+            {"step": step, "alarm": kind, "message": f"{descriptions[kind]} ({evidence})", "remedy": remedies[kind]}
         )
     return out
 
 
-def _quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
+def quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
     q = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     return {
         f"{prefix}_mean": float(values.mean()),
@@ -185,8 +195,9 @@ def _quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
 class Monitor:
     """Per-step statistics and alarms; probes are run by the trainer through :meth:`record_probe`."""
 
-    def __init__(self, config: MonitorConfig) -> None:
+    def __init__(self, config: MonitorConfig, descriptions=DESCRIPTIONS, remedies=REMEDIES) -> None:
         self.config = config
+        self.descriptions, self.remedies = descriptions, remedies
         self.trajectory = Trajectory()
         self.fired: set[str] = set()
         self.alarms: list[dict] = []
@@ -214,8 +225,8 @@ class Monitor:
             grads = torch.autograd.grad(out.losses.sum(), leaves, allow_unused=True)
         grad_w, grad_l = (torch.zeros_like(leaves[0]) if g is None else g for g in grads)
         metrics = {
-            **_quantiles(chosen_ratio, "monitor/logratio_chosen"),
-            **_quantiles(rejected_ratio, "monitor/logratio_rejected"),
+            **quantiles(chosen_ratio, "monitor/logratio_chosen"),
+            **quantiles(rejected_ratio, "monitor/logratio_rejected"),
         }
         metrics["monitor/chosen_below_reference"] = float((chosen_ratio < 0).float().mean())
         metrics["monitor/grad_logp_chosen"] = float(grad_w.abs().mean())
@@ -232,7 +243,8 @@ class Monitor:
         t.steps.append(step)
         t.chosen_logratio.append(metrics["monitor/logratio_chosen_mean"])
         t.rejected_logratio.append(metrics["monitor/logratio_rejected_mean"])
-        t.margin.append(metrics["rewards/margins"])
+        # PPO has no pair loss: its margin is the probe pairs' mean r_w − r_l (nats)
+        t.margin.append(metrics["monitor/margin"] if "monitor/margin" in metrics else metrics["rewards/margins"])
         t.chosen_below_reference.append(metrics["monitor/chosen_below_reference"])
         w = self.config.window
         metrics["monitor/chosen_slope"] = slope(t.chosen_logratio[-w:])
@@ -240,7 +252,7 @@ class Monitor:
         metrics["monitor/drop_ratio"] = -metrics["monitor/rejected_slope"] / max(
             abs(metrics["monitor/chosen_slope"]), 1e-9
         )
-        new = check_alarms(t, self.config, self.fired)
+        new = check_alarms(t, self.config, self.fired, self.descriptions, self.remedies)
         self.alarms += new
         return new
 

@@ -38,7 +38,7 @@ from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
 from dpolab.engine.generate import sample_responses
 from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
-from dpolab.train import blocks
+from dpolab.train import blocks, ppo_monitor
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, sum_across
 from dpolab.train.guard import catch_stop_signals
@@ -178,6 +178,7 @@ class Setup(blocks.Run):
     pad_token_id: int
     eos_token_id: int
     phases: PhaseTimes
+    probes: ppo_monitor.PPOProbes | None = None  # the 3D monitor (set once the model is wrapped)
 
 
 def load_critic(config: TrainConfig, settings: PPOSettings, pad_token_id: int, log):
@@ -223,12 +224,16 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     state = blocks.run_state(config, accelerator, folder, model, data.items, stream=stream)
     phases = PhaseTimes()
     state["checkpointer"].register("phase_seconds", phases)
-    return Setup(
+    s = Setup(
         config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
         data_report=data.report, settings=settings, prompts=data.items, eval_prompts=data.eval_items, reward=reward,
         reference=reference, pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, phases=phases, **state,
     )  # fmt: skip
+    s.probes = ppo_monitor.setup(s, [p.prompt_ids for p in (data.eval_items or data.items)])
+    if s.probes is not None:
+        state["checkpointer"].register("monitor", blocks.MonitorState(s.probes.monitor))
+    return s
 
 
 # --- 1. rollout ----------------------------------------------------------------------------------
@@ -540,7 +545,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         s = setup(config, accelerator, folder)
         log = folder.log
         first_step = blocks.resume(s, log)
-        last_eval, metrics = {}, {}
+        last_eval, metrics, steps_done, evaluated_at, stopped_by_alarm = {}, {}, s.total_steps, 0, None
         show = config.progress and accelerator.is_main_process
         with catch_stop_signals() as stop, progress_bar(show, "ppo", s.total_steps, show_metrics=True) as bar:
             bar(0, completed=first_step - 1)
@@ -556,18 +561,32 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 tokens = sum(item.unique_tokens for item in batch.items)
                 metrics.update(blocks.throughput(s, len(batch.prompts), tokens, "prompts"))
                 metrics.update({f"time/{phase}": seconds for phase, seconds in s.phases.seconds.items()})
-                if step % config.logging_steps == 0 or step == s.total_steps:
+                new_alarms = []
+                if s.probes is not None and not nonfinite:  # the 3D monitor on held-out pairs (ppo_monitor.py)
+                    metrics.update(ppo_monitor.step_metrics(s, step))
+                    new_alarms = s.probes.monitor.update(step, metrics)
+                if step % config.logging_steps == 0 or step == s.total_steps or new_alarms:
                     log.write(step, metrics)
+                on_alarm = s.probes.settings.on_alarm if s.probes else "warn"
+                stopped_by_alarm = blocks.alarm_stop(accelerator, log, new_alarms, on_alarm)
                 if step % s.settings.sample_steps == 0 or step == 1:
                     log_samples(s, step, batch)
                 bar(1, reward=metrics["rewards/mean"], kl=metrics["kl"])
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
-                    last_eval = evaluate(s, step)
-                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo")
+                    last_eval, evaluated_at = evaluate(s, step), step
+                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo", force=bool(stopped_by_alarm))
+                if stopped_by_alarm:
+                    log.info(f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; "
+                             f"checkpoint: {saved}")  # fmt: skip
+                    steps_done = step
+                    break
                 if signalled:
                     raise blocks.interrupted(s, step, stop, saved, "ppo")
-        last_eval = evaluate(s, s.total_steps) or last_eval
+        if evaluated_at != steps_done:
+            last_eval = evaluate(s, steps_done) or last_eval
+        monitor = s.probes.monitor if s.probes else None
         return blocks.finish_run(
-            s, s.total_steps, "prompts", start_time, metrics, last_eval,
+            s, steps_done, "prompts", start_time, metrics, last_eval, stopped_by_alarm=stopped_by_alarm,
+            alarms=monitor.alarms if monitor else [], monitor=monitor.state() if monitor else None,
             phase_seconds=dict(s.phases.seconds), **peak_memory_mib(accelerator.device),
         )  # fmt: skip

@@ -26,7 +26,7 @@ from dpolab.engine.logps import TokenLogps
 from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from_config, wpo_pair_weights
 from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
-from dpolab.train.distributed import any_across, gather_rows
+from dpolab.train.distributed import gather_rows
 from dpolab.train.guard import catch_stop_signals
 from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config
 from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
@@ -323,8 +323,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     new_alarms = s.monitor.update(step, metrics)
                 if step % config.logging_steps == 0 or step == s.total_steps or new_alarms:
                     log.write(step, metrics)
-                for alarm in new_alarms:
-                    log.alarm(alarm)
+                stopped_by_alarm = blocks.alarm_stop(accelerator, log, new_alarms, s.monitor_settings.on_alarm)
                 bar(
                     1,
                     **{
@@ -333,9 +332,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                         if k in metrics
                     },
                 )
-                # Agreed by every process: a stop decided on one alone would leave the others waiting in a collective.
-                if any_across(accelerator, bool(new_alarms) and s.monitor_settings.on_alarm == "stop"):
-                    stopped_by_alarm = new_alarms[0]["alarm"] if new_alarms else "an alarm on another process"
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
                 saved, signalled = blocks.checkpoint_step(

@@ -14,8 +14,11 @@ order, the samples and the RM's head):
 
 Each run's policy is measured on the held-out problems: greedy accuracy (its change from SFT), and KL(π ‖
 π_SFT) estimated on one sampled response per problem (mean over problems of Σ_t log π − log π_SFT, nats per
-response). The DPO runs' 3D-monitor alarms are listed; PPO's time split (generation, reward, log-prob passes,
-update) and peak memory come from each run's summary. Writes ``results.json`` under ``--out`` and prints the
+response); and on the held-out low-edit pairs: the mean log-ratios r_w and r_l against the SFT model, the same
+measure for every method. Every run has the 3D monitor on (probes every 10 steps on 32 pairs, 8 sampled
+prompts); the PPO runs read the held-out pairs through ``monitor.pairs``, the preference runs their training
+batches and their eval pairs. Each run's alarms are listed; PPO's time split (generation, reward, log-prob
+passes, update) and peak memory come from each run's summary. Writes ``results.json`` under ``--out`` and prints the
 table of docs/rlhf.md.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 METHODS = ("dpo", "dpop", "ppo_math", "ppo_rm")
+MONITOR = {"probe_steps": 10, "probe_pairs": 32, "sample_prompts": 8}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -68,9 +72,11 @@ def train_one(out: Path, method: str, seed: int, args) -> dict:
     folder = out / f"{method}-seed{seed}"
     if (folder / "summary.json").exists():
         return json.loads((folder / "summary.json").read_text())
-    common = dict(model=str(out / "sft" / "model"), output_dir=str(folder), seed=seed, progress=False,
-                  tensorboard=False, cache_dir=str(out / "cache"), row_tokens=TRAINING["row_tokens"])  # fmt: skip
     pairs = out / "data" / "low_edit"
+    monitor = {**MONITOR, **({"pairs": str(pairs / "eval.jsonl")} if method.startswith("ppo") else {})}
+    common = dict(model=str(out / "sft" / "model"), output_dir=str(folder), seed=seed, progress=False,
+                  tensorboard=False, cache_dir=str(out / "cache"), row_tokens=TRAINING["row_tokens"],
+                  monitor=monitor)  # fmt: skip
     if method in ("dpo", "dpop", "rm"):
         extra = dict(data=str(pairs / "train.jsonl"), eval_data=str(pairs / "eval.jsonl"), **TRAINING["preference"])
         if method == "rm":
@@ -117,6 +123,27 @@ def kl_from_sft(model_dir: Path, sft_dir: Path, prompts: list[str], max_new_toke
     return statistics.fmean(totals)
 
 
+def held_out_logratios(model_dir: Path, sft_dir: Path, pairs_file: Path) -> tuple[float, float]:
+    """Mean r_w and r_l = Σ_t log π − log π_SFT over the completions of the held-out pairs (nats)."""
+    import torch
+
+    from dpolab.data.formats import load_examples
+    from dpolab.data.tokenize import tokenize_pairs
+    from dpolab.engine.loading import load_model, load_tokenizer
+    from dpolab.engine.policy_value import rollout_outputs
+
+    tokenizer = load_tokenizer(model_dir)
+    pairs, _ = tokenize_pairs(tokenizer, load_examples(str(pairs_file))[0])
+    sums = []
+    for directory in (model_dir, sft_dir):
+        model = load_model(directory).eval()
+        with torch.no_grad():
+            out = rollout_outputs(model, pairs, list(range(len(pairs))), tokenizer.pad_token_id, torch.device("cpu"))
+        sums.append(out.dense(out.logps).sum(1).view(-1, 2).double())
+    ratios = (sums[0] - sums[1]).mean(0)
+    return float(ratios[0]), float(ratios[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/ppo_vs_dpo")
@@ -151,6 +178,9 @@ def main() -> None:
                 "kl_from_sft": kl_from_sft(model, out / "sft" / "model", prompts, args.max_new_tokens, seed),
                 "alarms": [a["alarm"] for a in summary.get("alarms", [])],
             }
+            row["heldout_logratio_chosen"], row["heldout_logratio_rejected"] = held_out_logratios(
+                model, out / "sft" / "model", out / "data" / "low_edit" / "eval.jsonl"
+            )
             if method.startswith("ppo"):
                 row.update(phase_seconds=summary["phase_seconds"], peak_rss_mib=summary["peak_rss_mib"],
                            train_seconds=summary["train_seconds"], final_reward=summary["final"]["rewards/mean"])  # fmt: skip
@@ -158,8 +188,10 @@ def main() -> None:
             print(f"seed {seed} {method}: {json.dumps(row)}", flush=True)
     table = {}
     for method, rows in per_seed.items():
-        table[method] = {key: interval([r[key] for r in rows]) for key in ("accuracy_change", "kl_from_sft")}
+        keys = ("accuracy_change", "kl_from_sft", "heldout_logratio_chosen", "heldout_logratio_rejected")
+        table[method] = {key: interval([r[key] for r in rows]) for key in keys}
         table[method]["alarm_runs"] = sum(bool(r["alarms"]) for r in rows)
+        table[method]["alarms"] = sorted({a for r in rows for a in r["alarms"]})
         if method.startswith("ppo"):
             for phase in rows[0]["phase_seconds"]:
                 table[method][f"share_{phase}"] = interval(
@@ -170,12 +202,15 @@ def main() -> None:
                "table": table, "seconds": time.perf_counter() - started}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"SFT greedy accuracy {100 * sft_accuracy['accuracy']:.1f}% on {len(problems)} problems")
-    print("| run | accuracy change from SFT (points) | KL(π ‖ π_SFT), nats per response | runs with a 3D alarm |")
-    print("|---|---|---|---|")
+    print("| run | accuracy change from SFT (points) | KL(π ‖ π_SFT), nats per response | held-out r_w | held-out r_l "
+          "| runs with a 3D alarm |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for method, row in table.items():
         (a, da), (k, dk) = row["accuracy_change"], row["kl_from_sft"]
-        alarms = "no monitor on PPO runs yet" if method.startswith("ppo") else f"{row['alarm_runs']} of {args.seeds}"
-        print(f"| {method} | {a:+.1f} ± {da:.1f} | {k:.2f} ± {dk:.2f} | {alarms} |")
+        (w, dw), (lo, dl) = row["heldout_logratio_chosen"], row["heldout_logratio_rejected"]
+        alarms = f"{row['alarm_runs']} of {args.seeds}" + (f" ({', '.join(row['alarms'])})" if row["alarms"] else "")
+        print(f"| {method} | {a:+.1f} ± {da:.1f} | {k:.2f} ± {dk:.2f} | {w:+.2f} ± {dw:.2f} | {lo:+.2f} ± {dl:.2f} "
+              f"| {alarms} |")  # fmt: skip
     print(f"total {results['seconds']:.0f} s")
 
 

@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--ppo-lr", type=float, default=1e-4)
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     args = parser.parse_args()
     out = Path(args.out)
     started = time.perf_counter()
@@ -164,9 +165,13 @@ def main() -> None:
     problems = [json.loads(line) for line in (out / "data" / "eval_problems.jsonl").read_text().splitlines()]
     prompts = [p["question"] + "\n" for p in problems]
     sft_accuracy = greedy_accuracy(out / "sft" / "model", problems, TRAINING["max_new_tokens"], False, "sft")
-    per_seed: dict[str, list[dict]] = {m: [] for m in METHODS}
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(args.seeds):
-        for method in ("dpo", "dpop", "rm", "ppo_math", "ppo_rm"):
+        for method in ["rm"] * ("ppo_rm" in methods) + methods:  # the RM first: ppo_rm reads it
             summary = train_one(out, method, seed, args)
             if method == "rm":
                 continue

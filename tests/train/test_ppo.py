@@ -235,6 +235,12 @@ def test_ppo_settings_outside_task_ppo_and_preference_keys_inside_it_are_refused
         ).validate()
     with pytest.raises(ValueError, match=re.escape("monitor.pairs: no such file: /no/such/pairs.jsonl")):
         base(workspace, tmp_path, monitor={"pairs": "/no/such/pairs.jsonl"}).validate()
+    # a bad row of monitor.pairs is named before any model loads (no output but the run's inputs)
+    bad = write_rows(tmp_path / "bad-pairs.jsonl", [{"prompt": "say 1 :", "chosen": " 1", "rejected": " 2"},
+                                                    {"prompt": "say 2 :", "chosen": " 2"}])  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("bad-pairs.jsonl: row 1: missing field 'rejected'")):
+        run(base(workspace, tmp_path, monitor={"pairs": bad}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ValueError, match=re.escape("ppo: settings of dpolab ppo (task: ppo); not used by this task")):
         base(workspace, tmp_path, task="preference", loss="dpo").validate()
     with pytest.raises(ValueError, match=re.escape("loss: task ppo trains with the PPO objective (loss: ppo)")):

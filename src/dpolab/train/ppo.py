@@ -204,6 +204,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     reward = RewardSource(settings, config, tokenizer, accelerator.device)  # refuses a bad reward model first
     reward.check_answers(data.items, config.data)
     reward.check_answers(data.eval_items, config.eval_data or config.data)
+    monitor_pairs = ppo_monitor.load_pairs(config, tokenizer, log)  # bad pairs fail before any model loads
     log.info(f"reward: {reward.name}; advantage: {settings.advantage}; critic: {settings.value_model}")
 
     policy = blocks.load_policy(config)
@@ -230,7 +231,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
         data_report=data.report, settings=settings, prompts=data.items, eval_prompts=data.eval_items, reward=reward,
         reference=reference, pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, phases=phases, **state,
     )  # fmt: skip
-    s.probes = ppo_monitor.setup(s, [p.prompt_ids for p in (data.eval_items or data.items)])
+    s.probes = ppo_monitor.setup(s, monitor_pairs, [p.prompt_ids for p in (data.eval_items or data.items)])
     if s.probes is not None:
         state["checkpointer"].register("monitor", blocks.MonitorState(s.probes.monitor))
     return s
@@ -266,22 +267,25 @@ def decode_with(s: Setup):
     return lambda **inputs: unwrapped(mode="decode", **inputs)
 
 
-def generate(s: Setup, prompts: list[TokenizedPrompt], seeds: list[int] | None):
-    """One response per prompt (``seeds=None``: greedy); lock-step across processes under FSDP."""
+def generate(s: Setup, prompts: list[tuple[int, ...]], seeds: list[int] | None, sampling: dict | None = None):
+    """One response per prompt (``seeds=None``: greedy); lock-step across processes under FSDP. ``sampling``:
+    ``max_new_tokens``, ``temperature``, ``top_p`` other than the run's (the monitor samples at T = 1)."""
     fsdp = s.accelerator.distributed_type.value == "FSDP"
+    settings = {"max_new_tokens": s.settings.max_new_tokens, "temperature": s.settings.temperature,
+                "top_p": s.settings.top_p, **(sampling or {})}  # fmt: skip
     return sample_responses(
-        decode_with(s), [p.prompt_ids for p in prompts], max_new_tokens=s.settings.max_new_tokens,
-        eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id, device=s.accelerator.device, seeds=seeds,
-        temperature=s.settings.temperature, top_p=s.settings.top_p,
+        decode_with(s), prompts, eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
+        device=s.accelerator.device, seeds=seeds, **settings,
         keep_going=(lambda still: any_across(s.accelerator, still)) if fsdp else None,
     )  # fmt: skip
 
 
-def token_pass(s: Setup, model, items: list[Rollout], mode: str = "train", entropy: bool = False):
+def token_pass(s: Setup, model, items: list, mode: str = "train", entropy: bool = False, temperature=None):
+    """Per-token outputs of ``items`` (rollouts, or pairs) under ``model``; the run's temperature unless given."""
     return rollout_outputs(
         model, items, list(range(len(items))), s.pad_token_id, s.accelerator.device,
-        temperature=s.settings.temperature, mode=mode, entropy=entropy, naive=s.engine.naive,
-        row_tokens=s.config.row_tokens,
+        temperature=s.settings.temperature if temperature is None else temperature, mode=mode, entropy=entropy,
+        naive=s.engine.naive, row_tokens=s.config.row_tokens,
     )  # fmt: skip
 
 
@@ -297,7 +301,7 @@ def rollout(s: Setup, step: int, global_prompts: list[int]) -> RolloutBatch:
     expanded = [p for p in prompts for _ in range(k)]
     seeds = [mix(s.config.seed, step, p, j) for p in positions for j in range(k)]
     with accelerator.autocast():
-        samples = generate(s, expanded, seeds)
+        samples = generate(s, [p.prompt_ids for p in expanded], seeds)
     tick = time.perf_counter()
     s.phases.seconds["generation"] += tick - clock
     texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)
@@ -503,7 +507,7 @@ def evaluate(s: Setup, step: int) -> dict:
     for ids, real in batches:
         prompts = [s.eval_prompts[i] for i in ids]
         with accelerator.autocast():
-            samples = generate(s, prompts, seeds=None)
+            samples = generate(s, [p.prompt_ids for p in prompts], seeds=None)
         if not real:
             continue
         texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)

@@ -32,9 +32,7 @@ import torch
 
 from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
-from dpolab.engine.generate import sample_responses
-from dpolab.engine.policy_value import Rollout, rollout_outputs
-from dpolab.train.distributed import any_across
+from dpolab.engine.policy_value import Rollout
 from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config, quantiles
 
 PROBE_STREAM = 2**63 - 1  # the sample probe's seeds: mix(seed, step, PROBE_STREAM, i), apart from the rollouts'
@@ -64,8 +62,11 @@ class PPOProbes:
     prompts: list[tuple[int, ...]]  # the sample probe's prompts
 
 
-def load_pairs(config, settings: MonitorConfig, tokenizer, log) -> list[TokenizedPair]:
-    """The first ``probe_pairs`` usable pairs of ``monitor.pairs``, tokenised as the run's data is."""
+def load_pairs(config, tokenizer, log) -> list[TokenizedPair]:
+    """The first ``probe_pairs`` usable pairs of ``monitor.pairs`` (none without it), tokenised as the run's data."""
+    settings = monitor_config(config.monitor)
+    if not settings.enabled or not settings.pairs:
+        return []
     examples, bad_rows = load_examples(settings.pairs, "train", config.on_bad_rows)
     if bad_rows:
         log.info(f"monitor.pairs: skipped {len(bad_rows)} bad rows (first: {bad_rows[0]})")
@@ -79,15 +80,13 @@ def load_pairs(config, settings: MonitorConfig, tokenizer, log) -> list[Tokenize
 
 def pair_sums(s, model, pairs: list[TokenizedPair], mode: str = "train") -> torch.Tensor:
     """(pairs, 2) Σ_t log π(y_t | x, y_<t) of chosen and rejected under ``model`` (T = 1), a batch at a time."""
+    from dpolab.train.ppo import token_pass
+
     out = []
     with torch.no_grad():
         for start in range(0, len(pairs), s.config.batch_size):
-            chunk = pairs[start : start + s.config.batch_size]
             with s.accelerator.autocast():
-                tokens = rollout_outputs(
-                    model, chunk, list(range(len(chunk))), s.pad_token_id, s.accelerator.device, mode=mode,
-                    naive=s.engine.naive, row_tokens=s.config.row_tokens,
-                )  # fmt: skip
+                tokens = token_pass(s, model, pairs[start : start + s.config.batch_size], mode=mode, temperature=1.0)
             out.append(tokens.dense(tokens.logps).sum(1).view(-1, 2).float())
     return torch.cat(out)
 
@@ -99,17 +98,16 @@ def reference_sums(s, pairs: list[TokenizedPair]) -> torch.Tensor:
     return pair_sums(s, s.accelerator.unwrap_model(s.model), pairs, mode="reference")
 
 
-def setup(s, prompt_fallback: list[tuple[int, ...]]) -> PPOProbes | None:
-    """The monitor of ``s.config.monitor`` (None when disabled), its pairs and their reference log-probs."""
+def setup(s, pairs: list[TokenizedPair], prompt_fallback: list[tuple[int, ...]]) -> PPOProbes | None:
+    """The monitor of ``s.config.monitor`` (None when disabled) on ``pairs`` (:func:`load_pairs`), with their
+    reference log-probs; the sample probe's prompts are the pairs', else ``prompt_fallback``."""
     settings = monitor_config(s.config.monitor)
     if not settings.enabled:
         return None
-    pairs = load_pairs(s.config, settings, s.tokenizer, s.folder.log) if settings.pairs else []
     reference = reference_sums(s, pairs) if pairs else None
     prompts = [p.prompt_ids for p in pairs] or prompt_fallback
-    return PPOProbes(
-        settings, Monitor(settings, DESCRIPTIONS, REMEDIES), pairs, reference, prompts[: settings.sample_prompts]
-    )
+    monitor = Monitor(settings, DESCRIPTIONS, REMEDIES)
+    return PPOProbes(settings, monitor, pairs, reference, prompts[: settings.sample_prompts])
 
 
 def pair_metrics(policy: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -126,26 +124,20 @@ def pair_metrics(policy: torch.Tensor, reference: torch.Tensor) -> dict[str, flo
 
 def sample_metrics(s, step: int, prompts: list[tuple[int, ...]]) -> dict[str, float]:
     """One response per prompt from the policy (T = 1, top-p 1), scored per token under policy and reference."""
-    from dpolab.train.ppo import decode_with, mix
+    from dpolab.train.ppo import generate, mix, token_pass
 
     accelerator = s.accelerator
     unwrapped = accelerator.unwrap_model(s.model)
     unwrapped.eval()
-    fsdp = accelerator.distributed_type.value == "FSDP"
+    seeds = [mix(s.config.seed, step, PROBE_STREAM, i) for i in range(len(prompts))]
+    sampling = {"max_new_tokens": s.probes.settings.sample_tokens, "temperature": 1.0, "top_p": 1.0}
     with accelerator.autocast():
-        samples = sample_responses(
-            decode_with(s), prompts, max_new_tokens=s.probes.settings.sample_tokens, eos_token_id=s.eos_token_id,
-            pad_token_id=s.pad_token_id, device=accelerator.device,
-            seeds=[mix(s.config.seed, step, PROBE_STREAM, i) for i in range(len(prompts))],
-            keep_going=(lambda still: any_across(accelerator, still)) if fsdp else None,
-        )  # fmt: skip
+        samples = generate(s, prompts, seeds, sampling)
     items = [Rollout(prompt, (sample.ids,)) for prompt, sample in zip(prompts, samples, strict=True)]
-    ids = list(range(len(items)))
-    common = dict(naive=s.engine.naive, row_tokens=s.config.row_tokens)
     with torch.no_grad(), accelerator.autocast():
-        policy = rollout_outputs(unwrapped, items, ids, s.pad_token_id, accelerator.device, entropy=True, **common)
+        policy = token_pass(s, unwrapped, items, entropy=True, temperature=1.0)
         scorer, mode = (s.reference, "train") if s.reference is not None else (unwrapped, "reference")
-        reference = rollout_outputs(scorer, items, ids, s.pad_token_id, accelerator.device, mode=mode, **common)
+        reference = token_pass(s, scorer, items, mode=mode, temperature=1.0)
     unwrapped.train()
     lengths = policy.branch_lengths[:, 0].float()
     policy_mean = float((policy.dense(policy.logps).sum(1).float() / lengths).mean())

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = evaluate.route(sys.argv[1:] if argv is None else list(argv))
     training = argv[:1] in (["train"], ["sft"], ["rm"], ["ppo"])
     if training and (processes := processes_asked_of_accelerate_cpu()):
         relaunch_with_torchrun(processes, argv)

@@ -1,11 +1,21 @@
-"""``dpolab eval``: greedy-decoding accuracy of a causal LM on maths problems."""
+"""``dpolab eval``: maths accuracy (``math``), lm-evaluation-harness tasks (``harness``), contamination."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+SUBCOMMANDS = ("math", "harness", "contamination")
 
 
-def eval_command(args: argparse.Namespace) -> int:
+def route(argv: list[str]) -> list[str]:
+    """``dpolab eval DATA ...`` (the form before the subcommands) is ``dpolab eval math DATA ...``."""
+    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1] not in (*SUBCOMMANDS, "-h", "--help"):
+        return ["eval", "math", *argv[1:]]
+    return argv
+
+
+def math_command(args: argparse.Namespace) -> int:
     from dpolab.evaluate import evaluate_file, write_result
 
     result = evaluate_file(
@@ -29,22 +39,136 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(values: list[str], flag: str) -> dict[str, str]:
+    """``TASK=VALUE`` arguments as a mapping; a malformed one is an error naming it."""
+    pairs = {}
+    for value in values:
+        task, sep, rest = value.partition("=")
+        if not sep or not task or not rest:
+            raise ValueError(f"{flag} {value!r}: expected TASK=VALUE")
+        pairs[task.strip()] = rest.strip()
+    return pairs
+
+
+def _fewshot(value: str | None) -> int | dict[str, int] | None:
+    """``--num-fewshot 5`` (every task) or ``--num-fewshot gsm8k=5,arc=25`` (per task, others 0)."""
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            return int(value)
+        return {task: int(count) for task, count in _assignments(value.split(","), "--num-fewshot").items()}
+    except ValueError as error:
+        if "TASK=VALUE" in str(error):
+            raise
+        raise ValueError(
+            f"--num-fewshot {value!r}: expected a count, or TASK=COUNT pairs separated by commas"
+        ) from None
+
+
+def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewshot_data: list[str]) -> dict:
+    """Each task's :class:`~dpolab.eval.tasks.TaskFiles`: named with --data/--fewshot-data, else found in --data-dir."""
+    from dpolab.eval.tasks import TaskFiles, find_files, shape
+
+    named, named_fewshot = _assignments(data, "--data"), _assignments(fewshot_data, "--fewshot-data")
+    for task in [*tasks, *named, *named_fewshot]:
+        shape(task)  # an unknown task lists the known ones
+    stray = sorted((set(named) | set(named_fewshot)) - set(tasks))
+    if stray:
+        raise ValueError(f"--data/--fewshot-data name {stray[0]!r}, which is not in --tasks")
+    files = {}
+    for task in tasks:
+        if task in named:
+            found = TaskFiles(Path(named[task]).expanduser().resolve())
+        elif data_dir is not None:
+            found = find_files(task, data_dir)
+        else:
+            raise ValueError(
+                f"task {task}: no data (give --data-dir DIR with {task}/test.jsonl, or --data {task}=FILE)"
+            )
+        fewshot = Path(named_fewshot[task]).expanduser().resolve() if task in named_fewshot else found.fewshot
+        files[task] = TaskFiles(found.evaluation, fewshot)
+    return files
+
+
+def harness_command(args: argparse.Namespace) -> int:
+    from dpolab.eval.harness import evaluate_directory, table
+    from dpolab.evaluate import write_result
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks: name at least one task")
+    files = harness_files(tasks, args.data_dir, args.data or [], args.fewshot_data or [])
+    result = evaluate_directory(
+        args.model,
+        files,
+        allow_pickle=args.allow_pickle,
+        tokenizer_dir=args.tokenizer,
+        num_fewshot=_fewshot(args.num_fewshot),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        task_dir=args.task_dir,
+        log_samples=args.log_samples,
+    )
+    if args.out:
+        write_result(result, args.out)
+    print(table(result, title=f"{args.model} (lm-evaluation-harness {result['lm_eval_version']})"))
+    if args.out:
+        print(f"results in {args.out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "eval",
-        help="greedy-decoding accuracy of a causal LM on maths problems (final number checked)",
+        help="evaluate a model: maths accuracy, lm-evaluation-harness tasks, contamination",
+        description="`dpolab eval DATA --model M` is `dpolab eval math DATA --model M`.",
+    )
+    commands = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+    maths = commands.add_parser(
+        "math",
+        help="greedy-decoding accuracy on maths problems (final number checked)",
         description="Decodes each problem's prompt greedily and compares the final number (#### N or A: N) with the "
         "reference answer's. Rows without the prompt or answer field are named.",
     )
-    evaluate.add_argument("data", help=".jsonl of problems, e.g. ../shared/data/gsm8k/test.jsonl")
-    evaluate.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
-    evaluate.add_argument("--prompt-field", default="question")
-    evaluate.add_argument("--answer-field", default="answer", help="a solution ending in #### N, or a number")
-    evaluate.add_argument("--prompt-suffix", default="\n", help="appended to each prompt (default: a newline)")
-    evaluate.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--out", help="JSON with the accuracy and every generation")
-    evaluate.add_argument("--allow-pickle", action="store_true")
-    evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(handler=eval_command)
+    maths.add_argument("data", help=".jsonl of problems, e.g. ../shared/data/gsm8k/train.jsonl")
+    maths.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
+    maths.add_argument("--prompt-field", default="question")
+    maths.add_argument("--answer-field", default="answer", help="a solution ending in #### N, or a number")
+    maths.add_argument("--prompt-suffix", default="\n", help="appended to each prompt (default: a newline)")
+    maths.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    maths.add_argument("--max-new-tokens", type=int, default=256)
+    maths.add_argument("--batch-size", type=int, default=64)
+    maths.add_argument("--out", help="JSON with the accuracy and every generation")
+    maths.add_argument("--allow-pickle", action="store_true")
+    maths.add_argument("--no-progress", action="store_true")
+    maths.set_defaults(handler=math_command)
+
+    from dpolab.eval.tasks import TASKS
+
+    harness = commands.add_parser(
+        "harness",
+        help="the leaderboard task shapes through lm-evaluation-harness, offline, from local files",
+        description="Runs lm-evaluation-harness on the model in memory over dpolab's task definitions, which read "
+        "local files in each task's public schema (docs/evaluation.md). Tasks: " + ", ".join(TASKS) + ". "
+        "Needs the eval extra: pip install 'dpolab[eval]'.",
+    )
+    harness.add_argument("--model", required=True, help="Hugging Face causal LM directory")
+    harness.add_argument("--tasks", required=True, help="comma-separated, e.g. arc,gsm8k")
+    harness.add_argument(
+        "--data-dir", help="a folder with TASK/test.jsonl (or validation) and TASK/train.jsonl (or dev)"
+    )
+    harness.add_argument("--data", action="append", metavar="TASK=FILE", help="a task's evaluation file (repeatable)")
+    harness.add_argument("--fewshot-data", action="append", metavar="TASK=FILE", help="a task's few-shot examples")
+    harness.add_argument("--num-fewshot", help="shots for every task (e.g. 5), or per task: gsm8k=5,arc=25 (default 0)")
+    harness.add_argument("--limit", type=int, default=None, help="only the first N documents of each task")
+    harness.add_argument("--batch-size", type=int, default=8)
+    harness.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens per answer")
+    harness.add_argument("--tokenizer", help="the tokenizer's folder, when it is not beside the model")
+    harness.add_argument("--task-dir", help="keep the task YAMLs here (rerun them with lm_eval --include_path)")
+    harness.add_argument("--out", help="JSON with every metric, its stderr and 95%% bootstrap interval")
+    harness.add_argument("--log-samples", action="store_true", help="put every document's prompt and score in --out")
+    harness.add_argument("--allow-pickle", action="store_true")
+    harness.set_defaults(handler=harness_command)

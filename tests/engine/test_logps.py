@@ -208,3 +208,27 @@ def test_items_with_different_branch_counts_cannot_share_a_batch():
     pair, sequence = random_pairs(1)[0], TokenizedSequence((5, 6), (7,), 1)
     with pytest.raises(ValueError, match="same number of branches"):
         pack([pair, sequence], [0, 1], 64, 0)
+
+
+def test_the_moments_of_the_next_token_distribution_agree_in_both_paths_and_with_sampling():
+    """Min-K%++ reads E_v[log π(v)] and its standard deviation at each position: packed = naive, and both equal
+    a Monte-Carlo estimate from tokens drawn from the model's own next-token distribution."""
+    model = build("llama", "sdpa", torch.float64)
+    pairs = random_pairs(4, seed=5)
+    with torch.no_grad():
+        packed = packed_token_logps(model, pack(pairs, list(range(4)), 48, 0), with_moments=True)
+        naive = naive_token_logps(model, pairs, 0, with_moments=True)
+        order_packed = torch.argsort(packed.sequence * 1000 + packed.index)
+        order_naive = torch.argsort(naive.sequence * 1000 + naive.index)
+        for got, want in zip(packed.moments, naive.moments, strict=True):
+            torch.testing.assert_close(got[order_packed], want[order_naive], rtol=0, atol=1e-7)
+        pair = pairs[0]
+        ids = torch.tensor([list(pair.prompt_ids) + list(pair.branches[0])])
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, len(pair.prompt_ids) - 1].double(), -1)
+        draws = log_probs[
+            torch.multinomial(log_probs.exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+        ]
+    first = naive.index.eq(0) & naive.sequence.eq(0)
+    mean, std = naive.moments[0][first].item(), naive.moments[1][first].item()
+    assert mean == pytest.approx(draws.mean().item(), abs=0.02) and std == pytest.approx(draws.std().item(), rel=0.02)
+    assert mean < 0 < std

@@ -119,6 +119,29 @@ def harness_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def contamination_command(args: argparse.Namespace) -> int:
+    from dpolab.eval.contamination import check, table, write
+
+    result = check(
+        args.model,
+        args.data,
+        reference_dir=args.reference,
+        fields=[f.strip() for f in args.fields.split(",") if f.strip()],
+        label_field=args.label_field or None,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        allow_pickle=args.allow_pickle,
+        progress=not args.no_progress,
+    )
+    if args.out:
+        write(result, args.out)
+    print(table(result))
+    if args.out:
+        print(f"scores of every text in {args.out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "eval",
@@ -172,3 +195,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harness.add_argument("--log-samples", action="store_true", help="put every document's prompt and score in --out")
     harness.add_argument("--allow-pickle", action="store_true")
     harness.set_defaults(handler=harness_command)
+
+    contamination = commands.add_parser(
+        "contamination",
+        help="Min-K%% Prob and Min-K%%++ per text; AUROC with seen/unseen labels; comparison with a reference model",
+        description="Scores each text by Min-K%% Prob (Shi et al. 2023), Min-K%%++ (Zhang et al. 2024) and its mean "
+        "token log-prob; higher means more likely seen in training. With a label column (seen/unseen), the AUROC of "
+        "each score with a 95%% bootstrap interval; with --reference, the model's scores minus the reference's.",
+    )
+    contamination.add_argument("--model", required=True, help="Hugging Face causal LM directory")
+    contamination.add_argument("--data", required=True, help=".jsonl/.json/.parquet of texts")
+    contamination.add_argument("--reference", help="a reference model's directory, scored on the same texts")
+    contamination.add_argument("--fields", default="text", help="the fields that make a text, joined by a newline "
+                               "(default: text; e.g. question,answer)")  # fmt: skip
+    contamination.add_argument("--label-field", default="label", help="seen/unseen (or 1/0) per row, when present")
+    contamination.add_argument("--k", type=float, default=0.2, help="the fraction of lowest-scoring tokens (0.2)")
+    contamination.add_argument("--max-tokens", type=int, default=512, help="texts are cut at this many tokens")
+    contamination.add_argument("--batch-size", type=int, default=16)
+    contamination.add_argument("--out", help="JSON with the summary and every text's scores")
+    contamination.add_argument("--allow-pickle", action="store_true")
+    contamination.add_argument("--no-progress", action="store_true")
+    contamination.set_defaults(handler=contamination_command)

@@ -36,6 +36,9 @@ class TokenLogps:
     index: torch.Tensor  # (n,) position of the token within its completion (0-based)
     branch_lengths: torch.Tensor  # (items, branches) completion token counts
     log_sum_sq: torch.Tensor | None = None  # (n,) log Σ_v π(v | prefix)², detached; when asked for (WPO)
+    # (n,) each, detached, when asked for (Min-K%++): the mean and standard deviation of log π(v | prefix)
+    # over v ~ π(· | prefix), i.e. E_v[log π(v)] = −entropy and sqrt(E_v[log π(v)²] − E_v[log π(v)]²)
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sums(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Σ over each sequence's tokens of (weight ×) log-prob, shape (items, branches)."""
@@ -94,7 +97,17 @@ def _gather(log_probs: torch.Tensor, targets: torch.Tensor, with_log_sum_sq: boo
     return values, log_sum_sq
 
 
-def packed_token_logps(model, batch: PackedBatch, with_log_sum_sq: bool = False) -> TokenLogps:
+def _moments(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = log_probs.detach()
+    probs = log_probs.exp()
+    mean = (probs * log_probs).sum(-1)
+    variance = (probs * (log_probs - mean[..., None]).square()).sum(-1)  # centred: no cancellation
+    return mean, variance.clamp_min(0).sqrt()
+
+
+def packed_token_logps(
+    model, batch: PackedBatch, with_log_sum_sq: bool = False, with_moments: bool = False
+) -> TokenLogps:
     """One forward of the (possibly wrapped) model over the packed rows; the LM head only where a target is predicted."""
     device = batch.input_ids.device
     with head_only_at(model, batch.predict_positions) as calls:
@@ -112,7 +125,8 @@ def packed_token_logps(model, batch: PackedBatch, with_log_sum_sq: bool = False)
         )
     log_probs = torch.log_softmax(_at_least_fp32(logits[0]), dim=-1)
     values, log_sum_sq = _gather(log_probs, batch.target_ids, with_log_sum_sq)
-    return TokenLogps(values, batch.target_sequence, batch.target_index, batch.branch_lengths, log_sum_sq)
+    moments = _moments(log_probs) if with_moments else None
+    return TokenLogps(values, batch.target_sequence, batch.target_index, batch.branch_lengths, log_sum_sq, moments)
 
 
 def padded_rows(items: list[Item], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,20 +144,26 @@ def padded_rows(items: list[Item], pad_token_id: int, device=None) -> tuple[torc
 
 
 def naive_token_logps(
-    model, items: list[Item], pad_token_id: int, device=None, with_log_sum_sq: bool = False
+    model, items: list[Item], pad_token_id: int, device=None, with_log_sum_sq: bool = False, with_moments: bool = False
 ) -> TokenLogps:
     """Reference implementation: one right-padded row per (prompt, branch), the model's full forward and logits."""
     input_ids, attention = padded_rows(items, pad_token_id, device)
     logits = _at_least_fp32(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits)
     # log_probs[s, t] is the log-prob of token t + 1 of row s
-    values, log_sum_sq = _gather(torch.log_softmax(logits[:, :-1], dim=-1), input_ids[:, 1:], with_log_sum_sq)
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    values, log_sum_sq = _gather(log_probs, input_ids[:, 1:], with_log_sum_sq)
     rows_at, columns, sequence, index, lengths = naive_positions(items, input_ids.device)
+    moments = None
+    if with_moments:
+        mean, std = _moments(log_probs)
+        moments = (mean[rows_at, columns], std[rows_at, columns])
     return TokenLogps(
         values[rows_at, columns],
         sequence,
         index,
         lengths,
         None if log_sum_sq is None else log_sum_sq[rows_at, columns],
+        moments,
     )
 
 
@@ -169,12 +189,14 @@ class LogpEngine:
     device: torch.device
     naive: bool = False
 
-    def token_logps(self, model, items: list[Item], ids: list[int], with_log_sum_sq: bool = False) -> TokenLogps:
+    def token_logps(
+        self, model, items: list[Item], ids: list[int], with_log_sum_sq: bool = False, with_moments: bool = False
+    ) -> TokenLogps:
         """Token log-probs of ``items`` (their data-set indices ``ids``) under ``model``."""
         if self.naive:
-            return naive_token_logps(model, items, self.pad_token_id, self.device, with_log_sum_sq)
+            return naive_token_logps(model, items, self.pad_token_id, self.device, with_log_sum_sq, with_moments)
         batch = pack(items, ids, self.row_tokens, self.pad_token_id).to(self.device)
-        return packed_token_logps(model, batch, with_log_sum_sq)
+        return packed_token_logps(model, batch, with_log_sum_sq, with_moments)
 
 
 def packing_fallback_reason(

@@ -14,7 +14,11 @@ truthfulqa_mc1   multiple-choice likelihood  question, mc1_targets {choices [..]
 truthfulqa_mc2   true-answer probability     question, mc2_targets {choices [..], labels [..]}     acc
 winogrande      partial scoring             sentence (with _), option1, option2, answer (1 or 2)  acc
 gsm8k            few-shot generation         question, answer (ending in #### N)                   exact_match
+gsm8k_plain      the same, plain format      question, answer (ending in #### N)                   exact_match
 ===============  ==========================  ===================================================  ===========
+
+``gsm8k`` uses the leaderboard's "Question: … / Answer:" format; ``gsm8k_plain`` the question, a newline,
+then the solution: the format of dpolab's own data and of ``dpolab eval math``, for models trained on it.
 
 :func:`write_task_dir` writes, for the tasks asked, one YAML per task (``dpolab_<task>``, its data files
 named by absolute path) and a ``utils.py`` that imports :mod:`dpolab.eval.task_functions`. The same
@@ -165,6 +169,25 @@ _EXACT_MATCH = {
 }
 
 
+# strict: the "#### N" the data's solutions end with; flexible: the last number written
+_ANSWER_FILTERS = [
+    {
+        "name": "strict-match",
+        "filter": [
+            {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+            {"function": "take_first"},
+        ],
+    },
+    {
+        "name": "flexible-extract",
+        "filter": [
+            {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+            {"function": "take_first"},
+        ],
+    },
+]
+
+
 def _metric(name: str) -> dict:
     return {"metric": name, "aggregation": "mean", "higher_is_better": True}
 
@@ -284,23 +307,24 @@ TASKS: dict[str, TaskShape] = {
                     "temperature": 0.0,
                     "max_gen_toks": 256,
                 },
-                # strict: the "#### N" the data's solutions end with; flexible: the last number written
-                "filter_list": [
-                    {
-                        "name": "strict-match",
-                        "filter": [
-                            {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
-                            {"function": "take_first"},
-                        ],
-                    },
-                    {
-                        "name": "flexible-extract",
-                        "filter": [
-                            {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
-                            {"function": "take_first"},
-                        ],
-                    },
-                ],
+                "filter_list": _ANSWER_FILTERS,
+                "metric_list": [_EXACT_MATCH],
+            },
+            ("exact_match",),
+        ),
+        TaskShape(
+            "gsm8k_plain",
+            "GSM8K in the plain format of dpolab's own data: the question, a newline, the solution",
+            "question, answer (a solution ending in '#### N')",
+            _gsm8k,
+            {
+                "output_type": "generate_until",
+                "doc_to_text": "{{question}}\n",
+                "doc_to_target": "{{answer}}",
+                "target_delimiter": "",
+                "fewshot_delimiter": "\n\n",
+                "generation_kwargs": {"until": ["\n\n", "</s>", "<|im_end|>"], "do_sample": False, "temperature": 0.0},
+                "filter_list": _ANSWER_FILTERS,
                 "metric_list": [_EXACT_MATCH],
             },
             ("exact_match",),

@@ -115,6 +115,8 @@ def test_bad_input_is_one_clear_line(seen_and_unseen, tmp_path):
     assert read_texts(data, ["question"], "label") == (["a b c", "d"], None)
     with pytest.raises(ValueError, match=r"--k is a fraction of the tokens, in \(0, 1\]; got 20"):
         check(seen_and_unseen / "trained", data, fields=["question"], k=20)
+    with pytest.raises(ValueError, match=r"--max-tokens must be at least 2; got 1"):
+        check(seen_and_unseen / "trained", data, fields=["question"], max_tokens=1)
     data.write_text("")
     with pytest.raises(DataError, match="empty"):
         check(seen_and_unseen / "trained", data)

@@ -228,8 +228,31 @@ def test_bad_requests_are_one_clear_line(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"question": "q", "answer": "so #### 4"}) + "\n")
     with pytest.raises(ValueError, match=r"task gsm8k generates up to 256 tokens, and the model's context is 256"):
-        evaluate_model(model, None, {"gsm8k": TaskFiles(GSM8K)})
+        evaluate_model(model, None, {"gsm8k": TaskFiles(problems)})
+    with pytest.raises(ValueError, match=r"the model has no tokenizer"):
+        evaluate_model(model, None, {"gsm8k": TaskFiles(problems)}, max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"limit must be at least 1; got 0"):
+        evaluate_model(model, None, {"gsm8k": TaskFiles(problems)}, limit=0)
+
+
+def test_malformed_command_line_values_are_named(model_dir, capsys):
+    from dpolab.cli import main
+
+    for arguments, message in [
+        (["--tasks", "arc", "--num-fewshot", "arc=x"], "--num-fewshot 'arc=x': expected a count, or TASK=COUNT"),
+        (["--tasks", "arc", "--num-fewshot", "-1"], "--num-fewshot '-1': expected a count"),
+        (["--tasks", "arc", "--data", "arc"], "--data 'arc': expected TASK=VALUE"),
+        (["--tasks", " , "], "--tasks: name at least one task"),
+        (["--tasks", "arc"], "task arc: no data (give --data-dir DIR"),
+    ]:
+        assert main(["eval", "harness", "--model", model_dir, *arguments]) == 2
+        assert message in capsys.readouterr().err
+    from dpolab.commands.eval import _fewshot
+
+    assert _fewshot("5") == 5 and _fewshot("gsm8k=5,arc=25") == {"gsm8k": 5, "arc": 25}
 
 
 def test_without_lm_eval_the_error_names_the_extra(model_dir, monkeypatch):

@@ -54,16 +54,10 @@ def _fewshot(value: str | None) -> int | dict[str, int] | None:
     """``--num-fewshot 5`` (every task) or ``--num-fewshot gsm8k=5,arc=25`` (per task, others 0)."""
     if value is None:
         return None
-    try:
-        if "=" not in value:
-            return int(value)
-        return {task: int(count) for task, count in _assignments(value.split(","), "--num-fewshot").items()}
-    except ValueError as error:
-        if "TASK=VALUE" in str(error):
-            raise
-        raise ValueError(
-            f"--num-fewshot {value!r}: expected a count, or TASK=COUNT pairs separated by commas"
-        ) from None
+    counts = _assignments(value.split(","), "--num-fewshot") if "=" in value else {"": value}
+    if not all(count.isdigit() for count in counts.values()):
+        raise ValueError(f"--num-fewshot {value!r}: expected a count, or TASK=COUNT pairs separated by commas")
+    return int(counts[""]) if "" in counts else {task: int(count) for task, count in counts.items()}
 
 
 def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewshot_data: list[str]) -> dict:
@@ -98,13 +92,14 @@ def harness_command(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks: name at least one task")
+    num_fewshot = _fewshot(args.num_fewshot)
     files = harness_files(tasks, args.data_dir, args.data or [], args.fewshot_data or [])
     result = evaluate_directory(
         args.model,
         files,
         allow_pickle=args.allow_pickle,
         tokenizer_dir=args.tokenizer,
-        num_fewshot=_fewshot(args.num_fewshot),
+        num_fewshot=num_fewshot,
         limit=args.limit,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -120,7 +115,8 @@ def harness_command(args: argparse.Namespace) -> int:
 
 
 def contamination_command(args: argparse.Namespace) -> int:
-    from dpolab.eval.contamination import check, table, write
+    from dpolab.eval.contamination import check, table
+    from dpolab.evaluate import write_result
 
     result = check(
         args.model,
@@ -135,7 +131,7 @@ def contamination_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.out:
-        write(result, args.out)
+        write_result(result, args.out)
     print(table(result))
     if args.out:
         print(f"scores of every text in {args.out}")

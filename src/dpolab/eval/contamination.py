@@ -24,7 +24,6 @@ longer than ``max_tokens`` is cut there. When the tokenizer adds no BOS, the fir
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -218,7 +217,9 @@ def check(
             model = load_model(directory, allow_pickle=allow_pickle, device=default_device(), what=role)
             tokenizer = load_tokenizer(directory)
         with progress_bar(progress, f"contamination scores ({role})", len(texts)) as advance:
-            per_model[role], tokens = score_texts(model, tokenizer, texts, k, max_tokens, batch_size, advance)
+            per_model[role], counts = score_texts(model, tokenizer, texts, k, max_tokens, batch_size, advance)
+        if role == "model":  # the reference may tokenise differently: the counts are the model's
+            tokens = counts
         result["models"][role] = {"path": str(directory), "summary": summarise(per_model[role], labels)}
         del model
     if reference_dir is not None:
@@ -229,11 +230,6 @@ def check(
         for i in range(len(texts))
     ]  # fmt: skip
     return result
-
-
-def write(result: dict, out: str | Path) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
 
 
 def table(result: dict) -> str:

@@ -77,6 +77,20 @@ def context_length(model) -> int | None:
     return None
 
 
+def check_request(files: dict[str, TaskFiles], num_fewshot: int | dict[str, int] | None, limit: int | None):
+    """Everything about a run that needs no model: the tasks, the limit, the shots, every row of every file.
+
+    Returns the shots per task (:func:`fewshot_counts`).
+    """
+    if not files:
+        raise ValueError("no tasks to evaluate")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1; got {limit}")
+    shots = fewshot_counts(num_fewshot, files)
+    check_files(files)
+    return shots
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -84,22 +98,31 @@ def evaluate_model(
     *,
     num_fewshot: int | dict[str, int] | None = None,
     limit: int | None = None,
+    **options,
+) -> dict:
+    """The harness's results of ``model`` on ``files``' tasks, with 95% intervals (see the module docstring).
+
+    ``options``: ``batch_size`` (8), ``max_new_tokens`` (256), ``task_dir`` (where the task YAMLs are
+    written and kept, so ``lm_eval --include_path`` can rerun them; a temporary folder when None), ``seed``
+    (0) and ``log_samples``. ``model`` is used as it is (device, dtype; its train/eval mode is restored).
+    """
+    return _evaluate(model, tokenizer, files, check_request(files, num_fewshot, limit), limit=limit, **options)
+
+
+def _evaluate(
+    model,
+    tokenizer,
+    files: dict[str, TaskFiles],
+    shots: dict[str, int],
+    *,
+    limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
     task_dir: str | Path | None = None,
     seed: int = 0,
     log_samples: bool = False,
 ) -> dict:
-    """The harness's results of ``model`` on ``files``' tasks, with 95% intervals (see the module docstring).
-
-    ``task_dir``: where the task YAMLs are written (kept, so ``lm_eval --include_path`` can rerun them); a
-    temporary folder when None. ``model`` is used as it is (device, dtype, train/eval mode restored after).
-    """
-    if not files:
-        raise ValueError("no tasks to evaluate")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1; got {limit}")
-    shots = fewshot_counts(num_fewshot, files)
+    """:func:`evaluate_model` once :func:`check_request` has passed."""
     context = context_length(model)
     generating = [task for task in files if shape(task).definition["output_type"] == "generate_until"]
     if generating and context is not None and max_new_tokens >= context:
@@ -213,7 +236,8 @@ def evaluate_directory(
     tokenizer_dir: str | Path | None = None,
     **options,
 ) -> dict:
-    """:func:`evaluate_model` on the model saved in ``model_dir`` (loaded by dpolab's one loader)."""
+    """:func:`evaluate_model` on the model saved in ``model_dir`` (loaded by dpolab's one loader), with the same
+    options; the request and the data are checked before the model loads."""
     from dpolab.console import quiet_libraries
     from dpolab.engine.loading import default_device, load_model, load_tokenizer
 
@@ -221,9 +245,10 @@ def evaluate_directory(
     if source.is_dir() and not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise ValueError(f"{source}: no tokenizer (tokenizer.json or tokenizer_config.json); name one with --tokenizer")
     require_lm_eval()
-    check_files(files)  # bad data stops the run before the model loads
+    # bad data or a bad request stops the run before the model loads
+    shots = check_request(files, options.pop("num_fewshot", None), options.get("limit"))
     with quiet_libraries():
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(source)
-    result = evaluate_model(model, tokenizer, files, **options)
+    result = _evaluate(model, tokenizer, files, shots, **options)
     return {"model": str(model_dir), **result}

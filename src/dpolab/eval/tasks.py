@@ -417,9 +417,8 @@ def write_task_dir(
 ) -> dict[str, str]:
     """The YAMLs and ``utils.py`` of ``files``' tasks in ``directory``; {task: its lm-eval task name}.
 
-    Every file is checked first, so a bad row stops the run before any model loads or anything is written.
+    The files are those :func:`check_files` passed (the harness checks them before any model loads).
     """
-    check_files(files)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "utils.py").write_text(

@@ -1,8 +1,9 @@
 """Greedy-decoding accuracy on maths problems (``dpolab eval``): the quickstart's measure, for any model.
 
 Each problem's prompt is decoded greedily (batched, :mod:`dpolab.engine.generate`). The solution
-counts as correct when its final number (``#### N`` or ``A: N``) equals the reference's, where the
-reference is a solution with a final number or a bare number (:class:`dpolab.data.judges.MathJudge`).
+counts as correct when its final answer (``#### N``, ``A: N`` or ``\\boxed{}``) equals the reference's by
+math-verify, where the reference is a solution with a final answer or a bare answer
+(:class:`dpolab.eval.judges.MathJudge`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ def math_accuracy(
     allow_pickle: bool = False,
 ) -> dict:
     """Accuracy, counts and every generation of ``model_dir`` on ``prompts`` (greedy)."""
-    from dpolab.data.judges import MathJudge
-    from dpolab.data.scenarios import reference_number
+    from dpolab.data.answers import parsed_answer
     from dpolab.engine.generate import generate
     from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.eval.judges import MathJudge
 
     if len(prompts) != len(references) or not prompts:
         raise ValueError("need equally many, and at least one, prompts and references")
-    bad_reference = [i for i, r in enumerate(references) if reference_number(r) is None]
+    bad_reference = [i for i, r in enumerate(references) if parsed_answer(r, bare=True) is None]
     if bad_reference:  # before any generation: fail fast
-        raise ValueError(f"references without a final number at rows {bad_reference[:10]}")
+        raise ValueError(f"references without a final answer at rows {bad_reference[:10]}")
     with quiet_libraries():  # no transformers bar per weight load, from the CLI or from Python
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(model_dir)
@@ -51,7 +52,7 @@ def math_accuracy(
         "accuracy": correct / len(prompts),
         "correct": correct,
         "problems": len(prompts),
-        "no_final_answer": sum(v.score is None or (v.note or "").startswith("no final number") for v in verdicts),
+        "no_final_answer": sum(v.score is None or (v.note or "").startswith("no final answer") for v in verdicts),
         "generations": [
             {"prompt": p, "generated": c, "reference": r, "correct": v.score == 1.0}
             for p, c, r, v in zip(prompts, completions, references, verdicts, strict=True)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dpolab.data.formats import load_examples
-from dpolab.data.judges import MATH_RUBRIC, LLMJudge, MathJudge, RewardModelJudge, parse_score
 from dpolab.data.onpolicy import best_and_worst, judge_file, pairs_file, read_prompts, sample_file, scenario_files
+from dpolab.eval.judges import MATH_RUBRIC, LLMJudge, MathJudge, RewardModelJudge, parse_score
+from tests.chat_server import ChatServer
 from tests.tiny import save_tiny_model, tiny_tokenizer
 
 PROMPTS = [
@@ -169,7 +170,7 @@ def test_math_judge_scores_final_numbers_and_records_what_it_cannot_score(tmp_pa
     out = judged_rows(tmp_path / "j.jsonl")
     assert out[0]["scores"] == [1.0, 0.0, None, 0.0] and out[0]["notes"][2] == "empty generation"
     assert out[1]["scores"] == [1.0, 0.0]
-    assert result["unscored"] == 1 and out[0]["judge"] == {"kind": "math"}
+    assert result["unscored"] == 1 and out[0]["judge"] == {"kind": "math", "checker": "math-verify"}
     with pytest.raises(ValueError, match=r"row 0 \(prompt_id 7\).*needs a 'reference'"):
         judge_file(write_jsonl(tmp_path / "n.jsonl", [{"prompt_id": 7, "prompt": "q", "candidates": ["1"]}]),
                    tmp_path / "x.jsonl", MathJudge())  # fmt: skip
@@ -214,60 +215,6 @@ def test_reward_model_judge_scores_equal_the_model_on_each_text_alone(tmp_path):
     tokenizer.save_pretrained(tmp_path / "two")
     with pytest.raises(ValueError, match="num_labels = 1"):
         RewardModelJudge(str(tmp_path / "two"))
-
-
-class ChatServer:
-    """A local OpenAI-compatible /chat/completions endpoint on 127.0.0.1 with scripted behaviour."""
-
-    def __init__(
-        self, fail_first: int = 0, status: int = 503, always_fail: bool = False, fail_after: int = 0, reply=None
-    ) -> None:
-        """``reply(response)``: the reply's ``content`` for the judged response text (default: a grader of "#### 4")."""
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.fail_first, self.status, self.always_fail = fail_first, status, always_fail
-        self.fail_after = fail_after  # serve this many requests, then fail every one
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # a client that followed a redirect by switching to GET: recorded, refused
-                server.headers.append(dict(self.headers))
-                self.send_response(405)
-                self.end_headers()
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.headers.append(dict(self.headers))
-                assert self.path.split("?")[0] == "/v1/chat/completions"
-                late = server.fail_after and len(server.requests) > server.fail_after
-                if server.always_fail or late or len(server.requests) <= server.fail_first:
-                    self.send_response(server.status)
-                    self.end_headers()
-                    return
-                response = body["messages"][1]["content"].split("Response:\n")[1].split("Reference answer:")[0]
-                if reply is not None:
-                    content = reply(response)
-                elif "gibberish" in response:
-                    content = "I cannot decide."
-                else:
-                    content = "Right answer, clear steps.\nScore: 5" if "#### 4" in response else "Wrong.\nScore: 2"
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
 
 
 CANDIDATES = [{"prompt_id": 0, "prompt": "two plus two?", "reference": "#### 4",

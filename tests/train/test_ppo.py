@@ -108,7 +108,7 @@ def test_rloo_trains_without_a_critic(workspace, tmp_path):
 
 def test_a_reward_model_reward_is_the_judges_score_of_the_response(workspace, tmp_path):
     """The reward of a logged sample equals what `dpolab data judge --judge reward-model` gives that text."""
-    from dpolab.data.judges import RewardModelJudge
+    from dpolab.eval.judges import RewardModelJudge
 
     rm = str(workspace["root"] / "reward_model")
     run(base(workspace, tmp_path, ppo={"reward": {"model": rm}, "samples_logged": 6, "max_new_tokens": 3},

@@ -160,11 +160,19 @@ def _read_rubric(path: str) -> str:
 
 
 def data_judge_command(args: argparse.Namespace) -> int:
-    from dpolab.data import judges
     from dpolab.data.onpolicy import judge_file
+    from dpolab.eval import judges
 
+    if args.judge != "rules" and args.rules:
+        raise ValueError("--rules is read by --judge rules only")
+    if args.judge != "llm" and args.llm_mode != "grade":
+        raise ValueError("--llm-mode is read by --judge llm only")
     if args.judge == "math":
         judge = judges.MathJudge()
+    elif args.judge == "rules":
+        if not args.rules:
+            raise ValueError("--judge rules needs --rules FILE (a YAML or JSON rule file: docs/evaluation.md#rules)")
+        judge = judges.RulesJudge(judges.read_rule_file(args.rules))
     elif args.judge == "reward-model":
         if not args.model:
             raise ValueError("--judge reward-model needs --model (a sequence-classification model directory)")
@@ -172,15 +180,15 @@ def data_judge_command(args: argparse.Namespace) -> int:
     else:
         if not (args.base_url and args.llm_model):
             raise ValueError("--judge llm needs --base-url (e.g. https://api.openai.com/v1) and --llm-model")
-        rubric = _read_rubric(args.rubric) if args.rubric else judges.MATH_RUBRIC
         judge = judges.LLMJudge(
             args.base_url,
             args.llm_model,
             args.api_key_env,
-            rubric,
+            _read_rubric(args.rubric) if args.rubric else None,
             retries=args.retries,
             timeout=args.timeout,
             concurrency=args.concurrency,
+            mode=args.llm_mode,
         )
     progress, stack = _progress(not args.no_progress, f"judging ({args.judge})")
     try:
@@ -194,6 +202,18 @@ def data_judge_command(args: argparse.Namespace) -> int:
         f"{result['prompts']} prompts: judged {result['judged']} now, {result['resumed']} already in {args.out}; "
         f"{result['unscored']} candidates unscored (reasons in the 'notes' field)"
     )
+    return 0
+
+
+def data_agreement_command(args: argparse.Namespace) -> int:
+    from dpolab.eval.agreement import agreement, table
+    from dpolab.evaluate import write_result
+
+    result = agreement(args.first, args.second, args.threshold_first, args.threshold_second)
+    print(table(result))
+    if args.out:
+        write_result(result, args.out)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -324,13 +344,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.set_defaults(handler=data_sample_command)
     judge = data_commands.add_parser(
         "judge",
-        help="score every candidate: math (final number), reward-model, or llm (OpenAI-compatible)",
-        description="Adds 'scores' and 'notes' to each line of a sample output. A candidate without a score "
-        "(empty, unparsable judge reply) gets null and a note. The llm judge reads its key from the environment "
-        "variable named by --api-key-env and never writes it. Resumable like sample.",
+        help="score every candidate: math (math-verify), rules, reward-model, or llm (OpenAI-compatible)",
+        description="Adds 'scores' and 'notes' to each line of a sample output (and 'details', each rule's "
+        "pass/fail, for the rules judge). A candidate without a score (empty, unparsable judge reply) gets null "
+        "and a note. The llm judge reads its key from the environment variable named by --api-key-env and never "
+        "writes it. Resumable like sample. Judges: docs/evaluation.md#judges.",
     )
     judge.add_argument("file", help="output of dpolab data sample")
-    judge.add_argument("--judge", choices=["math", "reward-model", "llm"], required=True)
+    judge.add_argument("--judge", choices=["math", "rules", "reward-model", "llm"], required=True)
+    judge.add_argument("--rules", help="rules: a YAML/JSON rule file (rules for every prompt and/or per prompt_id)")
     judge.add_argument("--out", required=True)
     judge.add_argument("--model", help="reward-model: sequence-classification model directory (num_labels 1)")
     judge.add_argument("--batch-size", type=int, default=16, help="reward-model batch size")
@@ -338,13 +360,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--base-url", help="llm: e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     judge.add_argument("--llm-model", help="llm: the model name the endpoint expects")
     judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="llm: environment variable with the key")
-    judge.add_argument("--rubric", help="llm: a text file with the system prompt (default: the 1-5 maths rubric)")
+    judge.add_argument(
+        "--llm-mode",
+        choices=["grade", "best_worst"],
+        default="grade",
+        help="llm: grade each candidate alone (1-5), or show all of a prompt's candidates and ask for the best and "
+        "the worst (3D paper App. C; scores 1 best, 0 worst, 0.5 the others)",
+    )
+    judge.add_argument(
+        "--rubric", help="llm: a text file with the system prompt (default: the 1-5 maths rubric, or the ranking one)"
+    )
     judge.add_argument("--retries", type=int, default=4, help="llm: retries with exponential back-off")
     judge.add_argument("--timeout", type=float, default=60.0, help="llm: seconds per request")
     judge.add_argument("--concurrency", type=int, default=4, help="llm: requests in flight")
     judge.add_argument("--restart", action="store_true")
     judge.add_argument("--no-progress", action="store_true")
     judge.set_defaults(handler=data_judge_command)
+    agree = data_commands.add_parser(
+        "agreement",
+        help="Cohen's kappa and the confusion table between two judges' scores of the same candidates",
+        description="Both files are dpolab data judge outputs of the same sample (matched by prompt_id; the "
+        "candidates must be the same). Candidates one judge left unscored are left out and counted. With a "
+        "threshold, a judge's score becomes 1 when >= it, else 0 (compare a 1-5 grader with the 0/1 math judge).",
+    )
+    agree.add_argument("first", help="a judge output")
+    agree.add_argument("second", help="another judge's output of the same candidates")
+    agree.add_argument("--threshold-first", type=float, help="binarise the first judge's scores: >= this is 1")
+    agree.add_argument("--threshold-second", type=float, help="binarise the second judge's scores: >= this is 1")
+    agree.add_argument("--out", help="write the result as JSON")
+    agree.set_defaults(handler=data_agreement_command)
     pairs = data_commands.add_parser(
         "pairs",
         help="best vs worst candidate per prompt of a judge output",

@@ -34,7 +34,7 @@ def math_command(args: argparse.Namespace) -> int:
         write_result(result, args.out)
     print(
         f"{args.model}: greedy accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['problems']}); "
-        f"{result['no_final_answer']} without a final number" + (f"; generations in {args.out}" if args.out else "")
+        f"{result['no_final_answer']} without a final answer" + (f"; generations in {args.out}" if args.out else "")
     )
     return 0
 

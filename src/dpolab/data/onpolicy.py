@@ -1,7 +1,7 @@
 """The 3D paper's on-policy pipeline (PAPERS.md §5): sample → judge → pairs, and the four scenarios.
 
 - :func:`sample_file`: N candidates per prompt from a causal LM (one JSONL line per prompt).
-- :func:`judge_file`: a score per candidate from a judge (:mod:`dpolab.data.judges`).
+- :func:`judge_file`: a score per candidate from a judge (:mod:`dpolab.eval.judges`).
 - :func:`pairs_file`: best vs worst candidate per prompt; prompts whose candidates all score the same
   are dropped and counted.
 - :func:`scenario_files`: the four chosen/rejected source combinations (chosen from the policy or the
@@ -403,6 +403,23 @@ def require_same_prompts(log: AppendLog, rows: list[PromptRow], prompts: str | P
 # --- judge -------------------------------------------------------------------------------------
 
 
+def _judge_batch(judge, batch: list[dict]) -> list[list]:
+    """The verdicts of each record's candidates: the judge sees a prompt's candidates together when it ranks
+    them (``groupwise``), else every candidate alone (with its prompt_id, for rules set per prompt)."""
+    if getattr(judge, "groupwise", False):
+        return judge.score_groups([(judged_prompt(r), r["candidates"], r.get("reference")) for r in batch])
+    items = [(judged_prompt(r), c, r.get("reference")) for r in batch for c in r["candidates"]]
+    if getattr(judge, "per_prompt", False):
+        verdicts = judge.score(items, [r["prompt_id"] for r in batch for _ in r["candidates"]])
+    else:
+        verdicts = judge.score(items)
+    grouped, at = [], 0
+    for record in batch:
+        grouped.append(verdicts[at : at + len(record["candidates"])])
+        at += len(record["candidates"])
+    return grouped
+
+
 def judge_file(
     source: str | Path,
     out: str | Path,
@@ -424,6 +441,8 @@ def judge_file(
                 f"{source}: row {number} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a "
                 "'reference' (sample with --reference-field)"
             )
+    if hasattr(judge, "check_prompts"):  # rules per prompt: every prompt has some, every id named exists
+        judge.check_prompts([record["prompt_id"] for record in records], source)
     unscored = 0
     with AppendLog(out, restart) as log:
         log.require_same("judge", judge.describe(), ignore=("url",))
@@ -431,21 +450,12 @@ def judge_file(
         advance = progress(len(records), len(records) - len(todo)) if progress else (lambda k: None)
         for start in range(0, len(todo), batch_prompts):
             batch = todo[start : start + batch_prompts]
-            items = [(judged_prompt(r), c, r.get("reference")) for r in batch for c in r["candidates"]]
-            verdicts = judge.score(items)
-            at = 0
-            for record in batch:
-                mine = verdicts[at : at + len(record["candidates"])]
-                at += len(record["candidates"])
+            for record, mine in zip(batch, _judge_batch(judge, batch), strict=True):
                 unscored += sum(v.score is None for v in mine)
-                log.write(
-                    {
-                        **record,
-                        "scores": [v.score for v in mine],
-                        "notes": [v.note for v in mine],
-                        "judge": judge.describe(),
-                    }
-                )
+                row = {**record, "scores": [v.score for v in mine], "notes": [v.note for v in mine]}
+                if any(v.details is not None for v in mine):
+                    row["details"] = [v.details for v in mine]
+                log.write({**row, "judge": judge.describe()})
             advance(len(batch))
     return {"prompts": len(records), "judged": len(todo), "resumed": len(records) - len(todo), "unscored": unscored}
 

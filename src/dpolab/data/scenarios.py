@@ -10,7 +10,7 @@ and a 175B model), taking the 6B model as "the policy" and the 175B model as "an
 | 3 | a correct solution of the policy | a wrong solution of the other model (off-policy) |
 | 4 | the reference solution | a wrong solution of the other model |
 
-Correctness comes from the ``math`` judge (final-number match with the reference); a question enters
+Correctness comes from the ``math`` judge (final-answer match with the reference, by math-verify); a question enters
 a scenario only when both sides exist. Choice within a pool is deterministic (the first in the
 file's order of solvers).
 """
@@ -19,37 +19,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpolab.data.synthetic import final_answer
+from dpolab.data.answers import answers_match, parsed_answer
 
 SOLVERS = {"6b": ("6b_finetuning", "6b_verification"), "175b": ("175b_finetuning", "175b_verification")}
 
 
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def final_number(text: str) -> float | None:
-    """The final number of a solution (GSM8K ``#### N`` or ``A: N``), or None."""
-    return _number(final_answer(text))
-
-
-def reference_number(reference: str) -> float | None:
-    """A reference answer's number: its final number, or the whole text when it is a bare number."""
-    found = final_number(reference)
-    return found if found is not None else _number(reference.strip().replace(",", ""))
-
-
 def math_judge(solution: str, reference: str) -> bool | None:
-    """True when the final numbers match (GSM8K ``#### N`` or ``A: N`` forms); None when unparsable."""
-    got, expected = final_number(solution), final_number(reference)
-    if got is None or expected is None:
+    """True when the final answers agree (:func:`dpolab.data.answers.answers_match`: math-verify on the
+    ``#### N`` / ``A: N`` / ``\\boxed{}`` answers); None when either has no answer one can read."""
+    if parsed_answer(solution) is None:
         return None
-    return abs(got - expected) < 1e-6
+    return answers_match(solution, reference)
 
 
 def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -> tuple[dict[int, list[dict]], dict]:

@@ -33,10 +33,10 @@ import torch
 
 from dpolab.console import progress_bar
 from dpolab.data.formats import load_prompt_examples
-from dpolab.data.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
 from dpolab.engine.generate import sample_responses
 from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
+from dpolab.eval.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
 from dpolab.train import blocks, ppo_monitor
 from dpolab.train.config import TrainConfig
@@ -52,7 +52,7 @@ def same_vocabulary(first, second) -> bool:
 
 
 class RewardSource:
-    """The reward of each response: a reward model, the ``math`` judge, or format rules (:mod:`dpolab.data.judges`).
+    """The reward of each response: a reward model, the ``math`` judge, or format rules (:mod:`dpolab.eval.judges`).
 
     A response the judge cannot score (e.g. no text for the math judge) gets 0."""
 

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 
-from dpolab.data.judges import RULE_TYPES
+from dpolab.eval.judges import rules_problem
 from dpolab.losses import KL_ESTIMATORS
 
 
 @dataclass
 class PPOSettings:
     reward: dict = field(default_factory=dict)
-    """Where the reward of a response comes from, exactly one of: ``{model: DIR}`` a reward model (a one-label sequence classifier, e.g. from ``dpolab rm``; the score at the last token of prompt + response + EOS); ``{judge: math}`` 1 when the response's final number (``#### N`` or ``A: N``) equals the row's ``answer``, else 0; ``{rules: [...]}`` the share of rules passed, each ``{type: regex, pattern: P}`` (``{answer}`` in P stands for the row's answer, escaped), ``{type: contains_answer}``, ``{type: words, min: A, max: B}`` or ``{type: lines, min: A, max: B}``."""
+    """Where the reward of a response comes from, exactly one of: ``{model: DIR}`` a reward model (a one-label sequence classifier, e.g. from ``dpolab rm``; the score at the last token of prompt + response + EOS); ``{judge: math}`` 1 when the response's final answer (``#### N``, ``A: N`` or ``\\boxed{}``) equals the row's ``answer`` by math-verify, else 0; ``{rules: [...]}`` the share of format rules passed (lines, words, words_per_line, rhyme, keywords, regex, contains_answer: docs/evaluation.md#rules), e.g. ``{type: regex, pattern: P}`` (``{answer}`` in P stands for the row's answer, escaped) or ``{type: lines, min: 4, max: 4}``."""
     value_model: str = "head"
     """The critic: ``head`` (a linear value head on the policy's last hidden state, zero-initialised), a model directory (a separate critic: a causal LM gets a new one-output head, a reward model keeps its own), or ``none`` (only with ``advantage: rloo``)."""
     advantage: str = "gae"
@@ -70,35 +69,6 @@ def field_docs() -> dict[str, str]:
     return attribute_docs(PPOSettings)
 
 
-def _rules_problem(rules: object) -> str | None:
-    if not isinstance(rules, list) or not rules:
-        return "reward.rules: expected a non-empty list of rules"
-    for index, rule in enumerate(rules):
-        where = f"reward.rules[{index}]"
-        if not isinstance(rule, dict) or rule.get("type") not in RULE_TYPES:
-            return f"{where}: expected a mapping with type one of {', '.join(RULE_TYPES)}; got {rule!r}"
-        allowed = {"regex": {"type", "pattern"}, "contains_answer": {"type"}}.get(rule["type"], {"type", "min", "max"})
-        unknown = sorted(set(rule) - allowed)
-        if unknown:
-            return (
-                f"{where}.{unknown[0]}: not a setting of a {rule['type']} rule (allowed: {', '.join(sorted(allowed))})"
-            )
-        if rule["type"] == "regex":
-            if not isinstance(rule.get("pattern"), str):
-                return f"{where}.pattern: required, a regular expression"
-            try:
-                re.compile(rule["pattern"].replace("{answer}", "0"))
-            except re.error as error:
-                return f"{where}.pattern: not a regular expression ({error})"
-        if rule["type"] in ("words", "lines"):
-            bounds = [rule.get("min"), rule.get("max")]
-            if all(b is None for b in bounds) or any(
-                b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0) for b in bounds
-            ):
-                return f"{where}: needs min and/or max, non-negative integers; got {rule!r}"
-    return None
-
-
 def reward_problem(reward: dict) -> str | None:
     sources = [key for key in ("model", "judge", "rules") if key in reward]
     if len(sources) != 1:
@@ -114,7 +84,7 @@ def reward_problem(reward: dict) -> str | None:
     if "model" in reward and (not isinstance(reward["model"], str) or not reward["model"]):
         return f"reward.model: expected a model directory; got {reward['model']!r}"
     if "rules" in reward:
-        return _rules_problem(reward["rules"])
+        return rules_problem(reward["rules"], "reward.rules")
     return None
 
 

@@ -25,6 +25,8 @@ def math_command(args: argparse.Namespace) -> int:
         args.answer_field,
         args.prompt_suffix,
         args.limit,
+        args.fewshot_data,
+        args.num_fewshot,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -148,9 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     maths = commands.add_parser(
         "math",
-        help="greedy-decoding accuracy on maths problems (final number checked)",
-        description="Decodes each problem's prompt greedily and compares the final number (#### N or A: N) with the "
-        "reference answer's. Rows without the prompt or answer field are named.",
+        help="greedy-decoding accuracy on maths problems (final answer checked with math-verify)",
+        description="Decodes each problem's prompt greedily and compares the final answer (#### N, A: N or "
+        "\\boxed{...}) with the reference answer's by math-verify. Rows without the prompt or answer field are named.",
     )
     maths.add_argument("data", help=".jsonl of problems, e.g. ../shared/data/gsm8k/train.jsonl")
     maths.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
@@ -158,6 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     maths.add_argument("--answer-field", default="answer", help="a solution ending in #### N, or a number")
     maths.add_argument("--prompt-suffix", default="\n", help="appended to each prompt (default: a newline)")
     maths.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    maths.add_argument("--fewshot-data", help="few-shot: a .jsonl of solved problems (same fields), e.g. a train split")
+    maths.add_argument(
+        "--num-fewshot", type=int, default=0, help="few-shot: the first K problems of --fewshot-data precede each one"
+    )
     maths.add_argument("--max-new-tokens", type=int, default=256)
     maths.add_argument("--batch-size", type=int, default=64)
     maths.add_argument("--out", help="JSON with the accuracy and every generation")

@@ -207,7 +207,7 @@ def test_bad_requests_are_one_clear_line(model_dir, tmp_path):
         harness_files(["arcc"], str(FIXTURES), [], [])
     with pytest.raises(ValueError, match=r"task gsm8k: no evaluation file in .*gsm8k \(expected test.jsonl"):
         harness_files(["gsm8k"], str(FIXTURES), [], [])
-    with pytest.raises(ValueError, match=r"--data/--fewshot-data name 'mmlu', which is not in --tasks"):
+    with pytest.raises(ValueError, match=r"--data/--fewshot-data name 'mmlu', which is not among the tasks"):
         harness_files(["arc"], str(FIXTURES), [f"mmlu={FIXTURES}/mmlu/test.jsonl"], [])
     files = {"truthfulqa_mc1": find_files("truthfulqa_mc1", FIXTURES)}
     with pytest.raises(ValueError, match=r"task truthfulqa_mc1 asks for 3 few-shot examples and has no few-shot file"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 SUBCOMMANDS = ("math", "harness", "contamination")
 
@@ -63,28 +62,11 @@ def _fewshot(value: str | None) -> int | dict[str, int] | None:
 
 
 def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewshot_data: list[str]) -> dict:
-    """Each task's :class:`~dpolab.eval.tasks.TaskFiles`: named with --data/--fewshot-data, else found in --data-dir."""
-    from dpolab.eval.tasks import TaskFiles, find_files, shape
+    """Each task's files: named with --data/--fewshot-data (``TASK=FILE``), else found in --data-dir."""
+    from dpolab.eval.tasks import resolve_files
 
     named, named_fewshot = _assignments(data, "--data"), _assignments(fewshot_data, "--fewshot-data")
-    for task in [*tasks, *named, *named_fewshot]:
-        shape(task)  # an unknown task lists the known ones
-    stray = sorted((set(named) | set(named_fewshot)) - set(tasks))
-    if stray:
-        raise ValueError(f"--data/--fewshot-data name {stray[0]!r}, which is not in --tasks")
-    files = {}
-    for task in tasks:
-        if task in named:
-            found = TaskFiles(Path(named[task]).expanduser().resolve())
-        elif data_dir is not None:
-            found = find_files(task, data_dir)
-        else:
-            raise ValueError(
-                f"task {task}: no data (give --data-dir DIR with {task}/test.jsonl, or --data {task}=FILE)"
-            )
-        fewshot = Path(named_fewshot[task]).expanduser().resolve() if task in named_fewshot else found.fewshot
-        files[task] = TaskFiles(found.evaluation, fewshot)
-    return files
+    return resolve_files(tasks, data_dir, named, named_fewshot)
 
 
 def harness_command(args: argparse.Namespace) -> int:

@@ -106,10 +106,10 @@ def evaluate_model(
     written and kept, so ``lm_eval --include_path`` can rerun them; a temporary folder when None), ``seed``
     (0) and ``log_samples``. ``model`` is used as it is (device, dtype; its train/eval mode is restored).
     """
-    return _evaluate(model, tokenizer, files, check_request(files, num_fewshot, limit), limit=limit, **options)
+    return evaluate_checked(model, tokenizer, files, check_request(files, num_fewshot, limit), limit=limit, **options)
 
 
-def _evaluate(
+def evaluate_checked(
     model,
     tokenizer,
     files: dict[str, TaskFiles],
@@ -250,5 +250,5 @@ def evaluate_directory(
     with quiet_libraries():
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(source)
-    result = _evaluate(model, tokenizer, files, shots, **options)
+    result = evaluate_checked(model, tokenizer, files, shots, **options)
     return {"model": str(model_dir), **result}

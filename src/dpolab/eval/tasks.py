@@ -372,6 +372,36 @@ def find_files(task: str, data_dir: str | Path) -> TaskFiles:
     return TaskFiles(evaluation.resolve(), _resolved(_split_file(folder, FEWSHOT_SPLITS, exclude=evaluation)))
 
 
+def resolve_files(
+    tasks: list[str],
+    data_dir: str | Path | None,
+    data: dict[str, str],
+    fewshot_data: dict[str, str],
+    keys: tuple[str, str, str] = ("--data-dir", "--data", "--fewshot-data"),
+) -> dict[str, TaskFiles]:
+    """Each task's :class:`TaskFiles`: the files named in ``data``/``fewshot_data`` (task → file), else found in
+    ``data_dir`` (:func:`find_files`). ``keys`` name the three settings in errors (flags, or config keys)."""
+    dir_key, data_key, fewshot_key = keys
+    for task in [*tasks, *data, *fewshot_data]:
+        shape(task)  # an unknown task lists the known ones
+    stray = sorted((set(data) | set(fewshot_data)) - set(tasks))
+    if stray:
+        raise ValueError(f"{data_key}/{fewshot_key} name {stray[0]!r}, which is not among the tasks")
+    files = {}
+    for task in tasks:
+        if task in data:
+            found = TaskFiles(Path(data[task]).expanduser().resolve())
+        elif data_dir is not None:
+            found = find_files(task, data_dir)
+        else:
+            raise ValueError(
+                f"task {task}: no data (give {dir_key} DIR with {task}/test.jsonl, or {data_key} {task}=FILE)"
+            )
+        fewshot = Path(fewshot_data[task]).expanduser().resolve() if task in fewshot_data else found.fewshot
+        files[task] = TaskFiles(found.evaluation, fewshot)
+    return files
+
+
 def _resolved(path: Path | None) -> Path | None:
     return None if path is None else path.resolve()
 

@@ -780,6 +780,15 @@ def interrupted(s, step: int, stop, saved: Path | None, command: str) -> Trainin
     return TrainingInterrupted(stop.signal or 15)
 
 
+def harness_evaluator(config: TrainConfig, accelerator, folder: RunFolder, tokenizer):
+    """The lm-evaluation-harness evaluator of ``eval_harness:`` (:mod:`dpolab.train.harness_eval`), or None."""
+    if not config.eval_harness:
+        return None
+    from dpolab.train.harness_eval import HarnessEvaluator
+
+    return HarnessEvaluator(config.eval_harness, accelerator, folder, tokenizer)
+
+
 def finish_run(s, steps: int, unit: str, start_time: float, metrics: dict, last_eval: dict, **extra) -> dict:
     """The end every recipe shares: save the final model, write summary.json (common keys, then the recipe's
     ``extra``), log the done line. ``unit``: what a step trains on (pairs, examples)."""

@@ -256,6 +256,7 @@ HARMLESS_KEYS = frozenset(
         "threads",  # changes the rounding of CPU reductions only (bitwise resume needs the same count)
         "skip_nonfinite",  # a run that went on without it met no non-finite batch, so the result is the same
         "eval_data",
+        "eval_harness",  # evaluates in eval mode and restores every random generator it seeds
     }
 )
 

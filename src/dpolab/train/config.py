@@ -125,6 +125,8 @@ class TrainConfig:
     """Write metrics every N optimiser steps."""
     eval_steps: int | None = None
     """Evaluate on the held-out pairs every N steps (and at the end); default: only at the end."""
+    eval_harness: dict = field(default_factory=dict)
+    """lm-evaluation-harness on the policy in memory during training (docs/evaluation.md#during-training): ``{tasks: [gsm8k_plain], every: 100, data_dir: DIR, limit: 200, num_fewshot: 0, …}``; every N steps and at the end, into harness.jsonl, metrics, TensorBoard and the report. Needs the eval extra; not under FSDP."""
     save_model: bool = True
     """Save the final model and tokenizer (safetensors, HF format) to output_dir/model."""
     tensorboard: bool = True
@@ -235,6 +237,12 @@ class TrainConfig:
             )
         if pairs is not None and looks_local(pairs) and not Path(pairs).expanduser().exists():
             raise ValueError(f"monitor.pairs: no such file: {pairs}")
+        if self.eval_harness:
+            if self.task == "reward":
+                raise ValueError("eval_harness: evaluates a language model; task reward trains a scorer")
+            from dpolab.train.harness_eval import check_settings
+
+            check_settings(self.eval_harness)
         names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
         if self.task == "sft" and names != ["sft"]:
             raise ValueError(f"loss: task sft trains with loss: sft; got {self.loss!r}")
@@ -345,6 +353,10 @@ class TrainConfig:
             if isinstance(critic, str) and critic not in ("head", "none") and looks_local(critic):
                 ppo["value_model"] = str(Path(critic).expanduser().absolute())
             changes["ppo"] = ppo
+        if self.eval_harness:
+            from dpolab.train.harness_eval import absolute_paths
+
+            changes["eval_harness"] = absolute_paths(self.eval_harness)
         pairs = (self.monitor or {}).get("pairs")
         if isinstance(pairs, str) and looks_local(pairs):  # the PPO monitor's held-out pairs
             changes["monitor"] = {**self.monitor, "pairs": str(Path(pairs).expanduser().absolute())}

@@ -547,6 +547,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     accelerator = blocks.make_accelerator(config)
     with blocks.open_run(config, accelerator, resume, overwrite) as folder:
         s = setup(config, accelerator, folder)
+        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
         log = folder.log
         first_step = blocks.resume(s, log)
         last_eval, metrics, steps_done, evaluated_at, stopped_by_alarm = {}, {}, s.total_steps, 0, None
@@ -578,6 +579,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, reward=metrics["rewards/mean"], kl=metrics["kl"])
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
+                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                    harness.evaluate(step, accelerator.unwrap_model(s.model).policy)
                 saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo", force=bool(stopped_by_alarm))
                 if stopped_by_alarm:
                     log.info(f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; "
@@ -588,9 +591,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     raise blocks.interrupted(s, step, stop, saved, "ppo")
         if evaluated_at != steps_done:
             last_eval = evaluate(s, steps_done) or last_eval
+        harness_values = harness.evaluate(steps_done, accelerator.unwrap_model(s.model).policy) if harness else None
         monitor = s.probes.monitor if s.probes else None
         return blocks.finish_run(
             s, steps_done, "prompts", start_time, metrics, last_eval, stopped_by_alarm=stopped_by_alarm,
             alarms=monitor.alarms if monitor else [], monitor=monitor.state() if monitor else None,
-            phase_seconds=dict(s.phases.seconds), **peak_memory_mib(accelerator.device),
+            phase_seconds=dict(s.phases.seconds), harness=harness_values, **peak_memory_mib(accelerator.device),
         )  # fmt: skip

@@ -278,6 +278,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     accelerator = blocks.make_accelerator(config)
     with blocks.open_run(config, accelerator, resume, overwrite) as folder:
         s = setup(config, accelerator, folder)
+        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
         log, model, processes = folder.log, s.model, accelerator.num_processes
         first_step = blocks.resume(s, log)
         model.train()
@@ -334,6 +335,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 )
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
+                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                    harness.evaluate(step, model)
                 saved, signalled = blocks.checkpoint_step(
                     s, step, stop, nonfinite, "train", force=bool(stopped_by_alarm)
                 )
@@ -347,9 +350,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                     raise blocks.interrupted(s, step, stop, saved, "train")
         if evaluated_at != steps_done:  # an alarm stop right after a periodic evaluation: not twice
             last_eval = evaluate(s, steps_done) or last_eval
+        harness_values = harness.evaluate(steps_done, model) if harness else None
 
         return blocks.finish_run(
-            s, steps_done, "pairs", start_time, metrics, last_eval,
+            s, steps_done, "pairs", start_time, metrics, last_eval, harness=harness_values,
             stopped_by_alarm=stopped_by_alarm,
             alarms=s.monitor.alarms if s.monitor else [],
             monitor=s.monitor.state() if s.monitor else None,

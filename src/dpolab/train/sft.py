@@ -122,6 +122,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     accelerator = blocks.make_accelerator(config)
     with blocks.open_run(config, accelerator, resume, overwrite) as folder:
         s = setup(config, accelerator, folder)
+        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
         log, model, processes = folder.log, s.model, accelerator.num_processes
         first_step = blocks.resume(s, log)
         model.train()
@@ -162,9 +163,12 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, loss=metrics.get("loss", float("nan")))
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval = evaluate(s, step)
+                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                    harness.evaluate(step, model)
                 saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "sft")
                 if signalled:
                     raise blocks.interrupted(s, step, stop, saved, "sft")
         last_eval = evaluate(s, s.total_steps) or last_eval
+        harness_values = harness.evaluate(s.total_steps, model) if harness else None
 
-        return blocks.finish_run(s, s.total_steps, "examples", start_time, metrics, last_eval)
+        return blocks.finish_run(s, s.total_steps, "examples", start_time, metrics, last_eval, harness=harness_values)

@@ -1,0 +1,201 @@
+"""lm-evaluation-harness during training (``eval_harness:`` in the training config).
+
+The policy is evaluated in memory (no save, no reload) on dpolab's offline task definitions
+(:mod:`dpolab.eval.harness`) every ``every`` optimiser steps and once at the end. Each evaluation writes
+one line to ``output_dir/harness.jsonl`` (every metric with its stderr and 95% bootstrap interval) and its
+values to metrics.jsonl and TensorBoard as ``harness/<task>/<metric>``; the HTML report shows them.
+
+Under several processes the main process evaluates and the others wait at a barrier; the harness runs on
+the unwrapped model, which under DDP is the whole model. Under FSDP no process holds the whole model, so
+``eval_harness`` is refused there: evaluate the saved model with ``dpolab eval harness``. The harness
+seeds Python's, NumPy's and torch's generators; they are saved before and restored after, so training
+with evaluation draws the same random numbers as training without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvalHarnessSettings:
+    tasks: list[str] = field(default_factory=list)
+    """Task shapes to evaluate (docs/evaluation.md: arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k, gsm8k_plain)."""
+    every: int | None = None
+    """Evaluate every N optimiser steps, and always at the end; null: only at the end."""
+    data_dir: str | None = None
+    """A folder with ``<task>/test.jsonl`` (or validation) and a few-shot ``<task>/train.jsonl`` (or dev), as for ``dpolab eval harness --data-dir``."""
+    data: dict = field(default_factory=dict)
+    """Task → evaluation file, instead of ``data_dir`` for that task."""
+    fewshot_data: dict = field(default_factory=dict)
+    """Task → file of few-shot examples."""
+    num_fewshot: int | dict = 0
+    """Few-shot examples per prompt: one count for every task, or task → count (others 0)."""
+    limit: int | None = None
+    """Only the first N documents of each task (an evaluation inside training should be short)."""
+    batch_size: int = 8
+    """Harness batch size."""
+    max_new_tokens: int = 256
+    """Longest generation of the generating tasks (gsm8k, gsm8k_plain)."""
+
+
+def field_docs() -> dict[str, str]:
+    from dpolab.train.config import attribute_docs
+
+    return attribute_docs(EvalHarnessSettings)
+
+
+def eval_harness_settings(values: dict) -> EvalHarnessSettings:
+    """The ``eval_harness:`` mapping as settings; ``ValueError`` naming the key (``eval_harness.…``)."""
+    from dpolab.train.config import _check_type
+
+    if not isinstance(values, dict):
+        raise ValueError(f"eval_harness: expected a mapping such as {{tasks: [gsm8k], every: 100}}; got {values!r}")
+    known = {f.name for f in dataclasses.fields(EvalHarnessSettings)}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"eval_harness.{key}: not a setting (settings: {', '.join(sorted(known))})")
+    settings = EvalHarnessSettings(**values)
+    import typing
+
+    hints = typing.get_type_hints(EvalHarnessSettings)
+    for item in dataclasses.fields(settings):
+        _check_type(f"eval_harness.{item.name}", getattr(settings, item.name), hints[item.name])
+    if not settings.tasks or not all(isinstance(t, str) for t in settings.tasks):
+        raise ValueError("eval_harness.tasks: required, a list of task names (e.g. [gsm8k_plain, arc])")
+    for key in ("every", "limit"):
+        value = getattr(settings, key)
+        if value is not None and value < 1:
+            raise ValueError(f"eval_harness.{key}: must be >= 1 or null; got {value!r}")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(settings, key) < 1:
+            raise ValueError(f"eval_harness.{key}: must be >= 1; got {getattr(settings, key)!r}")
+    return settings
+
+
+def check_settings(values: dict) -> tuple[EvalHarnessSettings, dict, dict]:
+    """Settings, each task's files and its shots; every file read and checked, so a bad file stops the run
+    before any model loads. Needs the eval extra."""
+    from dpolab.eval.harness import check_request, require_lm_eval
+    from dpolab.eval.tasks import resolve_files
+
+    settings = eval_harness_settings(values)
+    require_lm_eval()
+    keys = ("eval_harness.data_dir", "eval_harness.data", "eval_harness.fewshot_data")
+    try:
+        files = resolve_files(settings.tasks, settings.data_dir, settings.data, settings.fewshot_data, keys)
+        shots = check_request(files, settings.num_fewshot, settings.limit)
+    except ValueError as error:
+        raise ValueError(f"eval_harness: {error}") from None
+    return settings, files, shots
+
+
+def absolute_paths(values: dict) -> dict:
+    """``values`` with its local paths absolute (a resumed run reads the same files from any directory)."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().absolute())
+
+    changed = dict(values)
+    if isinstance(values.get("data_dir"), str):
+        changed["data_dir"] = absolute(values["data_dir"])
+    for key in ("data", "fewshot_data"):
+        if isinstance(values.get(key), dict):
+            changed[key] = {task: absolute(p) if isinstance(p, str) else p for task, p in values[key].items()}
+    return changed
+
+
+def metric_values(result: dict) -> dict[str, float]:
+    """``harness/<task>/<metric>`` → value, for metrics.jsonl and TensorBoard."""
+    return {
+        f"harness/{task}/{metric}": numbers["value"]
+        for task, task_result in result["tasks"].items()
+        for metric, numbers in task_result["metrics"].items()
+    }
+
+
+class RandomState:
+    """Python's, NumPy's and torch's (CPU and CUDA) generator states, to restore after the harness seeds them."""
+
+    def __init__(self) -> None:
+        self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class HarnessEvaluator:
+    """Runs the harness on the policy at the steps the settings ask for; see the module docstring."""
+
+    def __init__(self, values: dict, accelerator, folder, tokenizer) -> None:
+        if accelerator.distributed_type.value == "FSDP":
+            raise ValueError(
+                "eval_harness: not available under FSDP (no process holds the whole model during training); "
+                "evaluate the saved model with dpolab eval harness"
+            )
+        self.settings, self.files, self.shots = check_settings(values)
+        self.accelerator, self.folder, self.tokenizer = accelerator, folder, tokenizer
+        self.path = folder.path / "harness.jsonl"
+        self.last: dict = {}
+        self.evaluated_at: int | None = None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        every = self.settings.every
+        return step == total_steps or bool(every and step % every == 0)
+
+    def evaluate(self, step: int, model) -> dict:
+        """The harness on the policy now: every process returns the same metric values."""
+        from dpolab.eval.harness import evaluate_checked
+
+        if self.evaluated_at == step:
+            return metric_values(self.last) if self.last else {}
+        self.evaluated_at = step
+        result = None
+        if self.accelerator.is_main_process:
+            state = RandomState()
+            try:
+                result = evaluate_checked(
+                    self.accelerator.unwrap_model(model),
+                    self.tokenizer,
+                    self.files,
+                    self.shots,
+                    limit=self.settings.limit,
+                    batch_size=self.settings.batch_size,
+                    max_new_tokens=self.settings.max_new_tokens,
+                )
+            finally:
+                state.restore()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result])[0]
+        values = metric_values(result)
+        self.last = {"step": step, **result}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(self.last) + "\n")
+        self.folder.log.write(step, values)
+        shown = ", ".join(f"{name.removeprefix('harness/')} {100 * value:.1f}%" for name, value in values.items())
+        self.folder.log.info(f"harness at step {step}: {shown}")
+        return values
+
+
+def read_harness_log(path: str | Path) -> list[dict]:
+    """The evaluations of a run (``harness.jsonl``), in order; empty when the run had none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

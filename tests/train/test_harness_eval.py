@@ -1,0 +1,88 @@
+"""``eval_harness:`` in the training config: the policy evaluated in memory every N steps and at the end
+equals the harness on the saved model; training with it gives the same weights as without it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.eval.harness import evaluate_directory
+from dpolab.eval.tasks import find_files
+from dpolab.train import TrainConfig, run
+from tests.tiny import save_tiny_model
+
+FIXTURES = Path(__file__).parents[1] / "eval" / "fixtures"
+PAIRS = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
+    for a in range(4)
+    for b in range(4)
+]
+HARNESS = {"tasks": ["arc", "winogrande"], "every": 2, "data_dir": str(FIXTURES), "limit": 3, "num_fewshot": 1}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness_eval")
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")
+    save_tiny_model(root / "llama", seed=1)
+    return root
+
+
+def base(workspace, output_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        model=str(workspace / "llama"), data=str(workspace / "pairs.jsonl"), output_dir=str(output_dir),
+        cache_dir=str(workspace / "cache"), max_steps=3, batch_size=4, learning_rate=1e-3, progress=False,
+        tensorboard=False, loss="dpo",
+    )  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_evaluation_during_training_equals_the_harness_on_the_saved_model(workspace, tmp_path):
+    summary = run(base(workspace, tmp_path / "with", eval_harness=HARNESS))
+    lines = [json.loads(line) for line in (tmp_path / "with" / "harness.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 3]  # every 2 steps, and the end
+    saved = evaluate_directory(
+        tmp_path / "with" / "model",
+        {task: find_files(task, FIXTURES) for task in HARNESS["tasks"]},
+        num_fewshot=1,
+        limit=3,
+    )
+    for task in HARNESS["tasks"]:
+        assert lines[-1]["tasks"][task]["metrics"] == saved["tasks"][task]["metrics"]
+    logged = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    at_end = {k: v for line in logged if line.get("step") == 3 for k, v in line.items() if k.startswith("harness/")}
+    assert at_end == summary["harness"] and at_end["harness/arc/acc"] == saved["tasks"]["arc"]["metrics"]["acc"]["value"]
+    assert any(line.get("step") == 2 and "harness/winogrande/acc" in line for line in logged)
+    # the evaluations change nothing in training
+    run(base(workspace, tmp_path / "without"))
+    with_harness = load_file(str(tmp_path / "with" / "model" / "model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "without" / "model" / "model.safetensors")).items():
+        assert torch.equal(tensor, with_harness[name]), name
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tasks": ["arcc"], "data_dir": str(FIXTURES)}, "eval_harness: unknown task 'arcc'"),
+        ({"tasks": ["arc"]}, "eval_harness: task arc: no data (give eval_harness.data_dir DIR with arc/test.jsonl"),
+        ({"tasks": ["arc"], "data_dir": str(FIXTURES), "evry": 5}, "eval_harness.evry: not a setting"),
+        ({"tasks": ["arc"], "data_dir": str(FIXTURES), "every": 0}, "eval_harness.every: must be >= 1 or null"),
+        ({"every": 5}, "eval_harness.tasks: required"),
+        ({"tasks": ["truthfulqa_mc1"], "data_dir": str(FIXTURES), "num_fewshot": 2}, "asks for 2 few-shot examples"),
+    ],
+)
+def test_bad_settings_stop_the_run_before_any_model_loads(workspace, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        base(workspace, tmp_path / "bad", eval_harness=settings).validate()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_reward_model_run_refuses_it(workspace, tmp_path):
+    with pytest.raises(ValueError, match="eval_harness: evaluates a language model; task reward trains a scorer"):
+        base(workspace, tmp_path / "rm", task="reward", loss="reward_model", eval_harness=HARNESS).validate()

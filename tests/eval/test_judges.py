@@ -61,7 +61,7 @@ def test_math_judge_records_what_it_cannot_score():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(-10**7, 10**7), st.integers(-10**7, 10**7), st.booleans())
+@given(st.integers(-(10**7), 10**7), st.integers(-(10**7), 10**7), st.booleans())
 def test_integer_answers_match_exactly_when_equal(first, second, commas):
     shown = f"{first:,}" if commas else str(first)
     assert answers_match(f"steps\n#### {shown}", f"#### {second}") is (first == second)
@@ -141,13 +141,19 @@ def test_a_bad_rule_file_is_refused_naming_the_rule(tmp_path, content, message):
 def test_the_judge_command_with_rules_refuses_a_bad_file_and_an_absent_prompt(tmp_path):
     samples = write_jsonl(tmp_path / "c.jsonl", [{"prompt_id": 0, "prompt": "p", "candidates": ["a\nb", "c"]}])
     (tmp_path / "bad.json").write_text('[{"type": "syllables"}]')
-    run = dpolab("data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "bad.json", "--out", tmp_path / "o")
+    run = dpolab(
+        "data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "bad.json", "--out", tmp_path / "o"
+    )
     assert run.returncode != 0 and "unknown rule 'syllables'" in run.stderr and not (tmp_path / "o").exists()
     (tmp_path / "other.json").write_text('{"prompts": {"7": [{"type": "lines", "min": 2}]}}')
-    run = dpolab("data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "other.json", "--out", tmp_path / "o")
+    run = dpolab(
+        "data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "other.json", "--out", tmp_path / "o"
+    )
     assert run.returncode != 0 and "names prompt_id '7', which is not in" in run.stderr
     (tmp_path / "good.json").write_text('[{"type": "lines", "min": 2}]')
-    run = dpolab("data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "good.json", "--out", tmp_path / "o")
+    run = dpolab(
+        "data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "good.json", "--out", tmp_path / "o"
+    )
     assert run.returncode == 0, run.stderr
     assert read_jsonl(tmp_path / "o")[0]["scores"] == [1.0, 0.0]
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from dpolab.eval.harness import evaluate_directory
 from dpolab.eval.tasks import find_files
+from dpolab.report.html import build_report
 from dpolab.train import TrainConfig, run
 from tests.tiny import save_tiny_model
 
@@ -57,13 +58,24 @@ def test_evaluation_during_training_equals_the_harness_on_the_saved_model(worksp
         assert lines[-1]["tasks"][task]["metrics"] == saved["tasks"][task]["metrics"]
     logged = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
     at_end = {k: v for line in logged if line.get("step") == 3 for k, v in line.items() if k.startswith("harness/")}
-    assert at_end == summary["harness"] and at_end["harness/arc/acc"] == saved["tasks"]["arc"]["metrics"]["acc"]["value"]
+    assert (
+        at_end == summary["harness"] and at_end["harness/arc/acc"] == saved["tasks"]["arc"]["metrics"]["acc"]["value"]
+    )
     assert any(line.get("step") == 2 and "harness/winogrande/acc" in line for line in logged)
     # the evaluations change nothing in training
     run(base(workspace, tmp_path / "without"))
     with_harness = load_file(str(tmp_path / "with" / "model" / "model.safetensors"))
     for name, tensor in load_file(str(tmp_path / "without" / "model" / "model.safetensors")).items():
         assert torch.equal(tensor, with_harness[name]), name
+    # the report's evaluation section: the last evaluation's table and a plot per metric over the steps
+    page = build_report([tmp_path / "with", tmp_path / "without"])
+    arc = lines[-1]["tasks"]["arc"]["metrics"]["acc"]
+    row = f"<td>3</td><td>arc</td><td>acc</td><td>1</td><td>3</td><td>{100 * arc['value']:.1f}</td>"
+    assert "<h2>Evaluation (lm-evaluation-harness during training)</h2>" in page and row in page
+    section = page.split("<h2>Evaluation")[1].split("<h2>")[0]
+    metrics = {(t, m) for t, r in lines[-1]["tasks"].items() for m in r["metrics"]}
+    assert section.count('<img alt="plot"') == len(metrics) == 3  # arc: acc, acc_norm; winogrande: acc
+    assert "Evaluation (lm-evaluation-harness" not in build_report([tmp_path / "without"])
 
 
 @pytest.mark.parametrize(

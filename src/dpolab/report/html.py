@@ -206,6 +206,66 @@ def samples_table(runs: list[Run]) -> str:
     )
 
 
+def evaluation_section(runs: list[Run]) -> str:
+    """lm-evaluation-harness results of runs trained with ``eval_harness``: the last evaluation's table (value
+    and 95% bootstrap interval), and each metric over the steps when a run was evaluated more than once."""
+    evaluated = [run for run in runs if run.evaluations]
+    if not evaluated:
+        return ""
+    rows = []
+    for run in evaluated:
+        last = run.evaluations[-1]
+        for task, result in last["tasks"].items():
+            for metric, m in result["metrics"].items():
+                rows.append(
+                    f"<tr><td>{html.escape(run.name)}</td><td>{last['step']}</td><td>{html.escape(task)}</td>"
+                    f"<td>{html.escape(metric)}</td><td>{result.get('num_fewshot')}</td><td>{m['documents']}</td>"
+                    f"<td>{100 * m['value']:.1f}</td><td>{100 * m['low']:.1f} – {100 * m['high']:.1f}</td></tr>"
+                )
+    metrics = sorted(
+        {
+            (task, metric)
+            for run in evaluated
+            for e in run.evaluations
+            for task, r in e["tasks"].items()
+            for metric in r["metrics"]
+        }
+    )
+    plots = []
+    if any(len(run.evaluations) > 1 for run in evaluated):
+        plt = _pyplot()
+        for task, metric in metrics:
+            fig, ax = plt.subplots(figsize=(4.8, 2.8))
+            for index, run in enumerate(runs):
+                points = [
+                    (e["step"], e["tasks"][task]["metrics"][metric])
+                    for e in run.evaluations
+                    if metric in e["tasks"].get(task, {}).get("metrics", {})
+                ]
+                if not points:
+                    continue
+                steps = [step for step, _ in points]
+                colour = COLOURS[index % len(COLOURS)]
+                ax.plot(steps, [100 * m["value"] for _, m in points], "-", marker=".", color=colour, label=run.name)
+                ax.fill_between(
+                    steps, [100 * m["low"] for _, m in points], [100 * m["high"] for _, m in points],
+                    color=colour, alpha=0.15, linewidth=0,
+                )  # fmt: skip
+            ax.set_title(f"{task}: {metric} (%), 95% interval shaded", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+            plots.append(f'<img alt="plot" src="{_png(fig)}">')
+    return (
+        "<h2>Evaluation (lm-evaluation-harness during training)</h2>"
+        "<p>Each run's last evaluation; the interval is a percentile bootstrap over the task's documents.</p>"
+        "<table><tr><th>run</th><th>step</th><th>task</th><th>metric</th><th>shots</th><th>documents</th>"
+        f"<th>value (%)</th><th>95% interval (%)</th></tr>{''.join(rows)}</table>"
+        f"<div class='plots'>{''.join(plots)}</div>"
+    )
+
+
 def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in config.items():
@@ -269,6 +329,7 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
 <h2>Verdicts</h2>{verdicts}
 <h2>Alarms</h2><table><tr><th>step</th><th>run</th><th>alarm</th><th>evidence</th><th>remedy</th></tr>{alarm_rows}</table>
 <h2>Training curves and the 3D monitor</h2><div class="plots">{images}</div>
+{evaluation_section(runs)}
 {samples_table(runs)}
 <h2>Configurations (differing keys highlighted)</h2>{config_table(runs)}
 </body></html>

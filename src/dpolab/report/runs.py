@@ -24,6 +24,7 @@ class Run:
     alarms: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)  # dpolab ppo: the logged responses of the last sampled step
+    evaluations: list[dict] = field(default_factory=list)  # eval_harness: harness.jsonl, one line per evaluation
 
     def values(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) where the value exists."""
@@ -86,7 +87,8 @@ def load_run(path: str | Path) -> Run:
         if held_out and len(held_out) == len(row) - 1 and row["step"] in by_step:
             by_step[row["step"]].update(held_out)
     steps, series = _series(training)
-    return Run(path.name, "train", path, config, steps, series, alarms, summary, _last_samples(path))
+    evaluations = [row for row in _read_jsonl_plain(path / "harness.jsonl") if isinstance(row.get("tasks"), dict)]
+    return Run(path.name, "train", path, config, steps, series, alarms, summary, _last_samples(path), evaluations)
 
 
 def _last_samples(path: Path) -> list[dict]:

@@ -370,6 +370,11 @@ class RulesJudge:
             r["type"] == "contains_answer" or "{answer}" in r.get("pattern", "") for rules in every for r in rules
         )
         self.per_prompt = self.rule_set.prompts is not None
+        if any(r["type"] == "rhyme" for rules in every for r in rules):
+            import importlib.util
+
+            if importlib.util.find_spec("pronouncing") is None:  # before any candidate is judged
+                raise ValueError("the rhyme rule needs the pronouncing package: pip install 'dpolab[eval]'")
 
     def check_prompts(self, prompt_ids: list, source: object) -> None:
         """Every prompt has rules, and every prompt the rule file names is in the data."""

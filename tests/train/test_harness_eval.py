@@ -98,3 +98,29 @@ def test_bad_settings_stop_the_run_before_any_model_loads(workspace, tmp_path, s
 def test_a_reward_model_run_refuses_it(workspace, tmp_path):
     with pytest.raises(ValueError, match="eval_harness: evaluates a language model; task reward trains a scorer"):
         base(workspace, tmp_path / "rm", task="reward", loss="reward_model", eval_harness=HARNESS).validate()
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_what_one_process_evaluates(workspace, tmp_path):
+    """DDP on gloo: the main process evaluates the unwrapped model, every process logs the broadcast values."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    harness = {**HARNESS, "every": None}
+    settings = base(workspace, tmp_path / "ddp", batch_size=2, eval_harness=harness, save_model=False).to_dict()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dpolab"]
+    result = subprocess.run(
+        [*command, "train", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = run(base(workspace, tmp_path / "one", batch_size=4, eval_harness=harness, save_model=False))
+    (line,) = [json.loads(x) for x in (tmp_path / "ddp" / "harness.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and line["step"] == 3 and summary["harness"].keys() == one["harness"].keys()
+    for name, value in one["harness"].items():
+        assert summary["harness"][name] == pytest.approx(value, abs=1e-6), name

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dpolab.data.answers import answers_match
 from dpolab.data.onpolicy import judge_file, pairs_file
-from dpolab.eval.agreement import agreement, cohen_kappa
+from dpolab.eval.agreement import agreement, cohen_kappa, kappa_interval
 from dpolab.eval.judges import LLMJudge, MathJudge, RulesJudge, read_rule_file
 from tests.chat_server import ChatServer
 
@@ -150,6 +150,12 @@ def test_the_judge_command_with_rules_refuses_a_bad_file_and_an_absent_prompt(tm
         "data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "other.json", "--out", tmp_path / "o"
     )
     assert run.returncode != 0 and "names prompt_id '7', which is not in" in run.stderr
+    run = dpolab("data", "judge", samples, "--judge", "math", "--rules", tmp_path / "bad.json", "--out", tmp_path / "o")
+    assert run.returncode != 0 and "--rules is read by --judge rules only" in run.stderr
+    run = dpolab("data", "judge", samples, "--judge", "rules", "--out", tmp_path / "o")
+    assert run.returncode != 0 and "--judge rules needs --rules FILE" in run.stderr
+    run = dpolab("data", "judge", samples, "--judge", "math", "--llm-mode", "best_worst", "--out", tmp_path / "o")
+    assert run.returncode != 0 and "--llm-mode is read by --judge llm only" in run.stderr
     (tmp_path / "good.json").write_text('[{"type": "lines", "min": 2}]')
     run = dpolab(
         "data", "judge", samples, "--judge", "rules", "--rules", tmp_path / "good.json", "--out", tmp_path / "o"
@@ -250,6 +256,23 @@ def test_agreement_between_two_judge_outputs(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "| 1 | 1 | 3 |" in run.stdout and "Cohen's κ = 0.500" in run.stdout
     assert json.loads((tmp_path / "a.json").read_text())["confusion"] == [[3, 1], [1, 3]]
+
+
+def test_the_kappa_interval_equals_resampling_prompts_one_by_one():
+    import numpy as np
+
+    first = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1]
+    second = [1, 0, 0, 1, 0, 1, 1, 0, 0, 1]
+    groups = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    draws = np.random.default_rng(7).integers(0, 5, size=(40, 5))
+    naive = []
+    for draw in draws:  # the same draws, each resample's κ computed from its items
+        picked = [i for prompt in draw for i, g in enumerate(groups) if g == prompt]
+        kappa = cohen_kappa([first[i] for i in picked], [second[i] for i in picked])
+        if kappa == kappa:
+            naive.append(kappa)
+    expected = (np.quantile(naive, 0.025), np.quantile(naive, 0.975))
+    assert kappa_interval(first, second, groups, resamples=40, seed=7) == pytest.approx(expected)
 
 
 def test_agreement_refuses_judgements_of_different_candidates(tmp_path):

@@ -83,7 +83,10 @@ def test_evaluation_during_training_equals_the_harness_on_the_saved_model(worksp
     [
         ({"tasks": ["arcc"], "data_dir": str(FIXTURES)}, "eval_harness: unknown task 'arcc'"),
         ({"tasks": ["arc"]}, "eval_harness: task arc: no data (give eval_harness.data_dir DIR with arc/test.jsonl"),
-        ({"tasks": ["arc"], "data_dir": str(FIXTURES), "evry": 5}, "eval_harness.evry: not a setting"),
+        (
+            {"tasks": ["arc"], "data_dir": str(FIXTURES), "evry": 5},
+            "eval_harness.evry: not an eval_harness setting (did you mean 'every'?)",
+        ),
         ({"tasks": ["arc"], "data_dir": str(FIXTURES), "every": 0}, "eval_harness.every: must be >= 1 or null"),
         ({"every": 5}, "eval_harness.tasks: required"),
         ({"tasks": ["truthfulqa_mc1"], "data_dir": str(FIXTURES), "num_fewshot": 2}, "asks for 2 few-shot examples"),

@@ -315,7 +315,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
     scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")
     scenarios.set_defaults(handler=data_gsm8k_scenarios_command)
+    register_onpolicy(data_commands)
 
+
+def register_onpolicy(data_commands: argparse._SubParsersAction) -> None:
+    """The on-policy pipeline's commands: sample, judge, agreement, pairs, scenario."""
     sample = data_commands.add_parser(
         "sample",
         help="N candidates per prompt from a causal LM (resumable, progress bar)",

@@ -90,21 +90,27 @@ def paired_scores(first: str | Path, second: str | Path) -> tuple[list[tuple[flo
 def kappa_interval(
     first: list, second: list, groups: list[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of κ, resampling prompts (clusters) with replacement."""
-    rng = np.random.default_rng(seed)
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    clusters = list(members.values())
-    values = []
-    for _ in range(resamples):
-        picked = [i for c in rng.integers(0, len(clusters), len(clusters)) for i in clusters[c]]
-        kappa = cohen_kappa([first[i] for i in picked], [second[i] for i in picked])
-        if not np.isnan(kappa):
-            values.append(kappa)
-    if not values:
+    """95% percentile-bootstrap interval of κ, resampling prompts (clusters) with replacement: each resample's
+    confusion table is the sum of the drawn prompts' own tables."""
+    labels = sorted(set(first) | set(second))
+    index = {label: i for i, label in enumerate(labels)}
+    size = len(labels)
+    cells = np.array([index[a] * size + index[b] for a, b in zip(first, second, strict=True)])
+    prompts, cluster = np.unique(np.asarray(groups), return_inverse=True)
+    per_prompt = np.zeros((len(prompts), size * size))
+    np.add.at(per_prompt, (cluster, cells), 1)
+    draws = np.random.default_rng(seed).integers(0, len(prompts), size=(resamples, len(prompts)))
+    times = np.zeros((resamples, len(prompts)))  # how often each prompt is drawn in each resample
+    np.add.at(times, (np.arange(resamples)[:, None], draws), 1)
+    tables = (times @ per_prompt).reshape(resamples, size, size)
+    total = tables.sum(axis=(1, 2))
+    observed = np.trace(tables, axis1=1, axis2=2) / total
+    expected = np.einsum("ri,ri->r", tables.sum(axis=2), tables.sum(axis=1)) / total**2
+    defined = expected < 1.0  # a resample with one category only has no κ
+    if not defined.any():
         return float("nan"), float("nan")
-    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+    kappas = (observed[defined] - expected[defined]) / (1.0 - expected[defined])
+    return float(np.quantile(kappas, 0.025)), float(np.quantile(kappas, 0.975))
 
 
 def agreement(

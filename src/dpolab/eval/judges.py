@@ -285,6 +285,11 @@ def check_rule(rule: dict, candidate: str, reference: str | None) -> tuple[bool,
     return passed, f"{mode} of {rule['words']}: found {[w for w, f in found.items() if f]}"
 
 
+def needs_answer(rules: list[dict]) -> bool:
+    """Whether a rule compares with the row's reference (``contains_answer``, ``{answer}`` in a pattern)."""
+    return any(r["type"] == "contains_answer" or "{answer}" in r.get("pattern", "") for r in rules)
+
+
 def rule_names(rules: list[dict]) -> list[str]:
     """A key per rule for the per-rule results: its type, numbered when a type repeats (``lines``, ``regex#2``)."""
     seen: dict[str, int] = {}
@@ -313,10 +318,10 @@ def rule_set(values: object, where: str) -> RuleSet:
     if isinstance(values, list):
         values = {"rules": values}
     if not isinstance(values, dict) or not values:
-        return _refuse(f"{where}: expected a list of rules or a mapping with 'rules' and/or 'prompts'")
+        raise ValueError(f"{where}: expected a list of rules or a mapping with 'rules' and/or 'prompts'")
     unknown = sorted(set(values) - {"rules", "prompts"})
     if unknown:
-        return _refuse(f"{where}: {unknown[0]!r} is not a key of a rule file (keys: rules, prompts)")
+        raise ValueError(f"{where}: {unknown[0]!r} is not a key of a rule file (keys: rules, prompts)")
     problem = rules_problem(values["rules"], f"{where}: rules") if "rules" in values else None
     prompts = values.get("prompts")
     if prompts is not None:
@@ -326,12 +331,8 @@ def rule_set(values: object, where: str) -> RuleSet:
             for key, rules in prompts.items():
                 problem = problem or rules_problem(rules, f"{where}: prompts.{key}")
     if problem:
-        return _refuse(problem)
+        raise ValueError(problem)
     return RuleSet(values.get("rules"), {str(k): v for k, v in prompts.items()} if prompts else None)
-
-
-def _refuse(message: str):
-    raise ValueError(message)
 
 
 def read_rule_file(path: str | Path) -> RuleSet:
@@ -366,9 +367,7 @@ class RulesJudge:
     def __init__(self, rules: list[dict] | RuleSet) -> None:
         self.rule_set = rules if isinstance(rules, RuleSet) else rule_set(rules, "rules")
         every = [self.rule_set.rules or [], *(self.rule_set.prompts or {}).values()]
-        self.needs_reference = any(
-            r["type"] == "contains_answer" or "{answer}" in r.get("pattern", "") for rules in every for r in rules
-        )
+        self.needs_reference = any(needs_answer(rules) for rules in every)
         self.per_prompt = self.rule_set.prompts is not None
         if any(r["type"] == "rhyme" for rules in every for r in rules):
             import importlib.util
@@ -397,9 +396,7 @@ class RulesJudge:
             if not rules:
                 verdicts.append(Verdict(None, "no rules for this prompt"))
                 continue
-            if reference is None and any(
-                r["type"] == "contains_answer" or "{answer}" in r.get("pattern", "") for r in rules
-            ):
+            if reference is None and needs_answer(rules):
                 verdicts.append(Verdict(None, "a rule needs the row's answer, and it has none"))
                 continue
             results = [check_rule(rule, candidate, reference) for rule in rules]

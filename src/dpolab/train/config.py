@@ -415,6 +415,26 @@ def _check_writable_folder(key: str, value: str) -> None:
             return
 
 
+def nested_settings(cls, values: object, key: str, noun: str, docs: str):
+    """The ``key:`` mapping of a config as the settings dataclass ``cls``: a mapping, known fields only (an
+    unknown one is named with the closest known one), each of its annotated type. ``ValueError`` naming
+    ``key.field``; ``noun`` says what a field is ("a PPO setting"), ``docs`` where they are described."""
+    import difflib
+
+    if not isinstance(values, dict):
+        raise ValueError(f"{key}: expected a mapping of settings ({docs}); got {values!r}")
+    known = [item.name for item in dataclasses.fields(cls)]
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}.{name}: not {noun}{hint}; see {docs}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        _check_type(f"{key}.{name}", value, hints[name])
+    return cls(**values)
+
+
 def _check_type(key: str, value: object, hint) -> None:
     """A small runtime check of the annotated type: str, int, float, bool, list[...], dict, Optional, unions.
 

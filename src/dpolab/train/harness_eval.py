@@ -14,7 +14,6 @@ with evaluation draws the same random numbers as training without it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -54,21 +53,12 @@ def field_docs() -> dict[str, str]:
 
 def eval_harness_settings(values: dict) -> EvalHarnessSettings:
     """The ``eval_harness:`` mapping as settings; ``ValueError`` naming the key (``eval_harness.…``)."""
-    from dpolab.train.config import _check_type
+    from dpolab.train.config import nested_settings
 
-    if not isinstance(values, dict):
-        raise ValueError(f"eval_harness: expected a mapping such as {{tasks: [gsm8k], every: 100}}; got {values!r}")
-    known = {f.name for f in dataclasses.fields(EvalHarnessSettings)}
-    for key in values:
-        if key not in known:
-            raise ValueError(f"eval_harness.{key}: not a setting (settings: {', '.join(sorted(known))})")
-    settings = EvalHarnessSettings(**values)
-    import typing
-
-    hints = typing.get_type_hints(EvalHarnessSettings)
-    for item in dataclasses.fields(settings):
-        _check_type(f"eval_harness.{item.name}", getattr(settings, item.name), hints[item.name])
-    if not settings.tasks or not all(isinstance(t, str) for t in settings.tasks):
+    settings = nested_settings(
+        EvalHarnessSettings, values, "eval_harness", "an eval_harness setting", "docs/evaluation.md#during-training"
+    )
+    if not settings.tasks:
         raise ValueError("eval_harness.tasks: required, a list of task names (e.g. [gsm8k_plain, arc])")
     for key in ("every", "limit"):
         value = getattr(settings, key)
@@ -145,15 +135,21 @@ class HarnessEvaluator:
                 "eval_harness: not available under FSDP (no process holds the whole model during training); "
                 "evaluate the saved model with dpolab eval harness"
             )
-        self.settings, self.files, self.shots = check_settings(values)
+        from dpolab.eval.harness import fewshot_counts
+        from dpolab.eval.tasks import resolve_files
+
+        # the files were read and checked in TrainConfig.validate (check_settings): only locate them here
+        self.settings = settings = eval_harness_settings(values)
+        self.files = resolve_files(settings.tasks, settings.data_dir, settings.data, settings.fewshot_data)
+        self.shots = fewshot_counts(settings.num_fewshot, self.files)
         self.accelerator, self.folder, self.tokenizer = accelerator, folder, tokenizer
         self.path = folder.path / "harness.jsonl"
         self.last: dict = {}
         self.evaluated_at: int | None = None
 
-    def due(self, step: int, total_steps: int) -> bool:
-        every = self.settings.every
-        return step == total_steps or bool(every and step % every == 0)
+    def periodic(self, step: int) -> bool:
+        """An evaluation is due after this step (the end of training is evaluated apart)."""
+        return bool(self.settings.every and step % self.settings.every == 0)
 
     def evaluate(self, step: int, model) -> dict:
         """The harness on the policy now: every process returns the same metric values."""

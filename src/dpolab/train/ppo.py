@@ -579,7 +579,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, reward=metrics["rewards/mean"], kl=metrics["kl"])
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
-                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                if harness and harness.periodic(step) and step != s.total_steps:
                     harness.evaluate(step, accelerator.unwrap_model(s.model).policy)
                 saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo", force=bool(stopped_by_alarm))
                 if stopped_by_alarm:

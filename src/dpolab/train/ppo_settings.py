@@ -90,24 +90,9 @@ def reward_problem(reward: dict) -> str | None:
 
 def ppo_settings(values: dict) -> PPOSettings:
     """The ``ppo:`` mapping as :class:`PPOSettings`; ``ValueError`` naming the key (``ppo.…``) when it is wrong."""
-    from dpolab.train.config import _check_type
+    from dpolab.train.config import nested_settings
 
-    if not isinstance(values, dict):
-        raise ValueError(f"ppo: expected a mapping of PPO settings; got {values!r}")
-    known = {f.name for f in dataclasses.fields(PPOSettings)}
-    for key in values:
-        if key not in known:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"ppo.{key}: not a PPO setting{hint}; see docs/rlhf.md")
-    import typing
-
-    hints = typing.get_type_hints(PPOSettings)
-    for key, value in values.items():
-        _check_type(f"ppo.{key}", value, hints[key])
-    settings = PPOSettings(**values)
+    settings = nested_settings(PPOSettings, values, "ppo", "a PPO setting", "docs/rlhf.md")
     problem = reward_problem(settings.reward)
     if problem:
         raise ValueError(f"ppo.{problem}")

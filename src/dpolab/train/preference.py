@@ -335,7 +335,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 )
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval, evaluated_at = evaluate(s, step), step
-                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                if harness and harness.periodic(step) and step != s.total_steps:
                     harness.evaluate(step, model)
                 saved, signalled = blocks.checkpoint_step(
                     s, step, stop, nonfinite, "train", force=bool(stopped_by_alarm)

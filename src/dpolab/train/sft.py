@@ -163,7 +163,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 bar(1, loss=metrics.get("loss", float("nan")))
                 if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
                     last_eval = evaluate(s, step)
-                if harness and harness.due(step, s.total_steps) and step != s.total_steps:
+                if harness and harness.periodic(step) and step != s.total_steps:
                     harness.evaluate(step, model)
                 saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "sft")
                 if signalled:

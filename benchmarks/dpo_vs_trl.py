@@ -41,8 +41,9 @@ SHARED = HERE.parent.parent / "shared" / "data" / "gsm8k"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
 
-def build_workspace(root: Path, pairs: int) -> None:
-    """Tokenizer, model and pairs in ``root`` (deterministic)."""
+def build_workspace(root: Path, pairs: int, vocab: int = 4096) -> None:
+    """Tokenizer, model and pairs in ``root`` (deterministic). ``vocab`` > 4,096 widens the model's embedding and
+    LM head to that many rows (the tokenizer still uses the first 4,096): the log-softmax runs over all of them."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,7 +56,7 @@ def build_workspace(root: Path, pairs: int) -> None:
             texts.append(row["question"] + "\n" + row["answer"])
     hf_tokenizer = train_bpe_tokenizer(texts, vocab_size=4096)
     config = LlamaConfig(
-        vocab_size=4096,
+        vocab_size=max(vocab, 4096),
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=4,
@@ -134,6 +135,7 @@ def worker_dpolab(root: Path, args) -> dict:
         dtype="float32",
         seed=0,
         row_tokens=args.row_tokens,
+        **dict(setting_value(item) for item in args.set),
     )
     start = time.perf_counter()
     summary = run(config)
@@ -144,8 +146,17 @@ def worker_dpolab(root: Path, args) -> dict:
         "pairs": summary["pairs_seen"],
         "tokens": summary["tokens_seen"],
         "forward": summary["forward"],
+        "attention_kernel": summary.get("attention_kernel"),
         "reference_seconds": summary["reference_seconds"],
     }
+
+
+def setting_value(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value read as YAML (``true``, ``256``, ``segments``)."""
+    import yaml
+
+    key, _, value = item.partition("=")
+    return key, yaml.safe_load(value)
 
 
 def worker_trl(root: Path, args, precompute: bool) -> dict:
@@ -244,6 +255,14 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="processes per contender (dpolab, trl), launched with torchrun"
     )
+    parser.add_argument("--vocab", type=int, default=4096, help="rows of the model's embedding and LM head")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dpolab training settings, e.g. attention_kernel=dense logit_chunk_tokens=256 gradient_checkpointing=true",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,10 +291,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
-        build_workspace(root, args.pairs)
+        build_workspace(root, args.pairs, args.vocab)
         meta = json.loads((root / "meta.json").read_text())
         print(
-            f"model: Llama, {meta['parameters'] / 1e6:.2f}M parameters; {meta['pairs']} GSM8K pairs; "
+            f"model: Llama, {meta['parameters'] / 1e6:.2f}M parameters, vocabulary {max(args.vocab, 4096):,}; "
+            f"{meta['pairs']} GSM8K pairs; dpolab settings {args.set or 'default'}; "
             f"batch {args.batch_size}; {args.steps} steps; fp32; {os.cpu_count()} CPU cores; "
             f"{args.processes} process(es) per contender"
         )
@@ -308,6 +328,10 @@ def main() -> None:
                 str(args.row_tokens),
                 "--processes",
                 str(args.processes),
+                "--vocab",
+                str(args.vocab),
+                "--set",
+                *args.set,
             ]
             if args.threads:
                 command += ["--threads", str(args.threads)]
@@ -324,6 +348,7 @@ def main() -> None:
             print(
                 f"  {name:15s} {r['pairs'] / r['wall_seconds']:8.2f} pairs/s end to end   "
                 f"{1000 * r['train_seconds'] / args.steps:8.1f} ms/step training   peak RSS {r['peak_rss_mib']:7.0f} MiB"
+                + (f"   ({r['forward']}, {r['attention_kernel']})" if name == "dpolab" else "")
             )
         if "dpolab" in results:
             ours = results["dpolab"]

@@ -31,9 +31,23 @@ def tiny_causal_lm(
     initializer_range: float = 0.02,
     pad_token_id: int = 0,
     eos_token_id: int = 1,
+    **extra,
 ):
-    """A 2-layer, width-32 Llama, Qwen2 or GPT-2 with random weights, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A 2-layer, width-32 Llama, Qwen2, Mistral, Gemma-2 or GPT-2 with random weights, in eval mode.
+
+    ``extra``: more config settings (e.g. Mistral's ``sliding_window``)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     special = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=eos_token_id)
     torch.manual_seed(seed)
@@ -47,13 +61,18 @@ def tiny_causal_lm(
             initializer_range=initializer_range,
             attn_implementation=attention,
             **special,
+            **extra,
         )
         model = GPT2LMHeadModel(config)
     else:
         config_class, model_class = {
             "llama": (LlamaConfig, LlamaForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM),
+            "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         }[architecture]
+        if architecture == "gemma2":  # Gemma-2's default head size is 256; keep the model tiny
+            extra = {"head_dim": 8, "query_pre_attn_scalar": 8, **extra}
         config = config_class(
             vocab_size=vocab_size,
             hidden_size=32,
@@ -65,6 +84,7 @@ def tiny_causal_lm(
             initializer_range=initializer_range,
             attn_implementation=attention,
             **special,
+            **extra,
         )
         model = model_class(config)
     return model.to(dtype).eval()

@@ -91,22 +91,42 @@ class PackedBatch:
 
 
 def plan_rows(items: list[Item], row_tokens: int) -> list[list[int]]:
-    """Greedy first-fit of items (in the given order) into rows of at most ``row_tokens`` tokens.
+    """Items into rows of at most ``row_tokens`` tokens: as few rows as first-fit decreasing needs, then balanced.
 
-    An item longer than ``row_tokens`` gets a row of its own.
+    Every row is padded to the longest, so after counting the rows the items are placed largest first
+    into the least-filled row that holds them: rows come out of similar length and padding is small.
+    An item longer than ``row_tokens`` gets a row of its own. Each row lists its items in index order.
     """
+    sizes = [item.unique_tokens for item in items]
+    largest_first = sorted(range(len(items)), key=lambda i: (-sizes[i], i))
+    count = len(_first_fit(largest_first, sizes, row_tokens))
+    rows: list[list[int]] = [[] for _ in range(count)]
+    used = [0] * count
+    for index in largest_first:
+        fitting = [row for row in range(len(rows)) if used[row] + sizes[index] <= row_tokens]
+        if fitting:
+            row = min(fitting, key=lambda r: (used[r], r))
+        else:  # longer than a row, or the balanced placement left no room: a new row
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(index)
+        used[row] += sizes[index]
+    return [sorted(row) for row in rows if row]
+
+
+def _first_fit(order: list[int], sizes: list[int], row_tokens: int) -> list[list[int]]:
     rows: list[list[int]] = []
     used: list[int] = []
-    for index, item in enumerate(items):
-        size = item.unique_tokens
+    for index in order:
         for row, filled in enumerate(used):
-            if filled + size <= row_tokens:
+            if filled + sizes[index] <= row_tokens:
                 rows[row].append(index)
-                used[row] += size
+                used[row] += sizes[index]
                 break
         else:
             rows.append([index])
-            used.append(size)
+            used.append(sizes[index])
     return rows
 
 
@@ -122,7 +142,8 @@ def pack(items: list[Item], item_ids: list[int], row_tokens: int, pad_token_id: 
     position_ids = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     branch_ids = torch.zeros(shape, dtype=torch.long)
-    predict, targets, target_sequence, target_index = [], [], [], []
+    # Per item, so the targets come out in sequence order whatever row each item landed in.
+    predict: list[list[int]] = [[] for _ in items]
     branch_end = [0] * (len(items) * branches)
     for row_number, row in enumerate(rows):
         column = 0
@@ -141,18 +162,18 @@ def pack(items: list[Item], item_ids: list[int], row_tokens: int, pad_token_id: 
                 branch_ids[row_number, span] = branch
                 if branch != PROMPT and n > 0:
                     flat = row_number * length + column
-                    predict.extend([last_prompt] + [flat + k for k in range(n - 1)])
-                    targets.extend(ids)
-                    target_sequence.extend([index * branches + branch - 1] * n)
-                    target_index.extend(range(n))
+                    predict[index].extend([last_prompt] + [flat + k for k in range(n - 1)])
                     branch_end[index * branches + branch - 1] = flat + n - 1
                 column += n
+    targets = [token for item in items for ids in item.branches for token in ids]
+    target_sequence = [s for s, ids in enumerate(ids for item in items for ids in item.branches) for _ in ids]
+    target_index = [k for item in items for ids in item.branches for k in range(len(ids))]
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
         segment_ids=segment_ids,
         branch_ids=branch_ids,
-        predict_positions=torch.tensor(predict, dtype=torch.long),
+        predict_positions=torch.tensor([p for positions in predict for p in positions], dtype=torch.long),
         target_ids=torch.tensor(targets, dtype=torch.long),
         target_sequence=torch.tensor(target_sequence, dtype=torch.long),
         target_index=torch.tensor(target_index, dtype=torch.long),

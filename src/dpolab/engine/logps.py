@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.data.packing import Item, PackedBatch, pack
+from dpolab.engine.attention import Kernel, packed_inputs
 
 
 @dataclass
@@ -80,15 +81,133 @@ def head_only_at(model, positions: torch.Tensor):
         handle.remove()
 
 
+class ChunkedTargetLogps(torch.autograd.Function):
+    """log π(target | prefix) from the LM head's input, ``chunk`` tokens at a time: memory O(chunk × vocab).
+
+    Forward keeps only the log-normaliser of each token; backward recomputes each chunk's logits. The
+    logits are computed in the dtype the head itself would use (autocast's, if on) and normalised in at
+    least fp32, as the unchunked path does; backward casts to that same dtype, so both paths round alike.
+    d log p_t / d logits = onehot(t) − softmax, times the incoming gradient.
+    Also returns, detached, log Σ_v π(v)² (WPO) and the mean and standard deviation of log π(v) over
+    v ~ π (Min-K%++) when asked: empty tensors otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, with_log_sum_sq: bool, with_moments: bool):
+        n = hidden.shape[0]
+        outputs = {"values": [], "log_normaliser": [], "log_sum_sq": [], "mean": [], "std": []}
+        compute_dtype = None
+        for start in range(0, n, chunk):
+            logits = torch.nn.functional.linear(hidden[start : start + chunk], weight, bias)
+            compute_dtype = logits.dtype
+            logits = _at_least_fp32(logits)
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(-1, targets[start : start + chunk, None])[:, 0]
+            outputs["values"].append(target_logits - log_normaliser)
+            outputs["log_normaliser"].append(log_normaliser)
+            if with_log_sum_sq or with_moments:
+                log_probs = logits - log_normaliser[:, None]
+            if with_log_sum_sq:
+                outputs["log_sum_sq"].append(torch.logsumexp(2 * log_probs, dim=-1))
+            if with_moments:
+                mean, std = _moments(log_probs)
+                outputs["mean"].append(mean)
+                outputs["std"].append(std)
+        empty = hidden.new_empty(0, dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
+        joined = {name: torch.cat(parts) if parts else empty for name, parts in outputs.items()}
+        ctx.save_for_backward(hidden, weight, bias, targets, joined["log_normaliser"])
+        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+        extras = (joined["log_sum_sq"], joined["mean"], joined["std"])
+        ctx.mark_non_differentiable(*extras)
+        return (joined["values"], *extras)
+
+    @staticmethod
+    def backward(ctx, grad_values, *_):
+        hidden, weight, bias, targets, log_normaliser = ctx.saved_tensors
+        dtype = ctx.compute_dtype or hidden.dtype
+        weight_c = weight.to(dtype)
+        bias_c = None if bias is None else bias.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=log_normaliser.dtype, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=log_normaliser.dtype, device=bias.device)
+            if bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            hidden_c = hidden[start:stop].to(dtype)
+            logits = _at_least_fp32(torch.nn.functional.linear(hidden_c, weight_c, bias_c))
+            grad = grad_values[start:stop, None].to(logits.dtype)
+            grad_logits = torch.exp(logits - log_normaliser[start:stop, None]).mul_(-grad)
+            grad_logits.scatter_add_(-1, targets[start:stop, None], grad)
+            del logits
+            grad_logits = grad_logits.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight_c
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ hidden_c).to(grad_weight.dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def chunk_refusal(model) -> str | None:
+    """Why the chunked head cannot replace this model's LM head (None: it can)."""
+    head = output_head(model)
+    if type(head) is not torch.nn.Linear:
+        return f"the output embeddings are a {type(head).__name__}, not a plain Linear"
+    return None
+
+
+@contextmanager
+def chunked_head_at(
+    model, positions: torch.Tensor, targets: torch.Tensor, chunk: int, with_log_sum_sq: bool, with_moments: bool
+):
+    """While active, the LM head returns log π(target) at ``positions`` as (1, n, 1), computed chunk by chunk.
+
+    The head runs on an empty slice (so DDP/FSDP see it used); a forward hook then replaces its output.
+    Yields a dict that receives the output tensor and the detached extras; the caller checks the model
+    returned that very tensor (a model that transforms its logits after the head, e.g. softcapping,
+    cannot use this path)."""
+    head = output_head(model)
+    record: dict = {}
+
+    def select(module, args, kwargs):  # noqa: ARG001 - hook signature
+        hidden = args[0]
+        record["hidden"] = hidden.reshape(-1, hidden.shape[-1])[positions]
+        record["calls"] = record.get("calls", 0) + 1
+        return (hidden[:, :0], *args[1:]), kwargs
+
+    def replace(module, args, kwargs, output):  # noqa: ARG001 - hook signature
+        values, log_sum_sq, mean, std = ChunkedTargetLogps.apply(
+            record["hidden"], module.weight, module.bias, targets, chunk, with_log_sum_sq, with_moments
+        )
+        record["output"] = values[None, :, None]
+        record["log_sum_sq"] = log_sum_sq if with_log_sum_sq else None
+        record["moments"] = (mean, std) if with_moments else None
+        return record["output"]
+
+    handles = [
+        head.register_forward_pre_hook(select, with_kwargs=True),
+        head.register_forward_hook(replace, with_kwargs=True),
+    ]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """Log-softmax in at least fp32 (bf16 logits lose ~2 digits); fp64 stays fp64."""
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-
-
-def _mask_dtype(model, device: torch.device) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
 
 
 def _gather(log_probs: torch.Tensor, targets: torch.Tensor, with_log_sum_sq: bool):
@@ -106,18 +225,41 @@ def _moments(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def packed_token_logps(
-    model, batch: PackedBatch, with_log_sum_sq: bool = False, with_moments: bool = False
+    model,
+    batch: PackedBatch,
+    with_log_sum_sq: bool = False,
+    with_moments: bool = False,
+    kernel: Kernel = "dense",
+    logit_chunk_tokens: int = 0,
 ) -> TokenLogps:
-    """One forward of the (possibly wrapped) model over the packed rows; the LM head only where a target is predicted."""
-    device = batch.input_ids.device
-    with head_only_at(model, batch.predict_positions) as calls:
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask(_mask_dtype(model, device)),
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
+    """One forward of the (possibly wrapped) model over the packed rows; the LM head only where a target is predicted.
+
+    ``kernel``: how attention runs over the rows (:mod:`dpolab.engine.attention`). ``logit_chunk_tokens`` > 0:
+    the head's log-softmax runs that many tokens at a time (:class:`ChunkedTargetLogps`) instead of on
+    all of them at once."""
+    inputs = packed_inputs(model, batch, kernel)
     expected = int(batch.predict_positions.shape[0])
+    if logit_chunk_tokens > 0:
+        with chunked_head_at(
+            model, batch.predict_positions, batch.target_ids, logit_chunk_tokens, with_log_sum_sq, with_moments
+        ) as record:
+            logits = model(**inputs, use_cache=False).logits
+        if record.get("calls") != 1 or logits is not record.get("output"):
+            raise ValueError(
+                "the model's forward did not return its output embeddings' result unchanged "
+                f"(head calls {record.get('calls', 0)}); the chunked log-softmax cannot be used"
+            )
+        values = logits[0, :, 0]
+        return TokenLogps(
+            values,
+            batch.target_sequence,
+            batch.target_index,
+            batch.branch_lengths,
+            record["log_sum_sq"],
+            record["moments"],
+        )
+    with head_only_at(model, batch.predict_positions) as calls:
+        logits = model(**inputs, use_cache=False).logits
     if len(calls) != 1 or logits.shape[:2] != (1, expected):
         raise ValueError(
             f"the model's forward did not project the selected positions through its output embeddings "
@@ -182,12 +324,17 @@ def naive_positions(items: list[Item], device) -> tuple[torch.Tensor, ...]:
 
 @dataclass
 class LogpEngine:
-    """How a recipe computes log-probs: the packed path (the default) or the naive one, with its settings."""
+    """How a recipe computes log-probs: the packed path (the default) or the naive one, with its settings.
+
+    ``kernel``: the attention kernel over packed rows (:mod:`dpolab.engine.attention`);
+    ``logit_chunk_tokens``: > 0 runs the LM head's log-softmax that many tokens at a time."""
 
     row_tokens: int
     pad_token_id: int
     device: torch.device
     naive: bool = False
+    kernel: Kernel = "dense"
+    logit_chunk_tokens: int = 0
 
     def token_logps(
         self, model, items: list[Item], ids: list[int], with_log_sum_sq: bool = False, with_moments: bool = False
@@ -196,26 +343,34 @@ class LogpEngine:
         if self.naive:
             return naive_token_logps(model, items, self.pad_token_id, self.device, with_log_sum_sq, with_moments)
         batch = pack(items, ids, self.row_tokens, self.pad_token_id).to(self.device)
-        return packed_token_logps(model, batch, with_log_sum_sq, with_moments)
+        return packed_token_logps(model, batch, with_log_sum_sq, with_moments, self.kernel, self.logit_chunk_tokens)
 
 
 def packing_fallback_reason(
     model, items: list[Item], engine: LogpEngine, dtype: torch.dtype, autocast=nullcontext
 ) -> str | None:
-    """Compare packed and naive log-probs on a few items; the reason to fall back, or None if they agree."""
+    """Compare ``engine``'s packed log-probs with the naive ones on a few items; why to fall back, or None.
+
+    The packed pass also runs backward (to the first trainable parameter, so every layer is crossed,
+    and without touching ``.grad``): a kernel with no backward on this device is refused here, not at
+    the first training step."""
     sample = items[: min(4, len(items))]
     ids = list(range(len(sample)))
     was_training = model.training
     model.eval()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad][:1]
     try:
-        with torch.no_grad(), autocast():
-            fast = LogpEngine(engine.row_tokens, engine.pad_token_id, engine.device).token_logps(model, sample, ids)
-            slow = naive_token_logps(model, sample, engine.pad_token_id, engine.device)
-    except Exception as error:  # noqa: BLE001 - any failure of the custom mask means: use the naive path
-        return f"the packed forward failed ({type(error).__name__}: {error})"
+        with autocast():
+            fast = engine.token_logps(model, sample, ids)
+            if trainable:
+                torch.autograd.grad(fast.values.sum(), trainable, allow_unused=True)
+            with torch.no_grad():
+                slow = naive_token_logps(model, sample, engine.pad_token_id, engine.device)
+    except Exception as error:  # noqa: BLE001 - any failure of the packed path means: use another path
+        return f"the packed forward failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
     finally:
         model.train(was_training)
-    per_token = (fast.sums() - slow.sums()).abs().sum(1) / fast.branch_lengths.sum(1).to(fast.values.dtype)
+    per_token = (fast.sums().detach() - slow.sums()).abs().sum(1) / fast.branch_lengths.sum(1).to(fast.values.dtype)
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     worst = float(per_token.max())
     if worst > tolerance:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.data.packing import Item, pack
-from dpolab.engine.logps import _at_least_fp32, _mask_dtype, head_only_at, naive_positions, output_head, padded_rows
+from dpolab.engine.attention import Kernel, packed_inputs
+from dpolab.engine.logps import _at_least_fp32, head_only_at, naive_positions, output_head, padded_rows
 from dpolab.engine.scores import recorded_head_output
 
 
@@ -171,11 +172,13 @@ def rollout_outputs(
     entropy: bool = False,
     naive: bool = False,
     row_tokens: int = 512,
+    kernel: Kernel = "dense",
 ) -> RolloutOutputs:
     """Log-probs (and values, entropies) of every response token of ``items`` under ``model``.
 
     ``model`` is a :class:`PolicyWithValue` (possibly wrapped; ``mode`` as in its forward) or a plain causal
-    LM (a frozen reference). ``naive``: one right-padded row per response instead of the packed rows."""
+    LM (a frozen reference). ``naive``: one right-padded row per response instead of the packed rows;
+    ``kernel``: the attention kernel of the packed rows (:mod:`dpolab.engine.attention`)."""
     plain = not isinstance(getattr(model, "module", model), PolicyWithValue) and not isinstance(model, PolicyWithValue)
     extra = {} if plain else {"mode": mode}
     if naive:
@@ -188,11 +191,7 @@ def rollout_outputs(
         values = values[rows_at, columns] if values is not None else None
     else:
         batch = pack(items, ids, row_tokens, pad_token_id).to(device)
-        inputs = dict(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask(_mask_dtype(model, device)),
-            position_ids=batch.position_ids,
-        )
+        inputs = packed_inputs(model, batch, kernel)
         if plain:
             with head_only_at(model, batch.predict_positions):
                 logits, values = model(**inputs, use_cache=False).logits, None

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.data.packing import Item, pack
-from dpolab.engine.logps import _at_least_fp32, _mask_dtype, padded_rows
+from dpolab.engine.attention import Kernel, packed_inputs
+from dpolab.engine.logps import _at_least_fp32, padded_rows
 
 HEAD_NAMES = ("score", "classifier")  # the one-output head of Hugging Face's sequence classifiers
 
@@ -64,16 +65,14 @@ def _single_output(outputs: list[torch.Tensor], rows: int, length: int) -> torch
     return outputs[0][..., 0]
 
 
-def packed_scores(model, items: list[Item], ids: list[int], row_tokens: int, pad_token_id: int, device) -> torch.Tensor:
-    """Scores (items, branches) from one forward over prefix-shared packed rows."""
+def packed_scores(
+    model, items: list[Item], ids: list[int], row_tokens: int, pad_token_id: int, device, kernel: Kernel = "dense"
+) -> torch.Tensor:
+    """Scores (items, branches) from one forward over prefix-shared packed rows (``kernel``: :mod:`dpolab.engine.attention`)."""
     batch = pack(items, ids, row_tokens, pad_token_id).to(device)
+    inputs = packed_inputs(model, batch, kernel)
     with recorded_head_output(model) as outputs:
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask(_mask_dtype(model, batch.input_ids.device)),
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
+        model(**inputs, use_cache=False)
     rows, length = batch.input_ids.shape
     flat = _single_output(outputs, rows, length).reshape(-1)
     return _at_least_fp32(flat[batch.branch_end_positions]).view(batch.num_items, batch.num_branches)
@@ -98,12 +97,13 @@ class ScoreEngine:
     pad_token_id: int
     device: torch.device
     naive: bool = False
+    kernel: Kernel = "dense"
 
     def scores(self, model, items: list[Item], ids: list[int]) -> torch.Tensor:
         """Scores (items, branches) of ``items`` (their data-set indices ``ids``) under ``model``."""
         if self.naive:
             return naive_scores(model, items, self.pad_token_id, self.device)
-        return packed_scores(model, items, ids, self.row_tokens, self.pad_token_id, self.device)
+        return packed_scores(model, items, ids, self.row_tokens, self.pad_token_id, self.device, self.kernel)
 
 
 def scores_fallback_reason(model, items: list[Item], engine: ScoreEngine, dtype: torch.dtype, autocast=nullcontext):
@@ -113,14 +113,18 @@ def scores_fallback_reason(model, items: list[Item], engine: ScoreEngine, dtype:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast():
-            fast = packed_scores(model, sample, ids, engine.row_tokens, engine.pad_token_id, engine.device)
-            slow = naive_scores(model, sample, engine.pad_token_id, engine.device)
-    except Exception as error:  # noqa: BLE001 - any failure of the custom mask means: use the naive path
-        return f"the packed forward failed ({type(error).__name__}: {error})"
+        with autocast():
+            fast = engine.scores(model, sample, ids)
+            trainable = [parameter for parameter in model.parameters() if parameter.requires_grad][:1]
+            if trainable:  # a kernel with no backward on this device is refused here, not at the first step
+                torch.autograd.grad(fast.sum(), trainable, allow_unused=True)
+            with torch.no_grad():
+                slow = naive_scores(model, sample, engine.pad_token_id, engine.device)
+    except Exception as error:  # noqa: BLE001 - any failure of the packed path means: use another path
+        return f"the packed forward failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
     finally:
         model.train(was_training)
-    worst = float((fast - slow).abs().max())
+    worst = float((fast.detach() - slow).abs().max())
     scale = max(1.0, float(slow.abs().max()))
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     if worst > tolerance * scale:

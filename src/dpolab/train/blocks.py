@@ -26,6 +26,8 @@ import yaml
 
 from dpolab.console import progress_bar
 from dpolab.data.packing import Item
+from dpolab.engine import attention
+from dpolab.engine.attention import Kernel
 from dpolab.engine.loading import load_model, load_tokenizer
 from dpolab.engine.logps import LogpEngine, TokenLogps, packing_fallback_reason
 from dpolab.engine.reference import (
@@ -256,6 +258,7 @@ def load_policy(config: TrainConfig):
     model = load_model(config.model, "causal_lm", dtype, config.trust_remote_code, config.allow_pickle)
     if config.disable_dropout:
         disable_dropout(model)
+    enable_gradient_checkpointing(config, model)
     return model
 
 
@@ -292,6 +295,7 @@ def load_scalar_model(config: TrainConfig, pad_token_id: int, log: MetricsLog | 
         log.info(f"model: {', '.join(architectures) or 'the checkpoint'} with a new one-output score head")
     if config.disable_dropout:
         disable_dropout(model)
+    enable_gradient_checkpointing(config, model)
     return model
 
 
@@ -337,8 +341,11 @@ def apply_lora(model, lora: dict, task_type: str = "CAUSAL_LM"):
 
 
 def choose_engine(config: TrainConfig, model, items: list[Item], pad_token_id: int, accelerator, dtype, log):
-    """The packed path if this model takes it and agrees with the naive one on a few items, else the naive path."""
-    engine = LogpEngine(config.row_tokens, pad_token_id, accelerator.device)
+    """The packed path with the first attention kernel that this model takes and that agrees with the naive
+    path on a few items (and the chunked LM head if asked and possible), else the naive path."""
+    engine = LogpEngine(
+        config.row_tokens, pad_token_id, accelerator.device, logit_chunk_tokens=config.logit_chunk_tokens
+    )
     return _packed_or_naive(config, engine, packing_fallback_reason, model, items, accelerator, dtype, log)
 
 
@@ -350,14 +357,73 @@ def choose_score_engine(config: TrainConfig, model, items: list[Item], pad_token
     return _packed_or_naive(config, engine, scores_fallback_reason, model, items, accelerator, dtype, log)
 
 
+def candidate_kernels(setting: str, device: torch.device) -> list[Kernel]:
+    """The attention kernels to try, in order: the configured one, or for ``auto`` flex (CUDA), segments, dense."""
+    if setting != "auto":
+        return [setting]
+    fused = ["flex"] if device.type == "cuda" and attention.flex_available() else []
+    return [*fused, "segments", "dense"]
+
+
 def _packed_or_naive(config: TrainConfig, engine, fallback_reason, model, items, accelerator, dtype, log):
-    """(``engine``, None) on the packed path, or (``engine`` set to naive, why) when packing is off or fails."""
-    fallback = None if config.packing else "packing: false in the config"
-    fallback = fallback or fallback_reason(model, items, engine, dtype, accelerator.autocast)
-    if fallback:
-        log.info(f"using the naive forward (one padded row per sequence): {fallback}")
-        engine.naive = True
-    return engine, fallback
+    """(``engine`` with its kernel, None) on the packed path, or (``engine`` set to naive, why) when packing is off
+    or no kernel agrees with the naive path. Each kernel not taken is logged with its reason."""
+    if not config.packing:
+        return _naive(engine, "packing: false in the config", log)
+    refused: list[str] = []
+    for kernel in candidate_kernels(config.attention_kernel, accelerator.device):
+        engine.kernel = kernel
+        reason = fallback_reason(model, items, engine, dtype, accelerator.autocast)
+        if reason and getattr(engine, "logit_chunk_tokens", 0) > 0:
+            engine.logit_chunk_tokens = 0
+            if fallback_reason(model, items, engine, dtype, accelerator.autocast) is None:
+                log.info(f"logit_chunk_tokens: the LM head runs unchunked: {reason}")
+                reason = None
+            else:
+                engine.logit_chunk_tokens = config.logit_chunk_tokens
+        if reason is None:
+            taken = f"attention kernel {kernel}" + (f" (not {'; '.join(refused)})" if refused else "")
+            log.info(f"packed forward: {taken}")
+            return engine, None
+        refused.append(f"{kernel}: {reason}")
+        attention.uninstall(model)
+    return _naive(engine, "; ".join(refused), log)
+
+
+def _naive(engine, reason: str, log):
+    log.info(f"using the naive forward (one padded row per sequence): {reason}")
+    engine.naive = True
+    return engine, reason
+
+
+def compile_layers(config: TrainConfig, model, log) -> None:
+    """``torch.compile`` each decoder layer in place when ``compile`` (the classes Hugging Face lists in
+    ``_no_split_modules``): the LM head hooks and the attention layout stay outside the compiled code."""
+    if not config.compile:
+        return
+    from transformers import PreTrainedModel
+
+    names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ValueError(f"compile: {type(model).__name__} lists no decoder layer class (_no_split_modules)")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info(f"compile: {len(layers)} {type(layers[0]).__name__} layers compiled on first use")
+
+
+def enable_gradient_checkpointing(config: TrainConfig, model) -> None:
+    """Hugging Face's non-reentrant activation checkpointing when ``gradient_checkpointing`` (non-reentrant:
+    no input that requires grad is needed, so LoRA and frozen embeddings work)."""
+    if not config.gradient_checkpointing:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    settings = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
 
 
 def save_final_model(accelerator, model, tokenizer, directory: Path) -> None:
@@ -808,6 +874,7 @@ def finish_run(s, steps: int, unit: str, start_time: float, metrics: dict, last_
         "total_seconds": time.perf_counter() - start_time,
         **extra,
         "forward": "naive" if s.fallback else "packed",
+        "attention_kernel": None if s.fallback else s.engine.kernel,
         "fallback_reason": s.fallback,
         "final": metrics,
         "eval": last_eval,

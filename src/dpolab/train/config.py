@@ -106,9 +106,17 @@ class TrainConfig:
     seed: int = 42
     """Seeds model init of anything random, data order and the eval split."""
     row_tokens: int = 512
-    """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own). Attention is dense within a row, so its cost grows with the square of the row length: 512 was 2.1× faster per step than 2048 on the benchmark's 5M model (docs/performance.md); 256 suits the quickstart's tiny one."""
+    """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own); rows are balanced so padding is small. With the ``segments`` and ``flex`` attention kernels a row costs what its pairs cost, whatever its length; with ``dense``, attention grows with the square of the row length (docs/performance.md)."""
     packing: bool = True
     """Prefix-shared packed forward; false forces the naive path (one padded row per sequence)."""
+    attention_kernel: str = "auto"
+    """Attention over packed rows (docs/training.md#the-forward): ``segments`` (each pair's own attention, any device), ``flex`` (a FlexAttention block mask; CUDA), ``dense`` (a 4D mask through the model's kernel), or ``auto``: flex on CUDA, else segments, then dense, then the naive path, each checked on the first pairs with the reason logged."""
+    logit_chunk_tokens: int = 0
+    """The LM head's log-softmax over this many completion tokens at a time, recomputed in backward: memory O(chunk × vocabulary) instead of O(tokens × vocabulary). 0: all tokens at once."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them (Hugging Face's non-reentrant checkpointing): much less activation memory for about one more forward of time."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer (dynamic shapes; the first steps pay the compilation). Off by default: on CPU it was slower with the segments kernel and 5% faster with the dense one (docs/performance.md)."""
 
     # --- RLHF-PPO ---------------------------------------------------------------------------
     ppo: dict = field(default_factory=dict)
@@ -188,7 +196,7 @@ class TrainConfig:
                 f"max_prompt_length: must be smaller than max_length ({self.max_length}) to leave room for a "
                 f"completion; got {self.max_prompt_length!r}"
             )
-        for key in ("weight_decay", "warmup_steps", "sft_weight", "max_nonfinite"):
+        for key in ("weight_decay", "warmup_steps", "sft_weight", "max_nonfinite", "logit_chunk_tokens"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0; got {getattr(self, key)!r}")
         for key in ("warmup_ratio", "adam_beta1", "adam_beta2"):
@@ -206,6 +214,7 @@ class TrainConfig:
             "task": ("preference", "sft", "reward", "ppo"),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "truncation_mode": ("keep_end", "keep_start", "drop"),
+            "attention_kernel": ("auto", "segments", "flex", "dense"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -218,6 +218,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     dtype = blocks.compute_dtype(accelerator, policy.dtype)
     probe = [Rollout(p.prompt_ids, (p.prompt_ids[-4:],)) for p in data.items[:4]]  # any text checks the mask
     engine, fallback = blocks.choose_engine(config, policy, probe, pad_token_id, accelerator, dtype, log)
+    blocks.compile_layers(config, policy, log)
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(data.items) / per_step))
     optimizer, scheduler = blocks.build_optimizer(config, model, steps * settings.ppo_epochs * settings.minibatches)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -285,7 +286,7 @@ def token_pass(s: Setup, model, items: list, mode: str = "train", entropy: bool 
     return rollout_outputs(
         model, items, list(range(len(items))), s.pad_token_id, s.accelerator.device,
         temperature=s.settings.temperature if temperature is None else temperature, mode=mode, entropy=entropy,
-        naive=s.engine.naive, row_tokens=s.config.row_tokens,
+        naive=s.engine.naive, row_tokens=s.config.row_tokens, kernel=s.engine.kernel,
     )  # fmt: skip
 
 

@@ -219,6 +219,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
         model = blocks.apply_lora(model, config.lora)
     model.to(accelerator.device)
     engine, fallback = blocks.choose_engine(config, model, pairs, pad_token_id, accelerator, dtype, log)
+    blocks.compile_layers(config, model, log)
 
     steps = blocks.total_steps(config, len(pairs), accelerator.num_processes)
     optimizer, scheduler = blocks.build_optimizer(config, model, steps)
@@ -234,7 +235,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
             "ld_alpha": config.ld_alpha,
             "dtype": str(dtype),
             "row_tokens": config.row_tokens,
-            "forward": "naive" if fallback else "packed",
+            "forward": "naive" if fallback else f"packed/{engine.kernel}",
         }
         reference = blocks.reference_pass(
             accelerator, module, pairs, engine, config, "train", cache_settings, token_weights, adapter_off, log

@@ -141,6 +141,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
         model = blocks.apply_lora(model, config.lora, task_type="SEQ_CLS")
     model.to(accelerator.device)
     engine, fallback = blocks.choose_score_engine(config, model, pairs, pad_token_id, accelerator, dtype, folder.log)
+    blocks.compile_layers(config, model, folder.log)
     steps = blocks.total_steps(config, len(pairs), accelerator.num_processes)
     optimizer, scheduler = blocks.build_optimizer(config, model, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -94,6 +94,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
         model = blocks.apply_lora(model, config.lora)
     model.to(accelerator.device)
     engine, fallback = blocks.choose_engine(config, model, items, pad_token_id, accelerator, dtype, log)
+    blocks.compile_layers(config, model, log)
     steps = blocks.total_steps(config, len(items), accelerator.num_processes)
     optimizer, scheduler = blocks.build_optimizer(config, model, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

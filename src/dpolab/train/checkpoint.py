@@ -263,7 +263,15 @@ HARMLESS_KEYS = frozenset(
 
 PATH_KEYS = ("model", "tokenizer", "reference", "data", "eval_data")
 # What a key added later meant in checkpoints written before it existed.
-LEGACY_DEFAULTS = {"truncation_mode": "drop", "max_prompt_length": None}
+# What a checkpoint written before a key existed ran with (the engine options: issue 16's dense mask, full head).
+LEGACY_DEFAULTS = {
+    "truncation_mode": "drop",
+    "max_prompt_length": None,
+    "attention_kernel": "dense",
+    "logit_chunk_tokens": 0,
+    "gradient_checkpointing": False,
+    "compile": False,
+}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import setting_value
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data" / "gsm8k"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -149,14 +151,6 @@ def worker_dpolab(root: Path, args) -> dict:
         "attention_kernel": summary.get("attention_kernel"),
         "reference_seconds": summary["reference_seconds"],
     }
-
-
-def setting_value(item: str) -> tuple[str, object]:
-    """``KEY=VALUE`` of ``--set``: the value read as YAML (``true``, ``256``, ``segments``)."""
-    import yaml
-
-    key, _, value = item.partition("=")
-    return key, yaml.safe_load(value)
 
 
 def worker_trl(root: Path, args, precompute: bool) -> dict:

@@ -48,11 +48,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import run_contender, setting_value
 
 HERE = Path(__file__).resolve().parent
 HH = HERE.parent.parent / "shared" / "data" / "hh-rlhf" / "harmless_base_test_part.jsonl"
@@ -269,14 +270,6 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def setting_value(item: str) -> tuple[str, object]:
-    """``KEY=VALUE`` of ``--set``: the value read as YAML (``true``, ``256``, ``segments``)."""
-    import yaml
-
-    key, _, value = item.partition("=")
-    return key, yaml.safe_load(value)
-
-
 def peak_memory_mib() -> float:
     import resource
 
@@ -394,14 +387,9 @@ def main() -> None:
                        "--set", *args.set]  # fmt: skip
             if args.smoke:
                 command.append("--smoke")
-            output = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-            )
-            line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} failed:\n{output.stderr[-3000:]}")
-                continue
-            results[name] = json.loads(line[7:])
+            result = run_contender(command, name)
+            if result is not None:
+                results[name] = result
         print()
         print(table(results, meta, args, device, peak))
         failed = [name for name in args.only if name not in results]

@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import run_contender
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dpo_vs_trl import build_workspace, peak_rss_mib, token_layouts  # noqa: E402 - the shared workspace
@@ -151,14 +152,10 @@ def main() -> None:
             command += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
             if args.threads:
                 command += ["--threads", str(args.threads)]
-            output = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-            )
-            line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} failed:\n{output.stderr[-3000:]}")
+            r = run_contender(command, name)
+            if r is None:
                 continue
-            results[name] = r = json.loads(line[7:])
+            results[name] = r
             print(
                 f"  {name:8s} {r['pairs'] / r['wall_seconds']:8.2f} pairs/s end to end   "
                 f"{1000 * r['train_seconds'] / args.steps:8.1f} ms/step training   peak RSS {r['peak_rss_mib']:7.0f} MiB"

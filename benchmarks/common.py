@@ -23,5 +23,7 @@ def setting_value(item: str) -> tuple[str, object]:
     """``KEY=VALUE`` of ``--set``: the value read as YAML (``true``, ``256``, ``segments``)."""
     import yaml
 
-    key, _, value = item.partition("=")
+    key, equals, value = item.partition("=")
+    if not equals or not key:
+        raise SystemExit(f"--set {item}: expected KEY=VALUE, e.g. attention_kernel=dense")
     return key, yaml.safe_load(value)

@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dict(setting_value(item) for item in args.set)  # a malformed --set fails here, before any work
     if args.row_tokens is None:
         from dpolab.train import TrainConfig
 

@@ -357,6 +357,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dict(setting_value(item) for item in args.set)  # a malformed --set fails here, before any work
     if args.smoke:
         args.model, args.pairs, args.batch_size, args.steps, args.warmup = "tiny", 32, 4, 4, 1
     if args.worker:

@@ -64,7 +64,7 @@ SIZES = {
 TRAINING = {
     "sft": {"learning_rate": 3e-3, "batch_size": 32, "warmup_ratio": 0.05, "lr_scheduler": "cosine"},
     "preference": {"learning_rate": 1e-4, "batch_size": 16, "epochs": 1.0, "lr_scheduler": "linear"},
-    "row_tokens": 256,  # short rows: the packed attention is dense per row, so long rows waste compute here
+    "row_tokens": 256,  # fastest for this tiny model with the dense mask (docs/quickstart.md); kept so results stay comparable
     "beta": 0.1,
     "dpop_lambda": 50.0,
     "max_new_tokens": 160,

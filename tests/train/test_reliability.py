@@ -362,3 +362,19 @@ def test_a_lora_run_checkpoints_only_the_adapter_and_resumes_exactly(workspace, 
     again = load_file(str(out / "model" / "adapter_model.safetensors"))
     assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
     assert any(float(t.abs().max()) > 0 for k, t in again.items() if "lora_B" in k)  # it trained
+
+
+def test_a_checkpoint_from_before_the_engine_options_resumes_with_what_it_ran():
+    """A saved config without attention_kernel and the other issue-16 keys ran the dense mask and the full head."""
+    import dataclasses
+
+    from dpolab.train.checkpoint import config_differences
+
+    current = dataclasses.asdict(TrainConfig(model="m", data="d", attention_kernel="dense"))
+    new_keys = ("attention_kernel", "logit_chunk_tokens", "gradient_checkpointing", "compile")
+    saved = {key: value for key, value in current.items() if key not in new_keys}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {**current, "attention_kernel": "auto", "logit_chunk_tokens": 256}) == [
+        "attention_kernel",
+        "logit_chunk_tokens",
+    ]

@@ -146,6 +146,8 @@ def test_packed_and_naive_training_take_the_same_steps(workspace, tmp_path, arch
         (["--data", "missing.jsonl"], "data: no such file: missing.jsonl"),
         (["--lr_scheduler", "step"], "lr_scheduler: must be one of linear, cosine, constant; got 'step'"),
         (["--model", ""], "model: required"),
+        (["--attention_kernel", "flash"], "attention_kernel: must be one of auto, segments, flex, dense; got 'flash'"),
+        (["--logit_chunk_tokens", "-1"], "logit_chunk_tokens: must be >= 0; got -1"),
     ],
 )
 def test_config_errors_name_the_key(workspace, overrides, message):
@@ -297,6 +299,25 @@ def test_a_model_that_cannot_take_the_mask_falls_back_to_the_naive_path(workspac
     assert "the packed forward failed" in summary["fallback_reason"]
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+def test_a_kernel_asked_for_by_name_that_cannot_run_is_an_error_with_its_reason(workspace, tmp_path):
+    """flex has no backward on CPU: named explicitly, the run stops before training instead of taking another path."""
+    with pytest.raises(ValueError, match="attention_kernel: flex: the packed forward failed .*backward on CPU"):
+        run(base(workspace, tmp_path, attention_kernel="flex", save_model=False, tensorboard=False))
+
+
+@pytest.mark.parametrize(
+    "options", [{"gradient_checkpointing": True, "logit_chunk_tokens": 7}, {"attention_kernel": "dense"}]
+)
+def test_engine_options_take_the_same_steps(workspace, tmp_path, options):
+    """Checkpointing, the chunked head and the dense kernel change memory and speed, not the training."""
+    losses = {}
+    for name, extra in (("default", {}), ("options", options)):
+        summary = run(base(workspace, tmp_path / name, save_model=False, tensorboard=False, **extra))
+        assert summary["attention_kernel"] == extra.get("attention_kernel", "segments")
+        losses[name] = [m["loss"] for m in read_metrics(tmp_path / name / "run")]
+    assert losses["options"] == pytest.approx(losses["default"], rel=1e-5, abs=1e-6)
 
 
 def test_bf16_autocast_runs_on_cpu(workspace, tmp_path):

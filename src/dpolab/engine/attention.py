@@ -134,14 +134,11 @@ def segments_attention(
     rows, heads, length, dim = query.shape
     grouped = key.shape[1] != heads
     outputs = []
-    for row, spans in enumerate(item_spans(layout)):
+    for row, items in enumerate(item_plan(layout, positions, sliding_window)):
         pieces, column = [], 0
-        for start, end in spans:
+        for start, end, mask in items:
             if start > column:
                 pieces.append(query.new_zeros(1, heads, start - column, dim))
-            mask = item_mask(
-                layout[row, 0, 1, start:end], None if positions is None else positions[row, start:end], sliding_window
-            )
             pieces.append(
                 F.scaled_dot_product_attention(
                     query[row : row + 1, :, start:end],
@@ -159,6 +156,24 @@ def segments_attention(
             pieces.append(query.new_zeros(1, heads, length - column, dim))
         outputs.append(torch.cat(pieces, dim=2))
     return torch.cat(outputs, dim=0).transpose(1, 2).contiguous()
+
+
+def item_plan(layout: torch.Tensor, positions: torch.Tensor | None, sliding_window: int | None):
+    """Per row, each item's (start, end, mask). Worked out once per forward: every layer (and a checkpointed
+    layer's recomputation) receives the same layout tensor, which keeps the plan as an attribute."""
+    plans = layout.__dict__.setdefault("_dpolab_plans", {})
+    if sliding_window not in plans:
+        plans[sliding_window] = [
+            [
+                (start, end, item_mask(
+                    layout[row, 0, 1, start:end], None if positions is None else positions[row, start:end],
+                    sliding_window,
+                ))
+                for start, end in spans
+            ]
+            for row, spans in enumerate(item_spans(layout))
+        ]  # fmt: skip
+    return plans[sliding_window]
 
 
 def _base_function(module, base: str):

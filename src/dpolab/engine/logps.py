@@ -240,6 +240,8 @@ def packed_token_logps(
     inputs = packed_inputs(model, batch, kernel)
     expected = int(batch.predict_positions.shape[0])
     if logit_chunk_tokens > 0:
+        if refusal := chunk_refusal(model):
+            raise ValueError(f"the chunked log-softmax cannot be used: {refusal}")
         with chunked_head_at(
             model, batch.predict_positions, batch.target_ids, logit_chunk_tokens, with_log_sum_sq, with_moments
         ) as record:
@@ -346,33 +348,47 @@ class LogpEngine:
         return packed_token_logps(model, batch, with_log_sum_sq, with_moments, self.kernel, self.logit_chunk_tokens)
 
 
-def packing_fallback_reason(
-    model, items: list[Item], engine: LogpEngine, dtype: torch.dtype, autocast=nullcontext
-) -> str | None:
-    """Compare ``engine``'s packed log-probs with the naive ones on a few items; why to fall back, or None.
+def run_both_paths(model, fast, slow, autocast=nullcontext):
+    """``((fast(), slow()), None)`` with the model in eval mode, or ``(None, why)`` when the fast path fails.
 
-    The packed pass also runs backward (to the first trainable parameter, so every layer is crossed,
-    and without touching ``.grad``): a kernel with no backward on this device is refused here, not at
-    the first training step."""
-    sample = items[: min(4, len(items))]
-    ids = list(range(len(sample)))
+    ``fast`` runs with gradients and a backward to the first trainable parameter (so every layer is
+    crossed, and ``.grad`` is untouched): a kernel with no backward on this device is refused here, not
+    at the first training step. ``slow`` (the naive path) runs without gradients."""
     was_training = model.training
     model.eval()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad][:1]
     try:
         with autocast():
-            fast = engine.token_logps(model, sample, ids)
+            fast_values = fast()
             if trainable:
-                torch.autograd.grad(fast.values.sum(), trainable, allow_unused=True)
+                torch.autograd.grad(fast_values.sum(), trainable, allow_unused=True)
             with torch.no_grad():
-                slow = naive_token_logps(model, sample, engine.pad_token_id, engine.device)
+                slow_values = slow()
     except Exception as error:  # noqa: BLE001 - any failure of the packed path means: use another path
-        return f"the packed forward failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+        return None, f"the packed forward failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
     finally:
         model.train(was_training)
-    per_token = (fast.sums().detach() - slow.sums()).abs().sum(1) / fast.branch_lengths.sum(1).to(fast.values.dtype)
+    return (fast_values.detach(), slow_values), None
+
+
+def packing_fallback_reason(
+    model, items: list[Item], engine: LogpEngine, dtype: torch.dtype, autocast=nullcontext
+) -> str | None:
+    """Compare ``engine``'s packed log-probs with the naive ones on a few items (:func:`run_both_paths`);
+    why to fall back, or None."""
+    sample = items[: min(4, len(items))]
+    results, failure = run_both_paths(
+        model,
+        lambda: engine.token_logps(model, sample, list(range(len(sample)))).sums(),
+        lambda: naive_token_logps(model, sample, engine.pad_token_id, engine.device).sums(),
+        autocast,
+    )
+    if failure:
+        return failure
+    fast, slow = results
+    tokens = torch.tensor([sum(len(ids) for ids in item.branches) for item in sample], device=fast.device)
+    worst = float(((fast - slow).abs().sum(1) / tokens.to(fast.dtype)).max())
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-    worst = float(per_token.max())
     if worst > tolerance:
         return f"packed and naive log-probs differ by {worst:.2g} nats per token (tolerance {tolerance:g})"
     return None

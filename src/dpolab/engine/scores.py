@@ -23,7 +23,7 @@ import torch
 
 from dpolab.data.packing import Item, pack
 from dpolab.engine.attention import Kernel, packed_inputs
-from dpolab.engine.logps import _at_least_fp32, padded_rows
+from dpolab.engine.logps import _at_least_fp32, padded_rows, run_both_paths
 
 HEAD_NAMES = ("score", "classifier")  # the one-output head of Hugging Face's sequence classifiers
 
@@ -107,24 +107,19 @@ class ScoreEngine:
 
 
 def scores_fallback_reason(model, items: list[Item], engine: ScoreEngine, dtype: torch.dtype, autocast=nullcontext):
-    """Compare packed and naive scores on a few items; the reason to fall back, or None if they agree."""
+    """Compare packed and naive scores on a few items (:func:`~dpolab.engine.logps.run_both_paths`); the
+    reason to fall back, or None if they agree."""
     sample = items[: min(4, len(items))]
-    ids = list(range(len(sample)))
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast():
-            fast = engine.scores(model, sample, ids)
-            trainable = [parameter for parameter in model.parameters() if parameter.requires_grad][:1]
-            if trainable:  # a kernel with no backward on this device is refused here, not at the first step
-                torch.autograd.grad(fast.sum(), trainable, allow_unused=True)
-            with torch.no_grad():
-                slow = naive_scores(model, sample, engine.pad_token_id, engine.device)
-    except Exception as error:  # noqa: BLE001 - any failure of the packed path means: use another path
-        return f"the packed forward failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
-    finally:
-        model.train(was_training)
-    worst = float((fast.detach() - slow).abs().max())
+    results, failure = run_both_paths(
+        model,
+        lambda: engine.scores(model, sample, list(range(len(sample)))),
+        lambda: naive_scores(model, sample, engine.pad_token_id, engine.device),
+        autocast,
+    )
+    if failure:
+        return failure
+    fast, slow = results
+    worst = float((fast - slow).abs().max())
     scale = max(1.0, float(slow.abs().max()))
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     if worst > tolerance * scale:

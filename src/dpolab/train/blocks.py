@@ -387,6 +387,8 @@ def _packed_or_naive(config: TrainConfig, engine, fallback_reason, model, items,
             return engine, None
         refused.append(f"{kernel}: {reason}")
         attention.uninstall(model)
+    if config.attention_kernel != "auto":  # asked for by name: say why it cannot run rather than run another
+        raise ValueError(f"attention_kernel: {refused[0]}; use auto to take the first kernel that works")
     return _naive(engine, "; ".join(refused), log)
 
 

@@ -96,6 +96,25 @@ def test_dpop_gradient_on_both_sides_of_the_max():
     torch.testing.assert_close(out.terms["dpop_penalty"], torch.clamp(-r_w, min=0).detach(), **TIGHT)
 
 
+def test_dpop_gradient_at_r_w_zero_is_dpo_gradient():
+    # r_w = 0 exactly is every pair at the first step (policy = reference). max(0, −r_w) has a kink
+    # there; the one-sided derivative that keeps "r_w ≥ 0 ⇒ DPO" true is 0, so the chosen side moves
+    # with β(1 − σ(u)), not β(1 + λ)(1 − σ(u)).
+    beta, lam = 0.3, 50.0
+    generator = torch.Generator().manual_seed(3)
+    reference_w = -torch.rand(B, generator=generator, dtype=torch.float64) * 20
+    reference_l = -torch.rand(B, generator=generator, dtype=torch.float64) * 20
+    for r_l_offset in (0.0, 0.7):
+        chosen = reference_w.clone().requires_grad_(True)  # r_w = 0 exactly
+        rejected = (reference_l + r_l_offset).requires_grad_(True)
+        logps = L.PreferenceLogps(chosen, rejected, reference_w, reference_l)
+        g_w, g_l = torch.autograd.grad(L.dpop(logps, beta=beta, lam=lam).losses.sum(), (chosen, rejected))
+        one_minus_sigma = torch.sigmoid(torch.full_like(reference_w, beta * r_l_offset))  # 1 − σ(β(0 − r_l))
+        torch.testing.assert_close(g_w, -beta * one_minus_sigma, **TIGHT)
+        torch.testing.assert_close(g_l, beta * one_minus_sigma, **TIGHT)
+        assert torch.all(L.dpop(logps, beta=beta, lam=lam).terms["dpop_penalty"] == 0)
+
+
 def test_flex_gradient_matches_closed_form():
     beta_w, beta_l = 0.2, 0.05
     pi_w, pi_l, ref_w, ref_l, *_ = make_inputs(3)

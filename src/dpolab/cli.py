@@ -7,7 +7,7 @@ import os
 import sys
 
 from dpolab import __version__
-from dpolab.commands import data, losses, quickstart, report, toy, train
+from dpolab.commands import data, losses, quickstart, report, sweep, toy, train
 from dpolab.commands import eval as evaluate  # not `eval`: the builtin
 from dpolab.commands.train import processes_asked_of_accelerate_cpu, relaunch_with_torchrun, train_command
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dpolab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (losses, train, evaluate, quickstart, report, data, toy):  # the order `dpolab --help` lists
+    for module in (losses, train, evaluate, sweep, quickstart, report, data, toy):  # the order `dpolab --help` lists
         module.register(commands)
     return parser
 

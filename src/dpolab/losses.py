@@ -260,9 +260,13 @@ def dpop(logps: PreferenceLogps, beta: float = 0.1, lam: float = 50.0) -> LossOu
     coefficient on log π_w is β(1 + λ): the chosen side dominates until π_w is back above its
     reference value; where r_w ≥ 0 it is exactly DPO. Smaug used β = 0.3, λ = 50.
     Logged term: ``dpop_penalty`` = max(0, −r_w).
+
+    The max is ``relu``, whose gradient at 0 is 0; ``clamp(min=0)`` passes gradient 1 there, and r_w = 0
+    exactly is every pair's value at the first step (policy = reference), which would then push the chosen
+    side with β(1 + λ) instead of DPO's β.
     """
     chosen_logratio, rejected_logratio = logps.logratios("dpop")
-    penalty = torch.clamp(-chosen_logratio, min=0)
+    penalty = torch.relu(-chosen_logratio)
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio - lam * penalty))
     return _output(losses, beta * chosen_logratio, beta * rejected_logratio, dpop_penalty=penalty)
 

@@ -29,6 +29,7 @@ def toy_run_command(args: argparse.Namespace) -> int:
         sft_weight=args.sft_weight,
         steps=args.steps,
         learning_rate=args.lr,
+        optimizer=args.optimizer,
         seed=args.seed,
         kl_beta=args.kl_beta,
     )
@@ -91,7 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--loss-weights", type=float, nargs="+", default=None, help="weights when several losses")
     run.add_argument("--sft-weight", type=float, default=0.0, help="α of the added SFT term (default: 0)")
     run.add_argument("--steps", type=int, default=1000, help="Step-2 steps (default: 1000)")
-    run.add_argument("--lr", type=float, default=1e-3, help="Step-2 Adam learning rate (default: 1e-3)")
+    run.add_argument("--lr", type=float, default=1e-3, help="Step-2 learning rate (default: 1e-3)")
+    run.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="Step-2 optimiser (default: adam; sgd: try --lr 0.5)",
+    )
     run.add_argument("--kl-beta", type=float, default=0.1, help="rlhf: β of the KL penalty (default: 0.1)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", required=True, help="run folder to write")

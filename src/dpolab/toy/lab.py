@@ -27,6 +27,7 @@ from dpolab.losses import Objective, PreferenceLogps, objective_from_config, rew
 from dpolab.toy.scenarios import NUM_PROMPTS, NUM_RESPONSES, REJECTED, UNSEEN, Scenario, load_scenario
 
 RLHF = "rlhf"  # the reward-model + KL-regularised policy-optimisation path
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass
@@ -46,7 +47,10 @@ class ToyConfig:
     steps: int = 1000
     """Preference-training steps (Step 2)."""
     learning_rate: float = 1e-3
-    """Adam learning rate of Step 2."""
+    """Learning rate of Step 2 (the policy's optimiser)."""
+    optimizer: str = "adam"
+    """Step 2's optimiser: ``adam`` (the paper's) or ``sgd`` (plain gradient descent, no momentum: the
+    step is the gradient itself, so Corollary 1's imbalance acts unscaled; it needs a larger learning rate)."""
     hidden_size: int = 64
     """Width of the two hidden layers of the MLP."""
     sft_learning_rate: float = 1e-2
@@ -73,6 +77,8 @@ class ToyConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{key} must be a number > 0; got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if isinstance(self.sft_weight, bool) or not isinstance(self.sft_weight, (int, float)) or self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0; got {self.sft_weight!r}")
         load_scenario(self.scenario)
@@ -143,6 +149,8 @@ def probabilities_record(log_probs: torch.Tensor) -> dict:
     return {
         "chosen_prob": float(chosen.mean()),
         "rejected_prob": float(rejected.mean()),  # mean over prompts of the mean over the 4 rejected
+        # The same in log space, where it does not underflow (π_l reaches 1e-300 and below).
+        "rejected_logp": float(log_probs[:, list(REJECTED)].mean()),
         "rejected_mass": float(rejected.sum(-1).mean()),
         "unseen_mass": float(unseen.mean()),
         "data_mass": float(data.mean()),
@@ -176,7 +184,7 @@ def _gradient_record(
 def train_preference(policy: ToyPolicy, reference: ToyPolicy, config: ToyConfig, record) -> None:
     """Step 2 with a dpolab objective: full batch of 4 pairs per step, fresh rejected draws."""
     objective = config.objective()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
+    optimizer = OPTIMIZERS[config.optimizer](policy.parameters(), lr=config.learning_rate)
     generator = random.Random(config.seed)
     with torch.no_grad():
         reference_log_probs = reference(ALL_PROMPTS)
@@ -270,7 +278,7 @@ def train_rlhf(policy: ToyPolicy, reference: ToyPolicy, config: ToyConfig, recor
     with torch.no_grad():
         rewards = reward(ALL_PROMPTS)
         reference_log_probs = reference(ALL_PROMPTS)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
+    optimizer = OPTIMIZERS[config.optimizer](policy.parameters(), lr=config.learning_rate)
     for step in range(config.steps + 1):
         log_probs = policy(ALL_PROMPTS)
         probs = log_probs.exp()
@@ -323,6 +331,7 @@ class ToyRun:
         peak_step = max(range(len(chosen)), key=chosen.__getitem__)
         ratios = [r for r in self.series("grad_ratio") if math.isfinite(r)]
         first, last = self.metrics[0], self.metrics[-1]
+        outside = [1 - value for value in self.series("data_mass")]
         result = {
             "label": self.config.label,
             "loss": self.config.loss if isinstance(self.config.loss, str) else "+".join(self.config.loss),
@@ -341,6 +350,13 @@ class ToyRun:
             "max_grad_ratio": max(ratios) if ratios else float("nan"),
             "final_grad_ratio": last["grad_ratio"],
             "steps": last["step"],
+            # Changes, not end values: what the 3D properties predict, whatever the starting point.
+            "chosen_fall_from_peak": chosen[peak_step] - last["chosen_prob"],
+            "chosen_change": last["chosen_prob"] - first["chosen_prob"],
+            "rejected_logp_change": last["rejected_logp"] - first["rejected_logp"],
+            "unseen_mass_change": last["unseen_mass"] - first["unseen_mass"],
+            "outside_mass_change": outside[-1] - outside[0],
+            "outside_mass_rise_from_min": outside[-1] - min(outside),
         }
         if self.reward_metrics:
             result["final_reward_accuracy"] = self.reward_metrics[-1]["reward_accuracy"]

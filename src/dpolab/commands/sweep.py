@@ -1,0 +1,64 @@
+"""``dpolab sweep SPEC.yaml``: a grid of runs over config keys and seeds, with a table of intervals."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dpolab.report.sweep import cell
+    from dpolab.sweep import CHANGE_SUFFIX, run_sweep
+
+    results = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run or args.metrics)
+    if args.dry_run or args.metrics:
+        print(f"{results['runs']} runs ({results['pending']} not finished) of {len(results['points'])} points "
+              f"into {results['folder']}:")  # fmt: skip
+        for name in results["points"]:
+            print(f"  {name}")
+        if args.metrics:
+            from dpolab.sweep import aggregate, load_spec, plan_jobs
+
+            spec, folder = load_spec(args.spec, args.out)
+            available = aggregate(spec, plan_jobs(spec, folder))["available_metrics"]
+            print("metrics of the finished runs:" if available else "no finished run yet: no metrics to list")
+            for name in available:
+                print(f"  {name}")
+        return 0
+    columns = results["metrics"] + [
+        m + CHANGE_SUFFIX
+        for m in results["metrics"]
+        if any(m + CHANGE_SUFFIX in r["metrics"] for r in results["points"])
+    ]
+    table = Table(title=f"sweep: mean ± 95% interval over seeds ({results['folder']})")
+    for column in ["point", *columns]:
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for row in results["points"]:
+        table.add_row(row["point"], *[cell(row["metrics"].get(c)) for c in columns])
+    Console(width=max(120, 24 * (len(columns) + 1))).print(table)
+    if results["missing_metrics"]:
+        print(f"metrics no run has: {', '.join(results['missing_metrics'])} (dpolab sweep SPEC --metrics lists them)")
+    print(f"table: {results['folder']}/results.csv; page: {results['folder']}/index.html")
+    if results["failures"]:
+        print(f"{len(results['failures'])} run(s) failed; their logs are in {results['folder']}/logs; "
+              "run the sweep again to retry them")  # fmt: skip
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="a grid of training runs over config keys and seeds: table with 95%% intervals, plots, HTML; resumable",
+        description="Run every point of SPEC.yaml's grid for each seed through dpolab train/sft/rm/ppo (or the toy "
+        "lab), evaluate each, and write results.csv/json, plots and index.html. Finished runs are skipped when "
+        "started again; unfinished ones resume from their checkpoint. Spec keys: docs/experiments.md.",
+    )
+    sweep.add_argument("spec", help="the sweep spec (YAML)")
+    sweep.add_argument("--out", help="the sweep's folder (default: the spec's out:, else runs/sweep-<spec name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="check the spec and every run's config; list the points")
+    sweep.add_argument("--metrics", action="store_true", help="list the metrics the finished runs have, run nothing")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=sweep_command)

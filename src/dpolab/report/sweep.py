@@ -1,0 +1,142 @@
+"""The sweep's page: ``index.html`` with the table (mean ± 95% interval over seeds), the plots of
+``plots:`` (a metric against a swept key, one line per value of another), and a report per point."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from dpolab.report.html import COLOURS, STYLE, _png, _pyplot, write_report
+
+GENERATOR = "dpolab sweep"
+
+
+def cell(stats: dict | None) -> str:
+    """``mean ± half-width (n)``, or the single value."""
+    if stats is None:
+        return "—"
+    if stats["half_width"] is None:
+        return f"{stats['mean']:.4g} (n={stats['n']})"
+    return f"{stats['mean']:.4g} ± {stats['half_width']:.2g} (n={stats['n']})"
+
+
+def _as_number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def plot_metric(results: dict, x_key: str, metric: str, line_key: str | None, log_x: bool) -> str | None:
+    """``metric`` against ``x_key`` as a PNG data URL (None when no point has both)."""
+    rows = [row for row in results["points"] if not row["baseline"] and x_key in row["settings"]]
+    lines: dict[str, list[tuple]] = {}
+    for row in rows:
+        stats = row["metrics"].get(metric)
+        if stats is None:
+            continue
+        others = {k: v for k, v in row["settings"].items() if k != x_key}
+        label = str(row["settings"].get(line_key)) if line_key else (
+            " ".join(f"{k}={v}" for k, v in others.items()) or metric)  # fmt: skip
+        if line_key and line_key not in row["settings"]:
+            label = row["point"].split(" ")[0]
+        lines.setdefault(label, []).append((row["settings"][x_key], stats))
+    if not lines:
+        return None
+    xs = [x for points in lines.values() for x, _ in points]
+    numeric = all(_as_number(x) is not None for x in xs)
+    categories = list(dict.fromkeys(str(x) for x in xs))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for index, (label, points) in enumerate(lines.items()):
+        points.sort(key=lambda p: _as_number(p[0]) if numeric else categories.index(str(p[0])))
+        positions = [float(x) if numeric else categories.index(str(x)) for x, _ in points]
+        means = [s["mean"] for _, s in points]
+        errors = [s["half_width"] or 0.0 for _, s in points]
+        ax.errorbar(positions, means, yerr=errors, marker="o", markersize=4, capsize=3, linewidth=1.3,
+                    color=COLOURS[index % len(COLOURS)], label=label)  # fmt: skip
+    if numeric and log_x:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories, fontsize=7)
+    ax.set_xlabel(x_key, fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_title(f"{metric} (mean, 95% interval over seeds)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("_")
+
+
+def write_sweep_page(spec, folder: Path, results: dict) -> Path:
+    """Write ``plots/*.png``, ``reports/<point>.html`` (the point's seeds as one dpolab report) and ``index.html``."""
+    import base64
+
+    from dpolab.sweep import CHANGE_SUFFIX, RESULT_FILE
+
+    figures = []
+    for plot in spec.plots:
+        for metric in plot["metrics"]:
+            png = plot_metric(results, plot["x"], metric, plot.get("line"), plot.get("log_x", False))
+            if png is None:
+                continue
+            name = _file_name(f"{metric}-vs-{plot['x']}") + ".png"
+            (folder / "plots").mkdir(parents=True, exist_ok=True)
+            (folder / "plots" / name).write_bytes(base64.b64decode(png.split(",", 1)[1]))
+            figures.append((name, png))
+    links = {}
+    for row in results["points"]:
+        runs = [folder / "runs" / _point_folder(row["point"]) / f"seed{seed}" for seed in row["seeds_done"]]
+        runs = [run for run in runs if (run / "metrics.jsonl").exists() and (run / RESULT_FILE).exists()]
+        if runs:
+            target = folder / "reports" / f"{_point_folder(row['point'])}.html"
+            write_report(runs, target, title=f"sweep point: {row['point']}")
+            links[row["point"]] = target.relative_to(folder)
+    columns = results["metrics"] + [
+        m + CHANGE_SUFFIX
+        for m in results["metrics"]
+        if any(m + CHANGE_SUFFIX in r["metrics"] for r in results["points"])
+    ]
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in ["point", "seeds", *columns, "report"])
+    body = ""
+    for row in results["points"]:
+        link = links.get(row["point"])
+        cells = "".join(f"<td>{html.escape(cell(row['metrics'].get(c)))}</td>" for c in columns)
+        report = f"<a href='{html.escape(str(link))}'>report</a>" if link else ""
+        body += (
+            f"<tr><td>{html.escape(row['point'])}</td><td>{len(row['seeds_done'])}</td>{cells}<td>{report}</td></tr>"
+        )
+    failures = "".join(
+        f"<li>{html.escape(f['point'])} seed {f['seed']}: {html.escape(f['error'])}</li>"
+        for f in results.get("failures", [])
+    )
+    images = "".join(f'<img alt="{html.escape(name)}" src="{png}">' for name, png in figures)
+    spec_text = (
+        (folder / "spec.yaml").read_text() if (folder / "spec.yaml").exists() else json.dumps(results["swept_keys"])
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}"><title>sweep {html.escape(folder.name)}</title><style>{STYLE}</style></head>
+<body><h1>sweep {html.escape(folder.name)}</h1>
+<p>Recipe <code>{html.escape(results["recipe"])}</code>; seeds {html.escape(str(results["seeds"]))}. Each cell: the mean over
+seeds ± the half-width of its 95% interval (Student's t), and n, the seeds finished.
+"… change" is the run's value minus its seed's baseline value, paired by seed.</p>
+{f"<h2>Failed runs</h2><ul class='alarm'>{failures}</ul>" if failures else ""}
+<h2>Results</h2><table><tr>{header}</tr>{body}</table>
+<h2>Plots</h2><div class="plots">{images or "<p>no plots: add plots: to the spec</p>"}</div>
+<h2>Spec</h2><pre>{html.escape(spec_text)}</pre>
+</body></html>
+"""
+    target = folder / "index.html"
+    temporary = folder / ".index.html.tmp"
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(target)
+    return target
+
+
+def _point_folder(name: str) -> str:
+    from dpolab.sweep import Point
+
+    return Point(name, {}).folder

@@ -1,0 +1,222 @@
+"""`dpolab sweep`: spec errors before any run, a training grid from the CLI, resume, intervals, baseline pairing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dpolab.sweep import interval, load_spec, plan_jobs, run_sweep, t_quantile
+from tests.tiny import save_tiny_model
+
+PAIRS = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
+    for a in range(5)
+    for b in range(4)
+]
+
+
+def write_spec(path, spec: dict):
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def dpolab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dpolab", *args], capture_output=True, text=True, cwd=cwd)
+
+
+# --- the interval ---------------------------------------------------------------------------------------------
+
+
+def test_t_quantiles_match_scipy():
+    from scipy import stats  # in the dev extra, through scikit-learn (lm-eval)
+
+    for degrees in range(1, 200):
+        assert t_quantile(degrees) == pytest.approx(stats.t.ppf(0.975, degrees), abs=1e-3), degrees
+
+
+def test_interval_covers_the_mean_at_the_nominal_rate():
+    # Coverage of the t-interval over 2,000 samples of 3 normal draws: 95% ± 1.5 points. A z-interval (1.96)
+    # would cover ~87.5% at n = 3; a wrong degrees-of-freedom or a population sd would miss this band.
+    import random
+
+    generator = random.Random(0)
+    covered = 0
+    for _ in range(2000):
+        stats = interval([generator.gauss(1.0, 2.0) for _ in range(3)])
+        covered += stats["low"] <= 1.0 <= stats["high"]
+    assert 0.935 <= covered / 2000 <= 0.965
+    single = interval([4.0])
+    assert single["mean"] == 4.0 and single["half_width"] is None
+
+
+# --- spec errors, before anything runs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"recipe": "toy", "grid": {}, "points": []}, "empty grid"),
+        ({"recipe": "toy", "grid": {"loss": []}}, "sweep.grid.loss: a non-empty list"),
+        ({"recipe": "toy", "grdi": {"loss": ["dpo"]}}, "sweep.grdi: not a sweep key (did you mean 'grid'?)"),
+        ({"recipe": "toy", "grid": {"learning_rat": [0.1]}}, "learning_rat: not a toy key (did you mean 'learning_rate'?)"),
+        ({"recipe": "toy", "grid": {"steps": ["many"]}}, "steps: expected int; got 'many'"),
+        ({"recipe": "toy", "grid": {"seed": [1, 2]}}, "sweep.grid.seed: set by the sweep"),
+        ({"recipe": "dpo", "grid": {"loss": ["dpo"]}}, "sweep.recipe: one of train, sft, rm, ppo, toy"),
+        ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "seeds": []}, "sweep.seeds: a non-empty list"),
+        ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "baseline": {"model": "x"}}, "needs sweep.evaluate"),
+        ({"recipe": "toy", "points": [{"name": "a", "loss": "dpo"}, {"name": "a", "loss": "ipo"}]}, "share the folder"),
+        ({"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"learning_rate": ["fast"]}},
+         "learning_rate: expected float; got 'fast'"),  # fmt: skip
+        ({"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"los": ["dpo"]}},
+         "unknown config key 'los' (did you mean 'loss'?)"),  # fmt: skip
+    ],
+)
+def test_bad_specs_fail_before_anything_runs(tmp_path, spec, message):
+    path = write_spec(tmp_path / "spec.yaml", spec)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_spec_from_the_cli_names_the_key_and_the_point(tmp_path):
+    path = write_spec(tmp_path / "spec.yaml", {"recipe": "toy", "grid": {"loss_params.beta": [0.1, -1.0]}})
+    result = dpolab("sweep", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "sweep point 'loss_params.beta=-1.0' (seed 0)" in result.stderr and "beta" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- the toy recipe: intervals and the baseline pairing --------------------------------------------------------
+
+WRITE_VALUE = (  # an evaluation command: writes a number that depends on the model folder's name and the seed
+    f"{sys.executable} -c \"import json, sys; model, seed = sys.argv[2], int(sys.argv[3]); "
+    "json.dump(dict(value=(1.0 if model.endswith('base') else 10.0) * (seed + 1) ** 2), open(sys.argv[1], 'w'))\" "
+    "{output} {model_dir} {seed}"
+)
+
+
+def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path):
+    (tmp_path / "base").mkdir()
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        {
+            "recipe": "toy",
+            "base": {"steps": 30, "sft_max_steps": 300},
+            "points": [{"name": "dpo", "loss": "dpo"}, {"name": "dpop", "loss": "dpop", "loss_params": {"lam": 5.0}}],
+            "grid": {"loss_params.beta": [0.1, 0.5]},
+            "seeds": [0, 1, 2],
+            "evaluate": {"command": WRITE_VALUE},
+            "baseline": {"model": str(tmp_path / "base"), "name": "base"},
+            "metrics": ["final_chosen_prob", "evaluate/value"],
+            "plots": [{"x": "loss_params.beta", "line": "loss", "metrics": ["final_chosen_prob"]}],
+        },
+    )
+    results = run_sweep(spec, tmp_path / "out", progress=False)
+    rows = {row["point"]: row for row in results["points"]}
+    assert list(rows) == ["base", "dpo loss_params.beta=0.1", "dpo loss_params.beta=0.5", "dpop loss_params.beta=0.1",
+                          "dpop loss_params.beta=0.5"]  # fmt: skip
+    # Each point's metric over seeds is the interval of the runs' own summaries, read back independently.
+    for name, row in rows.items():
+        if name == "base":
+            continue
+        folder = tmp_path / "out" / "runs" / name.replace(" ", "_")
+        finals = [json.loads((folder / f"seed{s}" / "summary.json").read_text())["final_chosen_prob"] for s in (0, 1, 2)]
+        assert row["metrics"]["final_chosen_prob"]["mean"] == pytest.approx(sum(finals) / 3)
+        config = json.loads((folder / "seed1" / "config.json").read_text())
+        assert config["seed"] == 1 and config["loss_params"]["beta"] == float(name[-3:]) and config["steps"] == 30
+        assert config["loss_params"].get("lam") == (5.0 if name.startswith("dpop") else None)
+        # evaluate/value is 10(s+1)² for a run, (s+1)² for the baseline: paired by seed the change is 9(s+1)²,
+        # whose values differ from any pairing of mismatched seeds.
+        change = row["metrics"]["evaluate/value change"]
+        assert change["values"] == [9.0, 36.0, 81.0]
+    assert rows["dpo loss_params.beta=0.1"]["metrics"]["final_chosen_prob"]["n"] == 3
+    with open(tmp_path / "out" / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert {"point", "loss", "loss_params.beta", "metric", "mean", "ci95_low", "ci95_high"} <= set(table[0])
+    assert len([r for r in table if r["metric"] == "final_chosen_prob"]) == 4  # the baseline has no such metric
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert page.count("<img") == 1 and "reports/dpo_loss_params.beta=0.1.html" in page
+    assert (tmp_path / "out" / "plots" / "final_chosen_prob-vs-loss_params.beta.png").stat().st_size > 1000
+
+
+def test_a_changed_spec_does_not_mix_with_finished_runs(tmp_path):
+    spec = {"recipe": "toy", "base": {"steps": 5, "sft_max_steps": 50}, "grid": {"loss": ["dpo"]}, "seeds": [0]}
+    run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)
+    spec["base"]["steps"] = 6
+    with pytest.raises(ValueError, match=r"finished with other settings .*steps: 5 → 6"):
+        run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)
+
+
+# --- the training recipe from the CLI, and resume ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_sweep_from_the_cli_runs_evaluates_and_resumes(tmp_path):
+    save_tiny_model(tmp_path / "model", seed=0)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")
+    common = {"batch_size": 4, "learning_rate": 3e-3, "tensorboard": False, "threads": 1,
+              "monitor": {"enabled": False}, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        {
+            "recipe": "train",
+            "base": {"model": str(tmp_path / "model"), "data": str(tmp_path / "pairs.jsonl"), "max_steps": 3,
+                     "eval_data": str(tmp_path / "pairs.jsonl"), "checkpoint_steps": 2, **common},  # fmt: skip
+            "grid": {"loss": ["dpo", "dpop"]},
+            "seeds": [0, 1],
+            "metrics": ["eval/logratio/chosen", "steps"],
+        },
+    )
+    out = tmp_path / "out"
+    first = dpolab("sweep", str(spec), "--out", str(out), "--no-progress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "loss=dpop" in first.stdout and "eval/logratio/chosen" in first.stdout
+    results = json.loads((out / "results.json").read_text())
+    for row in results["points"]:
+        assert row["seeds_done"] == [0, 1] and row["metrics"]["steps"]["values"] == [3.0, 3.0]
+        for seed in (0, 1):
+            summary = json.loads((out / "runs" / row["point"] / f"seed{seed}" / "summary.json").read_text())
+            assert row["metrics"]["eval/logratio/chosen"]["values"][seed] == summary["eval"]["eval/logratio/chosen"]
+    # Two seeds of the same point train in a different order: different held-out log-ratios.
+    dpo_values = results["points"][0]["metrics"]["eval/logratio/chosen"]["values"]
+    assert dpo_values[0] != dpo_values[1]
+
+    # A finished sweep started again runs nothing.
+    logs = {path: path.read_text() for path in (out / "logs").iterdir()}
+    again = dpolab("sweep", str(spec), "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and {p: p.read_text() for p in (out / "logs").iterdir()} == logs
+
+    # A run killed after its checkpoint at step 2 (no summary, no result): only it runs again, from step 2.
+    killed = out / "runs" / "loss=dpop" / "seed1"
+    for name in ("sweep_result.json", "summary.json"):
+        (killed / name).unlink()
+    for checkpoint in (killed / "checkpoints").iterdir():
+        if checkpoint.name.endswith("3"):
+            import shutil
+
+            shutil.rmtree(checkpoint)
+    resumed = dpolab("sweep", str(spec), "--out", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    changed = [p.name for p in (out / "logs").iterdir() if p.read_text() != logs[p]]
+    assert changed == ["loss=dpop-seed1.log"]
+    assert "--resume" in (out / "logs" / "loss=dpop-seed1.log").read_text().split("$ ")[-1].splitlines()[0]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["resumed_from"] is not None
+    assert math.isfinite(json.loads((out / "results.json").read_text())["points"][1]["metrics"]["steps"]["mean"])
+
+
+def test_dry_run_lists_the_runs_and_writes_nothing(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", {"recipe": "toy", "grid": {"loss": ["dpo", "ipo"]}, "seeds": [0, 1]})
+    result = dpolab("sweep", str(spec), "--out", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "4 runs (4 not finished) of 2 points" in result.stdout and "loss=ipo" in result.stdout
+    assert not (tmp_path / "out").exists()
+    spec_object, folder = load_spec(spec, None)
+    assert folder.name == "sweep-spec" and len(plan_jobs(spec_object, folder)) == 4

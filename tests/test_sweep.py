@@ -65,17 +65,24 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
         ({"recipe": "toy", "grid": {}, "points": []}, "empty grid"),
         ({"recipe": "toy", "grid": {"loss": []}}, "sweep.grid.loss: a non-empty list"),
         ({"recipe": "toy", "grdi": {"loss": ["dpo"]}}, "sweep.grdi: not a sweep key (did you mean 'grid'?)"),
-        ({"recipe": "toy", "grid": {"learning_rat": [0.1]}}, "learning_rat: not a toy key (did you mean 'learning_rate'?)"),
+        (
+            {"recipe": "toy", "grid": {"learning_rat": [0.1]}},
+            "learning_rat: not a toy key (did you mean 'learning_rate'?)",
+        ),
         ({"recipe": "toy", "grid": {"steps": ["many"]}}, "steps: expected int; got 'many'"),
         ({"recipe": "toy", "grid": {"seed": [1, 2]}}, "sweep.grid.seed: set by the sweep"),
         ({"recipe": "dpo", "grid": {"loss": ["dpo"]}}, "sweep.recipe: one of train, sft, rm, ppo, toy"),
         ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "seeds": []}, "sweep.seeds: a non-empty list"),
         ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "baseline": {"model": "x"}}, "needs sweep.evaluate"),
         ({"recipe": "toy", "points": [{"name": "a", "loss": "dpo"}, {"name": "a", "loss": "ipo"}]}, "share the folder"),
-        ({"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"learning_rate": ["fast"]}},
-         "learning_rate: expected float; got 'fast'"),  # fmt: skip
-        ({"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"los": ["dpo"]}},
-         "unknown config key 'los' (did you mean 'loss'?)"),  # fmt: skip
+        (
+            {"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"learning_rate": ["fast"]}},
+            "learning_rate: expected float; got 'fast'",
+        ),  # fmt: skip
+        (
+            {"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"los": ["dpo"]}},
+            "unknown config key 'los' (did you mean 'loss'?)",
+        ),  # fmt: skip
     ],
 )
 def test_bad_specs_fail_before_anything_runs(tmp_path, spec, message):
@@ -96,7 +103,7 @@ def test_bad_spec_from_the_cli_names_the_key_and_the_point(tmp_path):
 # --- the toy recipe: intervals and the baseline pairing --------------------------------------------------------
 
 WRITE_VALUE = (  # an evaluation command: writes a number that depends on the model folder's name and the seed
-    f"{sys.executable} -c \"import json, sys; model, seed = sys.argv[2], int(sys.argv[3]); "
+    f'{sys.executable} -c "import json, sys; model, seed = sys.argv[2], int(sys.argv[3]); '
     "json.dump(dict(value=(1.0 if model.endswith('base') else 10.0) * (seed + 1) ** 2), open(sys.argv[1], 'w'))\" "
     "{output} {model_dir} {seed}"
 )
@@ -127,7 +134,9 @@ def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path)
         if name == "base":
             continue
         folder = tmp_path / "out" / "runs" / name.replace(" ", "_")
-        finals = [json.loads((folder / f"seed{s}" / "summary.json").read_text())["final_chosen_prob"] for s in (0, 1, 2)]
+        finals = [
+            json.loads((folder / f"seed{s}" / "summary.json").read_text())["final_chosen_prob"] for s in (0, 1, 2)
+        ]
         assert row["metrics"]["final_chosen_prob"]["mean"] == pytest.approx(sum(finals) / 3)
         config = json.loads((folder / "seed1" / "config.json").read_text())
         assert config["seed"] == 1 and config["loss_params"]["beta"] == float(name[-3:]) and config["steps"] == 30
@@ -167,8 +176,14 @@ def test_training_sweep_from_the_cli_runs_evaluates_and_resumes(tmp_path):
         tmp_path / "spec.yaml",
         {
             "recipe": "train",
-            "base": {"model": str(tmp_path / "model"), "data": str(tmp_path / "pairs.jsonl"), "max_steps": 3,
-                     "eval_data": str(tmp_path / "pairs.jsonl"), "checkpoint_steps": 2, **common},  # fmt: skip
+            "base": {
+                "model": str(tmp_path / "model"),
+                "data": str(tmp_path / "pairs.jsonl"),
+                "max_steps": 3,
+                "eval_data": str(tmp_path / "pairs.jsonl"),
+                "checkpoint_steps": 2,
+                **common,
+            },  # fmt: skip
             "grid": {"loss": ["dpo", "dpop"]},
             "seeds": [0, 1],
             "metrics": ["eval/logratio/chosen", "steps"],

@@ -235,3 +235,34 @@ def test_dry_run_lists_the_runs_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     spec_object, folder = load_spec(spec, None)
     assert folder.name == "sweep-spec" and len(plan_jobs(spec_object, folder)) == 4
+
+
+def test_a_bundle_sets_its_keys_together_and_is_shown_by_name(tmp_path):
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        {
+            "recipe": "toy",
+            "points": [{"name": "dpop", "loss": "dpop", "loss_params": {"lam": 5.0}}],
+            "grid": {
+                "optimizer": [
+                    {"name": "adam", "optimizer": "adam", "learning_rate": 0.001},
+                    {"name": "sgd", "optimizer": "sgd", "learning_rate": 0.5},
+                ],
+                "loss_params.beta": [0.1, 0.3],
+            },
+            "seeds": [4],
+        },
+    )
+    spec_object, folder = load_spec(spec, str(tmp_path / "out"))
+    jobs = plan_jobs(spec_object, folder)
+    assert [job.point.name for job in jobs] == [
+        "dpop optimizer=adam loss_params.beta=0.1",
+        "dpop optimizer=adam loss_params.beta=0.3",
+        "dpop optimizer=sgd loss_params.beta=0.1",
+        "dpop optimizer=sgd loss_params.beta=0.3",
+    ]
+    sgd = jobs[3]
+    assert sgd.config["optimizer"] == "sgd" and sgd.config["learning_rate"] == 0.5 and sgd.config["seed"] == 4
+    assert sgd.config["loss_params"] == {"lam": 5.0, "beta": 0.3}  # the point's and the grid's, merged
+    assert sgd.point.coordinates == {"name": "dpop", "loss": "dpop", "loss_params": {"lam": 5.0},
+                                     "optimizer": "sgd", "loss_params.beta": 0.3}  # fmt: skip

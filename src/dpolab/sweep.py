@@ -67,8 +67,10 @@ class PlotSpec:
     """The swept key on the horizontal axis."""
     metrics: list[str]
     """The metrics to plot, one figure each."""
-    line: str | None = None
-    """The key whose values make the lines (e.g. ``loss``); default: one line per set of the other keys."""
+    line: str | list[str] | None = None
+    """The key (or keys) whose values make the lines (e.g. ``loss``); default: one line per set of the other keys."""
+    where: dict = field(default_factory=dict)
+    """Only the points with these values (as shown in the table), e.g. ``{optimizer: adam}``."""
     log_x: bool = False
     """Logarithmic x axis (λ ∈ {5, 50, 500})."""
 
@@ -83,7 +85,8 @@ class SweepSpec:
     """Config keys every run shares (dotted keys such as ``loss_params.beta`` allowed); ``{seed}`` in a string
     value is replaced by the run's seed."""
     grid: dict = field(default_factory=dict)
-    """Key → list of values; every combination is a point."""
+    """Key → list of values; every combination is a point. A value that is a mapping with a ``name`` is a
+    bundle: its keys are set together (``{name: sgd, optimizer: sgd, learning_rate: 0.5}``), shown as its name."""
     points: list = field(default_factory=list)
     """A list of points, each a mapping of keys (``name`` labels it); combined with every grid combination."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -110,7 +113,9 @@ class Point:
     name: str
     """Its label: ``name`` from the spec, else ``key=value`` of what it sets."""
     settings: dict
-    """The keys this point sets (dotted), beside the base."""
+    """The config keys this point sets (dotted), beside the base."""
+    coordinates: dict = field(default_factory=dict)
+    """Swept key → the value shown in the table and the plots (a bundle's ``name``; a listed point's ``name``)."""
 
     @property
     def folder(self) -> str:
@@ -174,11 +179,21 @@ def expand_points(spec: SweepSpec) -> list[Point]:
         listed = dict(listed)
         name = listed.pop("name", None)
         for combination in combinations:
-            settings = {**listed, **combination}
-            label = " ".join(f"{key}={_text(value)}" for key, value in settings.items())
-            if name is not None:
-                label = f"{name} {' '.join(f'{k}={_text(v)}' for k, v in combination.items())}".strip()
-            points.append(Point(label or "base", settings))
+            settings, shown = dict(listed), {}
+            for key, value in combination.items():
+                if isinstance(value, dict) and "name" in value:  # a bundle of keys set together
+                    settings.update({k: v for k, v in value.items() if k != "name"})
+                    shown[key] = value["name"]
+                else:
+                    settings[key] = value
+                    shown[key] = value
+            swept = " ".join(f"{key}={_text(value)}" for key, value in shown.items())
+            if name is None:
+                label = " ".join(f"{key}={_text(value)}" for key, value in {**listed, **shown}.items())
+            else:
+                label = f"{name} {swept}".strip()
+            coordinates = {**({"name": name} if name is not None else {}), **listed, **shown}
+            points.append(Point(label or "base", settings, coordinates))
     seen: dict[str, Point] = {}
     for point in points:
         if point.folder in seen:
@@ -192,9 +207,12 @@ def _text(value) -> str:
 
 
 def nested(settings: dict) -> dict:
-    """Dotted keys (``loss_params.beta``) as nested mappings."""
+    """Dotted keys (``loss_params.beta``) as nested mappings (a new structure: the spec's own mappings are
+    shared by many points and must not change)."""
+    import copy
+
     result: dict = {}
-    for key, value in settings.items():
+    for key, value in copy.deepcopy(settings).items():
         target = result
         *parents, leaf = str(key).split(".")
         for parent in parents:
@@ -477,7 +495,7 @@ def aggregate(spec: SweepSpec, jobs: list[Job]) -> dict:
         rows.append(
             {
                 "point": name,
-                "settings": point_jobs[0].point.settings,
+                "coordinates": point_jobs[0].point.coordinates,
                 "baseline": point_jobs[0].baseline,
                 "seeds_done": sorted(done),
                 "metrics": {
@@ -505,7 +523,7 @@ def aggregate(spec: SweepSpec, jobs: list[Job]) -> dict:
 
 
 def _swept_keys(spec: SweepSpec) -> list[str]:
-    keys = [key for point in spec.points for key in point if key != "name"] + list(spec.grid)
+    keys = [key for point in spec.points for key in point] + list(spec.grid)
     return list(dict.fromkeys(keys))
 
 
@@ -526,7 +544,7 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                 stats = row["metrics"].get(metric)
                 if stats is None:
                     continue
-                settings = [_text(row["settings"].get(key, "")) for key in keys]
+                settings = [_text(row["coordinates"].get(key, "")) for key in keys]
                 writer.writerow(
                     [
                         row["point"],

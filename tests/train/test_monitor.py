@@ -81,10 +81,14 @@ def test_toy_dpo_raises_all_three_alarms(toy_runs):
 
 
 def test_toy_remedies_are_quiet_where_they_work(toy_runs):
-    # DPOP keeps the chosen answer and the data mass: no degradation, no dispersion. Its rejected
-    # probability still collapses (to ~1e-37), and the drastic-drop alarm says so.
-    assert {a["alarm"] for a in toy_runs["dpop"].alarms} == {"drastic_drop"}
     assert toy_runs["ipo"].alarms == [] and toy_runs["rlhf"].alarms == []
+
+
+def test_toy_dpop_alarms_like_dpo_where_its_penalty_stays_inactive(toy_runs):
+    # In scenario 1 π_w climbs far above its reference before it falls, so DPOP's penalty (which acts only
+    # below the reference) stays off and DPOP degrades as DPO does: the monitor must say so, not stay quiet.
+    kinds = {a["alarm"] for a in toy_runs["dpop"].alarms}
+    assert kinds == {"degradation", "drastic_drop", "dispersion"}
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +123,19 @@ def alarms_of(out) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_real_dpo_on_low_edit_pairs_degrades_and_dpop_does_not(workspace, tmp_path):
+def test_real_dpo_on_low_edit_pairs_degrades_and_dpop_stays_above_the_reference(workspace, tmp_path):
     run(base(workspace, tmp_path / "dpo"))
     run(base(workspace, tmp_path / "dpop", loss="dpop"))
-    assert [a["alarm"] for a in alarms_of(tmp_path / "dpo")] == ["degradation"]
-    assert alarms_of(tmp_path / "dpop") == []
+    dpo_alarms, dpop_alarms = alarms_of(tmp_path / "dpo"), alarms_of(tmp_path / "dpop")
+    assert [a["alarm"] for a in dpo_alarms] == ["degradation"]
+    # DPOP's chosen log-ratio also falls from its peak (the alarm's drop-from-best rule, later than DPO's) but,
+    # as its penalty guarantees, not below the reference: measured 0% of pairs below it at the end, DPO 25%.
+    assert all(a["alarm"] == "degradation" and a["step"] > dpo_alarms[0]["step"] for a in dpop_alarms)
+    last = {
+        name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]) for name in ("dpo", "dpop")
+    }
+    assert last["dpop"]["monitor/chosen_below_reference"] == 0 < last["dpo"]["monitor/chosen_below_reference"]
+    assert last["dpop"]["logratio/chosen"] > last["dpo"]["logratio/chosen"] + 0.3
     first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     for key in (
         "monitor/logratio_chosen_p50",

@@ -21,24 +21,38 @@ def cell(stats: dict | None) -> str:
     return f"{stats['mean']:.4g} ± {stats['half_width']:.2g} (n={stats['n']})"
 
 
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
 def _as_number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def plot_metric(results: dict, x_key: str, metric: str, line_key: str | None, log_x: bool) -> str | None:
+def plot_metric(
+    results: dict, x_key: str, metric: str, line_key: str | list[str] | None, log_x: bool, where: dict | None = None
+) -> str | None:
     """``metric`` against ``x_key`` as a PNG data URL (None when no point has both)."""
-    rows = [row for row in results["points"] if not row["baseline"] and x_key in row["settings"]]
+    rows = [
+        row
+        for row in results["points"]
+        if not row["baseline"]
+        and x_key in row["coordinates"]
+        and all(_text(row["coordinates"].get(k)) == _text(v) for k, v in (where or {}).items())
+    ]
+    line_keys = [line_key] if isinstance(line_key, str) else list(line_key or [])
     lines: dict[str, list[tuple]] = {}
     for row in rows:
         stats = row["metrics"].get(metric)
         if stats is None:
             continue
-        others = {k: v for k, v in row["settings"].items() if k != x_key}
-        label = str(row["settings"].get(line_key)) if line_key else (
-            " ".join(f"{k}={v}" for k, v in others.items()) or metric)  # fmt: skip
-        if line_key and line_key not in row["settings"]:
-            label = row["point"].split(" ")[0]
-        lines.setdefault(label, []).append((row["settings"][x_key], stats))
+        others = {k: v for k, v in row["coordinates"].items() if k != x_key}
+        if line_keys:  # a point without those keys gets its own line, under its name
+            values = [row["coordinates"][k] for k in line_keys if k in row["coordinates"]]
+            label = " ".join(_text(v) for v in values) if values else row["point"]
+        else:
+            label = " ".join(f"{k}={_text(v)}" for k, v in others.items()) or metric
+        lines.setdefault(label, []).append((row["coordinates"][x_key], stats))
     if not lines:
         return None
     xs = [x for points in lines.values() for x, _ in points]
@@ -59,7 +73,8 @@ def plot_metric(results: dict, x_key: str, metric: str, line_key: str | None, lo
         ax.set_xticks(range(len(categories)), categories, fontsize=7)
     ax.set_xlabel(x_key, fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
-    ax.set_title(f"{metric} (mean, 95% interval over seeds)", fontsize=9)
+    condition = ", ".join(f"{k}={_text(v)}" for k, v in (where or {}).items())
+    ax.set_title(f"{metric}{f' ({condition})' if condition else ''}: mean, 95% interval over seeds", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -80,10 +95,12 @@ def write_sweep_page(spec, folder: Path, results: dict) -> Path:
     figures = []
     for plot in spec.plots:
         for metric in plot["metrics"]:
-            png = plot_metric(results, plot["x"], metric, plot.get("line"), plot.get("log_x", False))
+            where = plot.get("where") or {}
+            png = plot_metric(results, plot["x"], metric, plot.get("line"), plot.get("log_x", False), where)
             if png is None:
                 continue
-            name = _file_name(f"{metric}-vs-{plot['x']}") + ".png"
+            condition = "".join(f"-{k}={_text(v)}" for k, v in where.items())
+            name = _file_name(f"{metric}-vs-{plot['x']}{condition}") + ".png"
             (folder / "plots").mkdir(parents=True, exist_ok=True)
             (folder / "plots" / name).write_bytes(base64.b64decode(png.split(",", 1)[1]))
             figures.append((name, png))

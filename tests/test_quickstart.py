@@ -32,24 +32,36 @@ def test_prints_the_table_and_the_report_path(quickstart):
     assert f"report: {out / 'report.html'}\n" in result.stdout
 
 
-def test_results_are_finite_and_consistent(quickstart):
+def test_the_small_run_shows_the_smaug_direction(quickstart):
+    # The Smaug claim at the small size (measured: DPO −1.64, DPOP +0.17, DPO on high-edit pairs −0.81 nats):
+    # on low-edit pairs DPO lowers the held-out chosen log-likelihood, DPOP keeps it higher, and high-edit
+    # pairs cost the chosen side less than low-edit ones.
     out, _ = quickstart
     results = json.loads((out / "results.json").read_text())
     rows = {row["model"]: row for row in results["table"]}
     assert set(rows) == {"sft", "dpo", "dpop", "dpo_high_edit"}
+    assert rows["dpo"]["chosen_logratio"] < -0.5
+    assert rows["dpop"]["chosen_logratio"] > rows["dpo"]["chosen_logratio"] + 1.0
+    assert rows["dpo_high_edit"]["chosen_logratio"] > rows["dpo"]["chosen_logratio"]
+    # DPO still wins its objective on the low-edit pairs: the rejected side falls further.
+    assert rows["dpo"]["rejected_logratio"] < rows["dpo"]["chosen_logratio"] and rows["dpo"]["reward_accuracy"] > 0.5
     for row in rows.values():
-        assert 0 <= row["accuracy"] <= 1
-        for key in ("chosen_logratio", "rejected_logratio", "margin"):
-            assert math.isfinite(row[key])
-        assert row["margin"] == pytest.approx(row["chosen_logratio"] - row["rejected_logratio"])
-    assert rows["sft"]["chosen_logratio"] == 0  # the SFT model is every run's reference
-    for name in ("dpo", "dpop", "dpo_high_edit"):  # each run moved its model away from the reference
-        assert rows[name]["chosen_logratio"] != 0 and 0 <= rows[name]["reward_accuracy"] <= 1
-    accuracy = results["accuracy"]["sft"]
-    assert accuracy["correct"] == round(accuracy["accuracy"] * accuracy["problems"])
+        assert 0 <= row["accuracy"] <= 1 and all(
+            math.isfinite(row[k]) for k in ("chosen_logratio", "rejected_logratio")
+        )
     # The pair sets differ as designed: corrupted one number vs a different wrong solution.
     stats = results["data"]["edit_stats"]
     assert stats["low_edit"]["char_distance"]["mean"] < 0.1 < 0.3 < stats["high_edit"]["char_distance"]["mean"]
+
+
+def test_the_report_opens_with_the_results_table(quickstart):
+    out, result = quickstart
+    report = (out / "report.html").read_text()
+    table = report.index("<h2>Results</h2>")
+    assert table < report.index("<img")  # before the training curves
+    for model in ("sft", "dpo", "dpop", "dpo_high_edit"):
+        assert f"<tr><td>{model}</td>" in report[table:]
+    assert "size small is a check of the whole pipeline" in report and "size small" in result.stdout
 
 
 def test_held_out_problems_and_pairs_are_disjoint_from_sft(quickstart):

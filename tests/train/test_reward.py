@@ -233,3 +233,19 @@ def test_rm_killed_with_sigkill_resumes_to_the_same_weights(workspace, tmp_path)
     for a, b in zip(ours, theirs, strict=True):
         for key in ("loss", "eval/loss", "rewards/min", "eval/rewards/max"):
             assert a.get(key) == b.get(key), (a["step"], key)
+
+
+def test_the_reward_model_judge_reads_a_model_trained_with_dpolab_rm(workspace, tmp_path):
+    """docs/data.md's `--judge reward-model` with a model `dpolab rm` trained: the judge's scores of the held-out
+    pairs give the recipe's own held-out mean rewards (same text, same last-token score)."""
+    from dpolab.eval.judges import RewardModelJudge
+
+    summary = run(base(workspace, tmp_path, data=str(workspace / "easy.jsonl"), eval_data=str(workspace / "easy.jsonl"),
+                       max_steps=6))  # fmt: skip
+    judge = RewardModelJudge(str(tmp_path / "run" / "model"))
+    chosen = [v.score for v in judge.score([(r["prompt"], r["chosen"], None) for r in EASY])]
+    rejected = [v.score for v in judge.score([(r["prompt"], r["rejected"], None) for r in EASY])]
+    evaluation = summary["eval"]
+    assert sum(chosen) / len(chosen) == pytest.approx(evaluation["eval/rewards/chosen"], abs=1e-4)
+    assert sum(rejected) / len(rejected) == pytest.approx(evaluation["eval/rewards/rejected"], abs=1e-4)
+    assert evaluation["eval/rewards/chosen"] != pytest.approx(evaluation["eval/rewards/rejected"], abs=1e-3)

@@ -19,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     quickstart.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     quickstart.add_argument(
-        "--size", choices=["small", "full"], default="full", help="full: < 10 min on 2 cores; small: < 2 min"
+        "--size",
+        choices=["small", "full"],
+        default="full",
+        help="full: about 5 minutes on 2 CPU cores; small: under a minute, a check of the pipeline (log-ratios only)",
     )
     quickstart.add_argument("--seed", type=int, default=0, help="seeds the data, the model and every run")
     quickstart.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart in --out")

@@ -299,7 +299,8 @@ tr.differs { background: #fff3c4; font-weight: 600; }
 """
 
 
-def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
+def build_report(paths: list[str | Path], title: str = "dpolab report", preface: str = "") -> str:
+    """The page; ``preface``: HTML put first, under the title (the quickstart's results table)."""
     runs = [load_run(p) for p in paths]
     names = [run.name for run in runs]
     for index, run in enumerate(runs):  # keep legend names unique
@@ -325,6 +326,7 @@ def build_report(paths: list[str | Path], title: str = "dpolab report") -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{preface}
 <p>{len(runs)} run(s). Every plot is inline; this file needs no network. Dotted vertical lines mark alarms.</p>
 <h2>Verdicts</h2>{verdicts}
 <h2>Alarms</h2><table><tr><th>step</th><th>run</th><th>alarm</th><th>evidence</th><th>remedy</th></tr>{alarm_rows}</table>
@@ -355,10 +357,10 @@ def check_report_target(out: Path, runs: list[str | Path]) -> None:
             raise ValueError(f"--out {out} exists and is not a dpolab report; refusing to overwrite it")
 
 
-def write_report(paths: list[str | Path], out: str | Path, title: str = "dpolab report") -> Path:
+def write_report(paths: list[str | Path], out: str | Path, title: str = "dpolab report", preface: str = "") -> Path:
     """Write the report to ``out`` (a new file, or an earlier dpolab report, which is replaced)."""
     out = Path(out)
-    page = build_report(paths, title)  # reads and checks the runs first
+    page = build_report(paths, title, preface)  # reads and checks the runs first
     check_report_target(out, paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.tmp")

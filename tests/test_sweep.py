@@ -54,6 +54,8 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
     assert 0.935 <= covered / 2000 <= 0.965
     single = interval([4.0])
     assert single["mean"] == 4.0 and single["half_width"] is None
+    huge = interval([1e307, 3e307, 5e307])  # the toy's gradient ratios: the naive sum and squares overflow
+    assert huge["mean"] == pytest.approx(3e307) and huge["sd"] == pytest.approx(2e307)
 
 
 # --- spec errors, before anything runs ----------------------------------------------------------------------
@@ -266,3 +268,30 @@ def test_a_bundle_sets_its_keys_together_and_is_shown_by_name(tmp_path):
     assert sgd.config["loss_params"] == {"lam": 5.0, "beta": 0.3}  # the point's and the grid's, merged
     assert sgd.point.coordinates == {"name": "dpop", "loss": "dpop", "loss_params": {"lam": 5.0},
                                      "optimizer": "sgd", "loss_params.beta": 0.3}  # fmt: skip
+
+
+def test_a_run_that_fails_is_listed_and_the_others_go_on(tmp_path):
+    # IPO under plain SGD at a huge learning rate diverges to NaN within a few steps: the loss refuses it.
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        {
+            "recipe": "toy",
+            "base": {"steps": 20, "sft_max_steps": 50, "optimizer": "sgd"},
+            "points": [
+                {
+                    "name": "diverges",
+                    "loss": "ipo",
+                    "loss_params": {"tau": 0.1, "length_normalized": False},
+                    "learning_rate": 1.0e6,
+                },  # fmt: skip
+                {"name": "fine", "loss": "dpo", "learning_rate": 0.5},
+            ],
+            "seeds": [0],
+        },
+    )
+    results = run_sweep(spec, tmp_path / "out", progress=False)
+    assert [f["point"] for f in results["failures"]] == ["diverges"]
+    assert "not finite" in results["failures"][0]["error"]
+    rows = {row["point"]: row for row in results["points"]}
+    assert rows["diverges"]["seeds_done"] == [] and rows["fine"]["seeds_done"] == [0]
+    assert "Failed runs" in (tmp_path / "out" / "index.html").read_text()

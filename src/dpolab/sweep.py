@@ -414,9 +414,12 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
             start = time.perf_counter()
             try:
                 metrics = run_job(spec, job, log)
-            except (RuntimeError, OSError) as error:
-                failures.append({"point": job.point.name, "seed": job.seed, "error": str(error)})
-                print(f"sweep: {job.point.name} seed {job.seed} failed: {error}", file=sys.stderr)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # one run's failure (a diverged toy run, a crashed process) is not the sweep's
+                message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                failures.append({"point": job.point.name, "seed": job.seed, "error": message})
+                print(f"sweep: {job.point.name} seed {job.seed} failed: {message}", file=sys.stderr)
             else:
                 record = {
                     "point": job.point.name,
@@ -458,10 +461,11 @@ def t_quantile(degrees_of_freedom: int) -> float:
 def interval(values: list[float]) -> dict:
     """Mean and the 95% t-interval of the mean over seeds (half-width null with one value)."""
     n = len(values)
-    mean = sum(values) / n
+    mean = math.fsum(v / n for v in values)  # v / n first: gradient ratios reach 1e300, whose sum overflows
     if n < 2:
         return {"n": n, "mean": mean, "sd": None, "half_width": None, "low": None, "high": None, "values": values}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    scale = max(abs(v - mean) for v in values) or 1.0  # scaled, so the squares do not overflow either
+    sd = scale * math.sqrt(math.fsum(((v - mean) / scale) ** 2 for v in values) / (n - 1))
     half = t_quantile(n - 1) * sd / math.sqrt(n)
     return {
         "n": n,

@@ -42,7 +42,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(f"metrics no run has: {', '.join(results['missing_metrics'])} (dpolab sweep SPEC --metrics lists them)")
     print(f"table: {results['folder']}/results.csv; page: {results['folder']}/index.html")
     if results["failures"]:
-        print(f"{len(results['failures'])} run(s) failed; their logs are in {results['folder']}/logs; "
+        print(f"{len(results['failures'])} run(s) failed (listed in results.json and index.html; logs of training runs in {results['folder']}/logs); "
               "run the sweep again to retry them")  # fmt: skip
         return 1
     return 0

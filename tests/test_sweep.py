@@ -282,7 +282,7 @@ def test_a_run_that_fails_is_listed_and_the_others_go_on(tmp_path):
                     "name": "diverges",
                     "loss": "ipo",
                     "loss_params": {"tau": 0.1, "length_normalized": False},
-                    "learning_rate": 1.0e6,
+                    "learning_rate": 1.0e30,
                 },  # fmt: skip
                 {"name": "fine", "loss": "dpo", "learning_rate": 0.5},
             ],

@@ -75,7 +75,7 @@ class PreferenceLogps:
             finite = torch.isfinite(value)
             if not bool(finite.all()):
                 row = int((~finite).nonzero()[0, 0])
-                raise ValueError(f"{name} is not finite at row {row}: {float(value[row])}")
+                raise ValueError(f"{name} is not finite at row {row}: {float(value[row].detach())}")
             if name.endswith("_lengths") and bool((value <= 0).any()):
                 row = int((value <= 0).nonzero()[0, 0])
                 raise ValueError(f"{name} must be positive, got {float(value[row])} at row {row}")

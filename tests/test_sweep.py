@@ -78,6 +78,23 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
         ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "baseline": {"model": "x"}}, "needs sweep.evaluate"),
         ({"recipe": "toy", "points": [{"name": "a", "loss": "dpo"}, {"name": "a", "loss": "ipo"}]}, "share the folder"),
         (
+            {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": "score --model {model}"}},
+            "sweep.evaluate.command: unknown placeholder or stray brace: 'model' (known: {model_dir}",
+        ),  # fmt: skip
+        ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": ""}}, "sweep.evaluate.command: empty"),
+        (
+            {"recipe": "toy", "grid": {"loss": ["dpo"]}, "plots": [{"x": "beta", "metrics": ["final_chosen_prob"]}]},
+            "sweep.plots[0]: 'beta' is not a swept key (swept: loss)",
+        ),  # fmt: skip
+        (
+            {
+                "recipe": "toy",
+                "grid": {"loss": ["dpo"]},
+                "plots": [{"x": "loss", "metrics": ["m"], "where": {"opt": 1}}],
+            },
+            "sweep.plots[0]: 'opt' is not a swept key",
+        ),  # fmt: skip
+        (
             {"recipe": "train", "base": {"model": "m", "data": "d"}, "grid": {"learning_rate": ["fast"]}},
             "learning_rate: expected float; got 'fast'",
         ),  # fmt: skip

@@ -27,12 +27,12 @@ from pathlib import Path
 import yaml
 
 from dpolab import safe_yaml
+from dpolab.report.sweep import CHANGE_SUFFIX, value_text
 from dpolab.train.config import nested_settings
 
 TRAINING_RECIPES = ("train", "sft", "rm", "ppo")
 RECIPES = (*TRAINING_RECIPES, "toy")
 RESULT_FILE = "sweep_result.json"  # written last, atomically: its presence means the run is finished
-CHANGE_SUFFIX = " change"  # "evaluate/accuracy change": the run's value minus its seed's baseline value
 
 
 @dataclass
@@ -150,7 +150,10 @@ def load_spec(path: str | Path, out: str | None = None) -> tuple[SweepSpec, Path
     for index, plot in enumerate(spec.plots):
         nested_settings(PlotSpec, plot, f"sweep.plots[{index}]", "a plot setting", "docs/experiments.md")
     if spec.evaluate is not None:
-        nested_settings(EvaluateSpec, spec.evaluate, "sweep.evaluate", "an evaluate setting", "docs/experiments.md")
+        evaluate = nested_settings(
+            EvaluateSpec, spec.evaluate, "sweep.evaluate", "an evaluate setting", "docs/experiments.md"
+        )
+        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS})  # an unknown placeholder fails here
     if spec.baseline is not None:
         nested_settings(BaselineSpec, spec.baseline, "sweep.baseline", "a baseline setting", "docs/experiments.md")
         if spec.evaluate is None:
@@ -187,9 +190,9 @@ def expand_points(spec: SweepSpec) -> list[Point]:
                 else:
                     settings[key] = value
                     shown[key] = value
-            swept = " ".join(f"{key}={_text(value)}" for key, value in shown.items())
+            swept = " ".join(f"{key}={value_text(value)}" for key, value in shown.items())
             if name is None:
-                label = " ".join(f"{key}={_text(value)}" for key, value in {**listed, **shown}.items())
+                label = " ".join(f"{key}={value_text(value)}" for key, value in {**listed, **shown}.items())
             else:
                 label = f"{name} {swept}".strip()
             coordinates = {**({"name": name} if name is not None else {}), **listed, **shown}
@@ -200,10 +203,6 @@ def expand_points(spec: SweepSpec) -> list[Point]:
             raise ValueError(f"sweep: two points would share the folder {point.folder!r}: give them distinct names")
         seen[point.folder] = point
     return points
-
-
-def _text(value) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def nested(settings: dict) -> dict:
@@ -239,6 +238,15 @@ def _with_seed(value, seed: int):
 def plan_jobs(spec: SweepSpec, folder: Path) -> list[Job]:
     """Every run of the sweep, its config built and validated (every config error before any run)."""
     points = expand_points(spec)
+    shown = {key for point in points for key in point.coordinates}
+    for index, plot in enumerate(spec.plots):
+        plot = PlotSpec(**plot)
+        line = [plot.line] if isinstance(plot.line, str) else list(plot.line or [])
+        for key in [plot.x, *line, *plot.where]:
+            if key not in shown:
+                raise ValueError(
+                    f"sweep.plots[{index}]: {key!r} is not a swept key (swept: {', '.join(sorted(shown))})"
+                )
     jobs = []
     if spec.baseline is not None:
         baseline = BaselineSpec(**spec.baseline)
@@ -310,11 +318,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def run_job(spec: SweepSpec, job: Job, log: Path) -> dict:
-    """Train (unless already trained), evaluate, and return the run's metrics; raises ``RuntimeError``."""
+    """Train (unless already trained), evaluate, and return the run's metrics; any failure raises."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}
     if job.baseline:
-        model_dir = job.point.settings["model"].replace("{seed}", str(job.seed))
+        model_dir = _with_seed(job.point.settings["model"], job.seed)
     elif spec.recipe == "toy":
         metrics.update(run_toy_job(job))
         model_dir = str(job.run_dir)
@@ -339,7 +347,7 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
     from dpolab.train.checkpoint import latest_checkpoint
 
     summary_path = job.run_dir / "summary.json"
-    if not summary_path.exists():  # trained earlier, evaluation failed: only evaluate again
+    if not summary_path.exists():  # with a summary it trained earlier and only its evaluation failed
         config_path = job.run_dir.parent / f"{job.run_dir.name}.config.yaml"
         config_path.write_text(yaml.safe_dump({**job.config, "progress": False}, sort_keys=False))
         launcher = shlex.split(spec.launcher) if spec.launcher else [sys.executable, "-m", "dpolab"]
@@ -356,16 +364,29 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
     return metrics
 
 
-def run_evaluation(evaluate: EvaluateSpec, job: Job, model_dir: str, log: Path) -> dict:
-    output = job.run_dir / evaluate.output
-    values = {"model_dir": model_dir, "run_dir": str(job.run_dir), "seed": str(job.seed), "output": str(output)}
+PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")
+
+
+def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str]) -> list[str]:
+    """The evaluation's command line with its placeholders filled; ``ValueError`` naming an unknown one."""
     try:
         command = [word.format(**values) for word in shlex.split(evaluate.command)]
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"sweep.evaluate.command: unknown placeholder {error} (known: {', '.join(values)})") from None
-    if command[:1] == ["dpolab"]:  # this installation's dpolab, whatever PATH says
+        raise ValueError(
+            f"sweep.evaluate.command: unknown placeholder or stray brace: {error} (known: "
+            f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)}; a literal brace is written {{{{ or }}}})"
+        ) from None
+    if not command:
+        raise ValueError("sweep.evaluate.command: empty")
+    if command[0] == "dpolab":  # this installation's dpolab, whatever PATH says
         command = [sys.executable, "-m", "dpolab", *command[1:]]
-    _run_logged(command, log, "evaluation")
+    return command
+
+
+def run_evaluation(evaluate: EvaluateSpec, job: Job, model_dir: str, log: Path) -> dict:
+    output = job.run_dir / evaluate.output
+    values = {"model_dir": model_dir, "run_dir": str(job.run_dir), "seed": str(job.seed), "output": str(output)}
+    _run_logged(evaluation_command(evaluate, values), log, "evaluation")
     try:
         data = json.loads(output.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -403,7 +424,13 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
     jobs = plan_jobs(spec, folder)
     pending = [job for job in jobs if read_result(job.run_dir) is None]
     if dry_run:
-        return {"folder": str(folder), "runs": len(jobs), "pending": len(pending), "points": _point_names(jobs)}
+        return {
+            "folder": str(folder),
+            "runs": len(jobs),
+            "pending": len(pending),
+            "points": _point_names(jobs),
+            "available_metrics": aggregate(spec, jobs)["available_metrics"],
+        }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.yaml").write_text(Path(spec_path).read_text())
     failures = []
@@ -499,6 +526,7 @@ def aggregate(spec: SweepSpec, jobs: list[Job]) -> dict:
         rows.append(
             {
                 "point": name,
+                "folder": point_jobs[0].point.folder,
                 "coordinates": point_jobs[0].point.coordinates,
                 "baseline": point_jobs[0].baseline,
                 "seeds_done": sorted(done),
@@ -548,7 +576,7 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                 stats = row["metrics"].get(metric)
                 if stats is None:
                     continue
-                settings = [_text(row["coordinates"].get(key, "")) for key in keys]
+                settings = [value_text(row["coordinates"].get(key, "")) for key in keys]
                 writer.writerow(
                     [
                         row["point"],
@@ -563,4 +591,4 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                     ]  # fmt: skip
                 )
     temporary.replace(folder / "results.csv")
-    write_sweep_page(spec, folder, results)
+    write_sweep_page([PlotSpec(**plot) for plot in spec.plots], folder, results)

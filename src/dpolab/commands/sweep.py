@@ -9,8 +9,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dpolab.report.sweep import cell
-    from dpolab.sweep import CHANGE_SUFFIX, run_sweep
+    from dpolab.report.sweep import cell, table_columns
+    from dpolab.sweep import run_sweep
 
     results = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run or args.metrics)
     if args.dry_run or args.metrics:
@@ -19,19 +19,12 @@ def sweep_command(args: argparse.Namespace) -> int:
         for name in results["points"]:
             print(f"  {name}")
         if args.metrics:
-            from dpolab.sweep import aggregate, load_spec, plan_jobs
-
-            spec, folder = load_spec(args.spec, args.out)
-            available = aggregate(spec, plan_jobs(spec, folder))["available_metrics"]
+            available = results["available_metrics"]
             print("metrics of the finished runs:" if available else "no finished run yet: no metrics to list")
             for name in available:
                 print(f"  {name}")
         return 0
-    columns = results["metrics"] + [
-        m + CHANGE_SUFFIX
-        for m in results["metrics"]
-        if any(m + CHANGE_SUFFIX in r["metrics"] for r in results["points"])
-    ]
+    columns = table_columns(results)
     table = Table(title=f"sweep: mean ± 95% interval over seeds ({results['folder']})")
     for column in ["point", *columns]:
         table.add_column(column, justify="left" if column == "point" else "right")

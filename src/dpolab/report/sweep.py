@@ -10,6 +10,18 @@ from pathlib import Path
 from dpolab.report.html import COLOURS, STYLE, _png, _pyplot, write_report
 
 GENERATOR = "dpolab sweep"
+CHANGE_SUFFIX = " change"  # "evaluate/accuracy change": a run's value minus its seed's baseline value
+
+
+def value_text(value) -> str:
+    """A swept value as shown in labels, tables and plot legends."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def table_columns(results: dict) -> list[str]:
+    """The table's metrics, then their baseline changes where runs have them."""
+    changes = [m + CHANGE_SUFFIX for m in results["metrics"]]
+    return results["metrics"] + [c for c in changes if any(c in row["metrics"] for row in results["points"])]
 
 
 def cell(stats: dict | None) -> str:
@@ -19,10 +31,6 @@ def cell(stats: dict | None) -> str:
     if stats["half_width"] is None:
         return f"{stats['mean']:.4g} (n={stats['n']})"
     return f"{stats['mean']:.4g} ± {stats['half_width']:.2g} (n={stats['n']})"
-
-
-def _text(value) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def _as_number(value) -> float | None:
@@ -38,7 +46,7 @@ def plot_metric(
         for row in results["points"]
         if not row["baseline"]
         and x_key in row["coordinates"]
-        and all(_text(row["coordinates"].get(k)) == _text(v) for k, v in (where or {}).items())
+        and all(value_text(row["coordinates"].get(k)) == value_text(v) for k, v in (where or {}).items())
     ]
     line_keys = [line_key] if isinstance(line_key, str) else list(line_key or [])
     lines: dict[str, list[tuple]] = {}
@@ -49,9 +57,9 @@ def plot_metric(
         others = {k: v for k, v in row["coordinates"].items() if k != x_key}
         if line_keys:  # a point without those keys gets its own line, under its name
             values = [row["coordinates"][k] for k in line_keys if k in row["coordinates"]]
-            label = " ".join(_text(v) for v in values) if values else row["point"]
+            label = " ".join(value_text(v) for v in values) if values else row["point"]
         else:
-            label = " ".join(f"{k}={_text(v)}" for k, v in others.items()) or metric
+            label = " ".join(f"{k}={value_text(v)}" for k, v in others.items()) or metric
         lines.setdefault(label, []).append((row["coordinates"][x_key], stats))
     if not lines:
         return None
@@ -73,7 +81,7 @@ def plot_metric(
         ax.set_xticks(range(len(categories)), categories, fontsize=7)
     ax.set_xlabel(x_key, fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
-    condition = ", ".join(f"{k}={_text(v)}" for k, v in (where or {}).items())
+    condition = ", ".join(f"{k}={value_text(v)}" for k, v in (where or {}).items())
     ax.set_title(f"{metric}{f' ({condition})' if condition else ''}: mean, 95% interval over seeds", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
@@ -86,37 +94,30 @@ def _file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("_")
 
 
-def write_sweep_page(spec, folder: Path, results: dict) -> Path:
+def write_sweep_page(plots: list, folder: Path, results: dict) -> Path:
     """Write ``plots/*.png``, ``reports/<point>.html`` (the point's seeds as one dpolab report) and ``index.html``."""
     import base64
 
-    from dpolab.sweep import CHANGE_SUFFIX, RESULT_FILE
-
     figures = []
-    for plot in spec.plots:
-        for metric in plot["metrics"]:
-            where = plot.get("where") or {}
-            png = plot_metric(results, plot["x"], metric, plot.get("line"), plot.get("log_x", False), where)
+    for plot in plots:  # dpolab.sweep.PlotSpec
+        for metric in plot.metrics:
+            png = plot_metric(results, plot.x, metric, plot.line, plot.log_x, plot.where)
             if png is None:
                 continue
-            condition = "".join(f"-{k}={_text(v)}" for k, v in where.items())
-            name = _file_name(f"{metric}-vs-{plot['x']}{condition}") + ".png"
+            condition = "".join(f"-{k}={value_text(v)}" for k, v in plot.where.items())
+            name = _file_name(f"{metric}-vs-{plot.x}{condition}") + ".png"
             (folder / "plots").mkdir(parents=True, exist_ok=True)
             (folder / "plots" / name).write_bytes(base64.b64decode(png.split(",", 1)[1]))
             figures.append((name, png))
     links = {}
     for row in results["points"]:
-        runs = [folder / "runs" / _point_folder(row["point"]) / f"seed{seed}" for seed in row["seeds_done"]]
-        runs = [run for run in runs if (run / "metrics.jsonl").exists() and (run / RESULT_FILE).exists()]
+        runs = [folder / "runs" / row["folder"] / f"seed{seed}" for seed in row["seeds_done"]]
+        runs = [run for run in runs if (run / "metrics.jsonl").exists()]  # the baseline has no training run
         if runs:
-            target = folder / "reports" / f"{_point_folder(row['point'])}.html"
+            target = folder / "reports" / f"{row['folder']}.html"
             write_report(runs, target, title=f"sweep point: {row['point']}")
             links[row["point"]] = target.relative_to(folder)
-    columns = results["metrics"] + [
-        m + CHANGE_SUFFIX
-        for m in results["metrics"]
-        if any(m + CHANGE_SUFFIX in r["metrics"] for r in results["points"])
-    ]
+    columns = table_columns(results)
     header = "".join(f"<th>{html.escape(c)}</th>" for c in ["point", "seeds", *columns, "report"])
     body = ""
     for row in results["points"]:
@@ -151,9 +152,3 @@ seeds ± the half-width of its 95% interval (Student's t), and n, the seeds fini
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(target)
     return target
-
-
-def _point_folder(name: str) -> str:
-    from dpolab.sweep import Point
-
-    return Point(name, {}).folder

@@ -83,6 +83,26 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
         ),  # fmt: skip
         ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": ""}}, "sweep.evaluate.command: empty"),
         (
+            {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": [{"command": "a {output}"}, {"command": "b"}]},
+            "sweep.evaluate[0]: with several evaluations each needs a name",
+        ),  # fmt: skip
+        (
+            {
+                "recipe": "toy",
+                "grid": {"loss": ["dpo"]},
+                "evaluate": [{"name": "a", "command": "a"}, {"name": "b", "command": "b {out}"}],
+            },
+            "sweep.evaluate[1].command: unknown placeholder",
+        ),  # fmt: skip
+        (
+            {
+                "recipe": "toy",
+                "grid": {"loss": ["dpo"]},
+                "evaluate": [{"name": "a", "command": "a"}, {"name": "b", "command": "b"}],
+            },
+            "two evaluations have the output 'evaluate.json'",
+        ),  # fmt: skip
+        (
             {"recipe": "toy", "grid": {"loss": ["dpo"]}, "plots": [{"x": "beta", "metrics": ["final_chosen_prob"]}]},
             "sweep.plots[0]: 'beta' is not a swept key (swept: loss)",
         ),  # fmt: skip
@@ -172,6 +192,33 @@ def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path)
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count("<img") == 1 and "reports/dpo_loss_params.beta=0.1.html" in page
     assert (tmp_path / "out" / "plots" / "final_chosen_prob-vs-loss_params.beta.png").stat().st_size > 1000
+
+
+def test_several_evaluations_each_give_their_named_metrics_and_baseline_changes(tmp_path):
+    (tmp_path / "base").mkdir()
+    squared = WRITE_VALUE
+    cubed = WRITE_VALUE.replace("** 2", "** 3")
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        {
+            "recipe": "toy",
+            "base": {"steps": 5, "sft_max_steps": 50},
+            "points": [{"name": "dpo", "loss": "dpo"}],
+            "seeds": [0, 1],
+            "evaluate": [
+                {"name": "square", "command": squared, "output": "square.json"},
+                {"name": "cube", "command": cubed, "output": "cube.json"},
+            ],
+            "baseline": {"model": str(tmp_path / "base"), "name": "base"},
+            "metrics": ["evaluate/square/value", "evaluate/cube/value"],
+        },
+    )
+    results = run_sweep(spec, tmp_path / "out", progress=False)
+    row = next(r for r in results["points"] if r["point"] == "dpo")
+    assert row["metrics"]["evaluate/square/value"]["values"] == [10.0, 40.0]
+    assert row["metrics"]["evaluate/cube/value"]["values"] == [10.0, 80.0]
+    assert row["metrics"]["evaluate/cube/value change"]["values"] == [9.0, 72.0]  # paired with the base's 1, 8
+    assert (tmp_path / "out" / "runs" / "dpo" / "seed1" / "cube.json").exists()
 
 
 def test_a_changed_spec_does_not_mix_with_finished_runs(tmp_path):

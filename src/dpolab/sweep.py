@@ -45,6 +45,8 @@ class EvaluateSpec:
     model), ``{run_dir}``, ``{seed}``, ``{output}`` (the JSON file to write)."""
     output: str = "evaluate.json"
     """The file the command writes, in the run's folder (``{output}`` in the command is its path)."""
+    name: str | None = None
+    """Its metrics are ``evaluate/<name>/<key>`` when named (needed when there are several evaluations)."""
 
 
 @dataclass
@@ -93,8 +95,9 @@ class SweepSpec:
     """The ``seed`` of each run of a point."""
     metrics: list[str] = field(default_factory=list)
     """The table's columns; default: every metric all runs have (``dpolab sweep --metrics`` lists them)."""
-    evaluate: dict | None = None
-    """:class:`EvaluateSpec`: ``{command: ..., output: evaluate.json}``."""
+    evaluate: dict | list | None = None
+    """:class:`EvaluateSpec`: ``{command: ..., output: evaluate.json}``, or a list of them, each with its own
+    ``name`` and ``output`` (run in order after each run and on the baseline)."""
     baseline: dict | None = None
     """:class:`BaselineSpec`: ``{model: runs/qs{seed}/runs/sft/model, name: sft}``; needs ``evaluate``."""
     plots: list = field(default_factory=list)
@@ -149,11 +152,7 @@ def load_spec(path: str | Path, out: str | None = None) -> tuple[SweepSpec, Path
         raise ValueError(f"sweep.seeds: a non-empty list of distinct integers; got {spec.seeds!r}")
     for index, plot in enumerate(spec.plots):
         nested_settings(PlotSpec, plot, f"sweep.plots[{index}]", "a plot setting", "docs/experiments.md")
-    if spec.evaluate is not None:
-        evaluate = nested_settings(
-            EvaluateSpec, spec.evaluate, "sweep.evaluate", "an evaluate setting", "docs/experiments.md"
-        )
-        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS})  # an unknown placeholder fails here
+    evaluations(spec)  # each checked, an unknown placeholder included
     if spec.baseline is not None:
         nested_settings(BaselineSpec, spec.baseline, "sweep.baseline", "a baseline setting", "docs/experiments.md")
         if spec.evaluate is None:
@@ -329,9 +328,34 @@ def run_job(spec: SweepSpec, job: Job, log: Path) -> dict:
     else:
         metrics.update(run_training_job(spec, job, log))
         model_dir = str(job.run_dir / "model")
-    if spec.evaluate is not None:
-        metrics.update(run_evaluation(EvaluateSpec(**spec.evaluate), job, model_dir, log))
+    for evaluate in evaluations(spec):
+        metrics.update(run_evaluation(evaluate, job, model_dir, log))
     return metrics
+
+
+def evaluations(spec: SweepSpec) -> list[EvaluateSpec]:
+    """The spec's evaluations, each checked: known keys, known placeholders; with several, distinct names
+    and outputs. ``ValueError`` naming the entry."""
+    if spec.evaluate is None:
+        return []
+    entries = spec.evaluate if isinstance(spec.evaluate, list) else [spec.evaluate]
+    if not entries:
+        raise ValueError("sweep.evaluate: an empty list; give a command, or leave evaluate out")
+    several = isinstance(spec.evaluate, list) and len(entries) > 1
+    checked = []
+    for index, entry in enumerate(entries):
+        where = f"sweep.evaluate[{index}]" if isinstance(spec.evaluate, list) else "sweep.evaluate"
+        evaluate = nested_settings(EvaluateSpec, entry, where, "an evaluate setting", "docs/experiments.md")
+        if several and not evaluate.name:
+            raise ValueError(f"{where}: with several evaluations each needs a name (its metrics: evaluate/<name>/...)")
+        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS}, where)
+        checked.append(evaluate)
+    for key in ("name", "output"):
+        values = [getattr(e, key) for e in checked]
+        repeated = sorted({v for v in values if values.count(v) > 1 and v is not None})
+        if repeated:
+            raise ValueError(f"sweep.evaluate: two evaluations have the {key} {repeated[0]!r}; give each its own")
+    return checked
 
 
 def run_toy_job(job: Job) -> dict:
@@ -367,17 +391,17 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
 PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")
 
 
-def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str]) -> list[str]:
+def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str], where: str = "sweep.evaluate") -> list[str]:
     """The evaluation's command line with its placeholders filled; ``ValueError`` naming an unknown one."""
     try:
         command = [word.format(**values) for word in shlex.split(evaluate.command)]
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(
-            f"sweep.evaluate.command: unknown placeholder or stray brace: {error} (known: "
+            f"{where}.command: unknown placeholder or stray brace: {error} (known: "
             f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)}; a literal brace is written {{{{ or }}}})"
         ) from None
     if not command:
-        raise ValueError("sweep.evaluate.command: empty")
+        raise ValueError(f"{where}.command: empty")
     if command[0] == "dpolab":  # this installation's dpolab, whatever PATH says
         command = [sys.executable, "-m", "dpolab", *command[1:]]
     return command
@@ -393,7 +417,8 @@ def run_evaluation(evaluate: EvaluateSpec, job: Job, model_dir: str, log: Path) 
         raise RuntimeError(f"evaluation wrote no JSON at {output}: {error}") from None
     if not isinstance(data, dict):
         raise RuntimeError(f"evaluation output {output} is not a JSON object")
-    return {f"evaluate/{key}": value for key, value in numeric(data).items()}
+    prefix = f"evaluate/{evaluate.name}/" if evaluate.name else "evaluate/"
+    return {f"{prefix}{key}": value for key, value in numeric(data).items()}
 
 
 def _run_logged(command: list[str], log: Path, what: str) -> None:

@@ -56,6 +56,28 @@ def test_corruption_changes_one_intermediate_result_only(problem_seed, corruptio
     assert len(changed) == 2  # the annotation's result and the written result of that one step
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_a_chosen_step_changes_that_result(problem_seed, corruption_seed):
+    (problem,) = make_problems(1, seed=problem_seed, min_steps=3, max_steps=5)
+    results = [m.group("value") for m in ANNOTATED.finditer(problem.answer)]
+    early = corrupt_solution(problem.answer, random.Random(corruption_seed), step=0)
+    late = corrupt_solution(problem.answer, random.Random(corruption_seed), step=-1)
+    assert (early.step, late.step) == (0, len(results) - 2)  # -1: the last result before the final one
+    assert (early.original_value, late.original_value) == (results[0], results[-2])
+    assert early.text[: problem.answer.index("<<")] == problem.answer[: problem.answer.index("<<")]
+    first_line = problem.answer.split("\n")[0]
+    assert late.text.startswith(first_line) and not early.text.startswith(first_line)
+
+
+def test_a_step_that_does_not_exist_gives_no_pair():
+    two_steps = make_problems(1, seed=0, min_steps=2, max_steps=2)[0].answer
+    assert corrupt_solution(two_steps, random.Random(0), step=1) is None  # one intermediate result only
+    assert corrupt_solution(two_steps, random.Random(0), step=-2) is None
+    with pytest.raises(ValueError, match="intermediate result"):
+        corrupt_solution(two_steps, random.Random(0), final="change", step=0)
+
+
 def test_change_final_and_nothing_to_corrupt():
     (problem,) = make_problems(1, seed=7)
     changed = corrupt_solution(problem.answer, random.Random(0), final="change")

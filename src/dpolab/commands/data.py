@@ -51,7 +51,11 @@ def data_check_command(args: argparse.Namespace) -> int:
 def data_corrupt_command(args: argparse.Namespace) -> int:
     from dpolab.data.corrupt import corrupt_file
 
-    result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final)
+    if args.step is not None and args.final != "keep":
+        raise ValueError("--step picks an intermediate result; it cannot go with --final change")
+    result = corrupt_file(
+        args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final, args.step
+    )
     print_skipped(result["skipped"], args.show)
     print(
         f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
@@ -275,6 +279,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["keep", "change"],
         default="keep",
         help="keep the final answer (change an intermediate result) or change the final answer",
+    )
+    corrupt.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="which intermediate result to change: 0 the first, -1 the last before the final one (default: drawn)",
     )
     corrupt.add_argument("--seed", type=int, default=0)
     corrupt.add_argument("--show", type=int, default=20, help="skipped rows to list (default 20)")

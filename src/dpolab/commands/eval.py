@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-SUBCOMMANDS = ("math", "harness", "contamination")
+SUBCOMMANDS = ("math", "harness", "contamination", "tokens")
 
 
 def route(argv: list[str]) -> list[str]:
@@ -200,3 +201,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     contamination.add_argument("--allow-pickle", action="store_true")
     contamination.add_argument("--no-progress", action="store_true")
     contamination.set_defaults(handler=contamination_command)
+    register_tokens(commands)
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    import json
+
+    from dpolab.eval.tokens import plot_positions, table, token_report
+    from dpolab.evaluate import write_result
+
+    summary, rows = token_report(
+        args.model,
+        args.data,
+        reference_dir=args.reference,
+        window=args.window,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        allow_pickle=args.allow_pickle,
+        progress=not args.no_progress,
+    )
+    print(table(summary))
+    if args.out:
+        write_result(summary, args.out)
+        print(f"summary in {args.out}")
+    if args.tokens:
+        with open(args.tokens, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        print(f"every token's log-prob in {args.tokens}")
+    if args.plot:
+        plot_positions({Path(args.model).name or args.model: summary}, args.plot)
+        print(f"figure in {args.plot}")
+    return 0
+
+
+def register_tokens(commands: argparse._SubParsersAction) -> None:
+    tokens = commands.add_parser(
+        "tokens",
+        help="each completion token's log-prob, and its change from a reference, by position from the first difference",
+        description="Scores every chosen and rejected token of a pair file under the model (and a reference, e.g. the "
+        "model a run started from) and summarises the log-probs and their change before, at and after the first "
+        "token where chosen and rejected differ (the Smaug paper's mechanism; docs/evaluation.md).",
+    )
+    tokens.add_argument("data", help="preference pairs (.jsonl/.json/.parquet: prompt, chosen, rejected)")
+    tokens.add_argument("--model", required=True, help="Hugging Face causal LM directory (its tokenizer beside it)")
+    tokens.add_argument("--reference", help="the model to compare with (e.g. the run's starting model)")
+    tokens.add_argument("--window", type=int, default=40, help="offsets from the first difference in by_position (40)")
+    tokens.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    tokens.add_argument("--max-length", type=int, default=None, help="tokens per prompt + completion, as in training")
+    tokens.add_argument("--batch-size", type=int, default=16)
+    tokens.add_argument("--out", help="JSON summary (flat numbers, and by_position)")
+    tokens.add_argument("--tokens", help="JSONL: every pair's tokens and their log-probs")
+    tokens.add_argument("--plot", help="PNG: the mean change (or log-prob) by offset from the first difference")
+    tokens.add_argument("--allow-pickle", action="store_true")
+    tokens.add_argument("--no-progress", action="store_true")
+    tokens.set_defaults(handler=tokens_command)

@@ -42,10 +42,19 @@ def _new_value(value: str, rng: random.Random) -> str:
     return str(number + rng.choice(offsets))
 
 
-def corrupt_solution(solution: str, rng: random.Random, final: str = "keep") -> Corruption | None:
-    """One result changed (see the module docstring); None when the solution has no result to change."""
+def corrupt_solution(
+    solution: str, rng: random.Random, final: str = "keep", step: int | None = None
+) -> Corruption | None:
+    """One result changed (see the module docstring); None when the solution has no result to change.
+
+    ``step`` (with ``final="keep"``) picks which intermediate result instead of drawing it: 0 is the first,
+    -1 the last before the final one (Python indexing); None when the solution has no such result. The new
+    value is drawn the same way whichever step is chosen, so pairs corrupted early and late in the same
+    solutions differ by edits of the same size (docs/experiments.md)."""
     if final not in ("keep", "change"):
         raise ValueError(f"final must be 'keep' or 'change'; got {final!r}")
+    if step is not None and final != "keep":
+        raise ValueError("step chooses an intermediate result; with final='change' the final result is changed")
     annotated = list(ANNOTATED.finditer(solution))
     spans = [(m.start(), m.end()) for m in annotated]
     plain = [m for m in PLAIN.finditer(solution) if not any(start <= m.start() < end for start, end in spans)]
@@ -55,7 +64,12 @@ def corrupt_solution(solution: str, rng: random.Random, final: str = "keep") -> 
     candidates = list(range(len(matches) - 1)) if final == "keep" else [len(matches) - 1]
     if not candidates:
         return None
-    index = rng.choice(candidates)
+    if step is not None:
+        if not -len(candidates) <= step < len(candidates):
+            return None
+        index = candidates[step]
+    else:
+        index = rng.choice(candidates)
     match = matches[index]
     old = match.group("value")
     new = _new_value(old, rng)
@@ -82,6 +96,7 @@ def corrupt_file(
     prompt_field: str = "question",
     seed: int = 0,
     final: str = "keep",
+    step: int | None = None,
 ) -> dict:
     """Pairs (prompt, chosen = the solution, rejected = the corrupted solution) for every row of ``source``.
 
@@ -112,9 +127,10 @@ def corrupt_file(
             ):
                 skipped.append(f"{where}: needs string fields {prompt_field!r} and {solution_field!r}")
                 continue
-            corruption = corrupt_solution(row[solution_field], rng, final)
+            corruption = corrupt_solution(row[solution_field], rng, final, step)
             if corruption is None:
-                skipped.append(f"{where}: no {'intermediate ' if final == 'keep' else ''}result to change")
+                which = f"intermediate result number {step}" if step is not None else "intermediate result"
+                skipped.append(f"{where}: no {which if final == 'keep' else 'result'} to change")
                 continue
             pair = {
                 "prompt": row[prompt_field] + "\n",

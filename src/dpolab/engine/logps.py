@@ -392,3 +392,36 @@ def packing_fallback_reason(
     if worst > tolerance:
         return f"packed and naive log-probs differ by {worst:.2g} nats per token (tolerance {tolerance:g})"
     return None
+
+
+def item_token_logps(
+    model, items: list[Item], engine: LogpEngine, batch_size: int = 16, with_moments: bool = False, progress=None
+) -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per item, per branch: its completion tokens' log-probs in order (CPU float64), in eval mode, no grad.
+
+    Each branch's entry is ``(values,)``, or ``(values, mean, std)`` with ``with_moments`` (see
+    :class:`TokenLogps`). The evaluation tools' entry point (``dpolab eval tokens``, contamination)."""
+    results: list[list[tuple[torch.Tensor, ...]]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                out = engine.token_logps(
+                    model, chunk, list(range(start, start + len(chunk))), with_moments=with_moments
+                )
+                tensors = (out.values, *(out.moments if with_moments else ()))
+                branches = out.branch_lengths.shape[1]
+                for item in range(len(chunk)):
+                    per_branch = []
+                    for branch in range(branches):
+                        selected = out.sequence == item * branches + branch
+                        order = out.index[selected].argsort()
+                        per_branch.append(tuple(t[selected][order].double().cpu() for t in tensors))
+                    results.append(per_branch)
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return results

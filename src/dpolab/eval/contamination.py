@@ -112,7 +112,7 @@ def read_texts(path: str | Path, fields: list[str], label_field: str | None) -> 
 def token_statistics(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 16, progress=None):
     """Per text: (token log-probs, μ_t, σ_t) under ``model``, each a CPU float64 tensor (module docstring)."""
     from dpolab.data.tokenize import TokenizedSequence
-    from dpolab.engine.logps import LogpEngine
+    from dpolab.engine.logps import LogpEngine, item_token_logps
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -123,23 +123,8 @@ def token_statistics(model, tokenizer, texts: list[str], max_tokens: int, batch_
             raise DataError(f"row {number}: the text is {len(ids)} token long; at least 2 are needed to score one")
         items.append(TokenizedSequence(tuple(ids[:1]), tuple(ids[1:]), number - 1))
     engine = LogpEngine(row_tokens=max_tokens, pad_token_id=pad, device=device)
-    statistics = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                out = engine.token_logps(model, chunk, list(range(start, start + len(chunk))), with_moments=True)
-                for sequence in range(len(chunk)):
-                    selected = out.sequence == sequence
-                    order = out.index[selected].argsort()
-                    statistics.append(tuple(t[selected][order].double().cpu() for t in (out.values, *out.moments)))
-                if progress is not None:
-                    progress(len(chunk))
-    finally:
-        model.train(was_training)
-    return statistics
+    per_item = item_token_logps(model, items, engine, batch_size, with_moments=True, progress=progress)
+    return [branches[0] for branches in per_item]
 
 
 def score_texts(model, tokenizer, texts: list[str], k: float, max_tokens: int, batch_size: int = 16, progress=None):

@@ -221,6 +221,15 @@ def test_several_evaluations_each_give_their_named_metrics_and_baseline_changes(
     assert (tmp_path / "out" / "runs" / "dpo" / "seed1" / "cube.json").exists()
 
 
+def test_an_evaluation_s_nested_numbers_are_metrics_by_path():
+    from dpolab.sweep import flat_numbers
+
+    harness_like = {"model": "m", "limit": None, "seed": 0, "ok": True,
+                    "tasks": {"arc": {"documents": 300, "metrics": {"acc": {"value": 0.5, "stderr": None}}}},
+                    "by_position": [{"offset": 0, "chosen": -1.0}], "bad": float("nan")}  # fmt: skip
+    assert flat_numbers(harness_like) == {"seed": 0.0, "tasks/arc/documents": 300.0, "tasks/arc/metrics/acc/value": 0.5}
+
+
 def test_a_changed_spec_does_not_mix_with_finished_runs(tmp_path):
     spec = {"recipe": "toy", "base": {"steps": 5, "sft_max_steps": 50}, "grid": {"loss": ["dpo"]}, "seeds": [0]}
     run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)

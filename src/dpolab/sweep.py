@@ -418,7 +418,7 @@ def run_evaluation(evaluate: EvaluateSpec, job: Job, model_dir: str, log: Path) 
     if not isinstance(data, dict):
         raise RuntimeError(f"evaluation output {output} is not a JSON object")
     prefix = f"evaluate/{evaluate.name}/" if evaluate.name else "evaluate/"
-    return {f"{prefix}{key}": value for key, value in numeric(data).items()}
+    return {f"{prefix}{key}": value for key, value in flat_numbers(data).items()}
 
 
 def _run_logged(command: list[str], log: Path, what: str) -> None:
@@ -439,6 +439,18 @@ def numeric(data: dict) -> dict:
         for key, value in data.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     }
+
+
+def flat_numbers(data: dict, prefix: str = "") -> dict:
+    """The finite numbers of a mapping, nested mappings included as ``outer/inner`` (lists left out): an
+    evaluation's JSON such as ``dpolab eval harness``'s gives ``tasks/arc/metrics/acc/value``."""
+    numbers = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            numbers.update(flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            numbers[f"{prefix}{key}"] = float(value)
+    return numbers
 
 
 def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = True, dry_run: bool = False) -> dict:

@@ -394,6 +394,12 @@ def test_four_scenarios_from_two_pools(tmp_path):
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in s3] == [(0, "good", "o-bad"), (1, "good", "o-bad")]
     assert summary["scenarios"][1]["dropped"] == {"no good chosen": 1, "no bad rejected": 1,
                                                   "prompt missing from a pool": 0}  # fmt: skip
+    # Only prompt 0 has a pair in all four scenarios (1 lacks a bad policy candidate, 2 a good one)
+    same = scenario_files(tmp_path / "p.jsonl", tmp_path / "o.jsonl", tmp_path / "same", same_prompts=True)
+    assert {n: s["pairs"] for n, s in same["scenarios"].items()} == {1: 1, 2: 1, 3: 1, 4: 1}
+    assert {n: s["dropped"]["not in every scenario"] for n, s in same["scenarios"].items()} == {1: 0, 2: 1, 3: 1, 4: 1}
+    for number in (1, 2, 3, 4):
+        assert [p["prompt_id"] for p in judged_rows(tmp_path / "same" / f"scenario{number}.jsonl")] == [0]
     other[0]["prompt"] = "different"
     with pytest.raises(ValueError, match="prompt_id 0: the two pools hold different prompts"):
         scenario_files(tmp_path / "p.jsonl", write_jsonl(tmp_path / "o.jsonl", other), tmp_path / "out")

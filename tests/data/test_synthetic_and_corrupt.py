@@ -171,3 +171,36 @@ def test_digit_splitting_tokenizer_gives_one_token_per_digit(tmp_path):
     assert loaded.decode(loaded("x = 1234 apples")["input_ids"]) == "x = 1234 apples"
     merged = lambda vocab: [t for t in vocab if len(t.lstrip("Ġ")) > 1 and t.lstrip("Ġ").isdigit()]  # noqa: E731
     assert merged(plain.get_vocab()) and not merged(split.get_vocab())  # without the option, digits merge
+
+
+def test_choice_questions_hold_the_answer_once_among_distinct_wrong_numbers(tmp_path):
+    from collections import Counter
+
+    from dpolab.data.choices import Schema, pairs_from_choices
+    from dpolab.data.synthetic import choice_question
+    from dpolab.eval.tasks import check_file
+
+    problems = make_problems(400, seed=5, min_steps=1, max_steps=3, max_value=100)
+    rng = random.Random(1)
+    rows = [choice_question(p, rng, number=i) for i, p in enumerate(problems)]
+    for problem, row in zip(problems, rows, strict=True):
+        texts, labels = row["choices"]["text"], row["choices"]["label"]
+        assert len(set(texts)) == 4 and all(t.isdigit() for t in texts)
+        assert texts[labels.index(row["answerKey"])] == str(problem.result)
+        assert texts.count(str(problem.result)) == 1
+    positions = Counter(row["answerKey"] for row in rows)
+    assert set(positions) == set("ABCD") and min(positions.values()) > 60  # about 100 each
+    pairs, problems_found = pairs_from_choices(rows, Schema("arc"))
+    assert not problems_found and len(pairs) == 3 * len(rows)
+    assert pairs[0]["prompt"] == rows[0]["question"] + "\nAnswer:" and pairs[0]["chosen"].strip().isdigit()
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert check_file("arc", path) == len(rows)  # the harness task reads them
+
+
+def test_choice_question_settings_are_checked():
+    from dpolab.data.synthetic import choice_question
+
+    (problem,) = make_problems(1, seed=0)
+    with pytest.raises(ValueError, match="choices must be between 2 and 8"):
+        choice_question(problem, random.Random(0), choices=1)

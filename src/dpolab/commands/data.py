@@ -53,9 +53,7 @@ def data_corrupt_command(args: argparse.Namespace) -> int:
 
     if args.step is not None and args.final != "keep":
         raise ValueError("--step picks an intermediate result; it cannot go with --final change")
-    result = corrupt_file(
-        args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final, args.step
-    )
+    result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final, args.step)
     print_skipped(result["skipped"], args.show)
     print(
         f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
@@ -236,7 +234,7 @@ def data_pairs_command(args: argparse.Namespace) -> int:
 def data_scenario_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import SCENARIOS, scenario_files
 
-    summary = scenario_files(args.policy, args.other, args.out, args.good_score)
+    summary = scenario_files(args.policy, args.other, args.out, args.good_score, args.same_prompts)
     print(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
     for number, counts in summary["scenarios"].items():
         chosen, rejected = SCENARIOS[number]
@@ -422,4 +420,9 @@ def register_onpolicy(data_commands: argparse._SubParsersAction) -> None:
     scenario.add_argument("--other", required=True, help="judge output of another model's candidates")
     scenario.add_argument("--out", required=True, help="folder for scenario1..4.jsonl and summary.json")
     scenario.add_argument("--good-score", type=float, default=None, help="default: the highest score in the pools")
+    scenario.add_argument(
+        "--same-prompts",
+        action="store_true",
+        help="keep only the prompts with a pair in all four scenarios (equal counts, the same prompts)",
+    )
     scenario.set_defaults(handler=data_scenario_command)

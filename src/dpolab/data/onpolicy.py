@@ -516,7 +516,13 @@ SCENARIOS = {  # number: (chosen from, rejected from) — the 3D paper's Table 4
 }
 
 
-def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, good_score: float | None = None) -> dict:
+def scenario_files(
+    policy: str | Path,
+    other: str | Path,
+    out_dir: str | Path,
+    good_score: float | None = None,
+    same_prompts: bool = False,
+) -> dict:
     """The four scenarios from two judged candidate pools (the policy's and another model's) and references.
 
     A candidate is *good* when its score is at least ``good_score`` (default: the highest score in
@@ -524,6 +530,10 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
     solution counts as good. Per prompt and scenario: chosen = the best good candidate of its source
     (lowest index among equals), rejected = the worst bad candidate of its source. A prompt without a
     good chosen or a bad rejected is dropped from that scenario and counted.
+
+    ``same_prompts``: keep only the prompts that have a pair in all four scenarios, so the four files hold
+    the same prompts and as many pairs (a comparison of the scenarios not confounded by their sizes); the
+    prompts left out are counted as ``not in every scenario``.
     """
     if good_score is not None and not math.isfinite(good_score):
         raise ValueError(f"--good-score must be a finite number; got {good_score}")
@@ -542,6 +552,7 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[int, dict] = {}
+    scenario_pairs: dict[int, list[dict]] = {}
     for number, (chosen_from, rejected_from) in SCENARIOS.items():
         pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0}
         for prompt_id, record in sorted(pools["policy"].items()):
@@ -581,8 +592,21 @@ def scenario_files(policy: str | Path, other: str | Path, out_dir: str | Path, g
                     "rejected_index": rejected_index,
                 }
             )
-        write_jsonl(out / f"scenario{number}.jsonl", pairs)
+        scenario_pairs[number] = pairs
         counts[number] = {"pairs": len(pairs), "dropped": dropped}
-    summary = {"good_score": threshold, "prompts": len(pools["policy"]), "scenarios": counts}
+    if same_prompts:
+        shared = set.intersection(*({p["prompt_id"] for p in pairs} for pairs in scenario_pairs.values()))
+        for number, pairs in scenario_pairs.items():
+            scenario_pairs[number] = [p for p in pairs if p["prompt_id"] in shared]
+            counts[number]["dropped"]["not in every scenario"] = len(pairs) - len(scenario_pairs[number])
+            counts[number]["pairs"] = len(scenario_pairs[number])
+    for number, pairs in scenario_pairs.items():
+        write_jsonl(out / f"scenario{number}.jsonl", pairs)
+    summary = {
+        "good_score": threshold,
+        "prompts": len(pools["policy"]),
+        "same_prompts": same_prompts,
+        "scenarios": counts,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -143,3 +143,41 @@ def final_answer(text: str) -> str | None:
         if found:
             return found[-1].replace(",", "")
     return None
+
+
+LABELS = "ABCDEFGH"
+
+
+def choice_question(problem: Problem, rng: random.Random, choices: int = 4, number: int = 0) -> dict:
+    """A multiple-choice version of ``problem`` in ARC's schema (``dpolab data from-choices --schema arc``,
+    ``dpolab eval harness --tasks arc``): the correct final number among ``choices - 1`` wrong ones.
+
+    The wrong numbers are the mistakes a solver makes on these problems, drawn without repeats: the value
+    before the last step (stopping early), the results of :func:`wrong_solution`'s misreadings (adding every
+    number, subtracting the rest from the first, ...), and the answer off by 1, 2 or 10; all different from
+    the answer and non-negative. The correct choice's position is drawn uniformly."""
+    import re
+
+    if not 2 <= choices <= len(LABELS):
+        raise ValueError(f"choices must be between 2 and {len(LABELS)}; got {choices}")
+    results = [int(m) for m in re.findall(r">>(-?\d+)", problem.answer)]
+    numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
+    first, rest = numbers[0], numbers[1:]
+    pool = [results[-2]] if len(results) >= 2 else []
+    pool += [sum(numbers), first - sum(rest)] + ([first * rest[0], first + rest[0] + 1] if rest else [first * 2])
+    pool += [problem.result + d for d in (1, -1, 2, -2, 10, -10)]
+    wrong = list(dict.fromkeys(v for v in pool if v != problem.result and v >= 0))
+    rng.shuffle(wrong)
+    if len(wrong) < choices - 1:
+        raise ValueError(
+            f"problem {problem.question!r}: only {len(wrong)} distinct wrong answers for {choices} choices"
+        )
+    options = wrong[: choices - 1]
+    answer = rng.randrange(choices)
+    options.insert(answer, problem.result)
+    return {
+        "id": f"synthetic-{number}",
+        "question": problem.question,
+        "choices": {"text": [str(v) for v in options], "label": list(LABELS[:choices])},
+        "answerKey": LABELS[answer],
+    }

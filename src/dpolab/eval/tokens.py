@@ -23,8 +23,8 @@ The summary's numbers are flat (a sweep reads them as ``evaluate/<name>``); ``S`
 - ``first_difference``: the mean f; ``chosen_tokens``: the mean chosen length; ``pairs``;
   ``pairs_without_difference`` (identical completions: in the sums, not in the positional numbers).
 
-``by_position`` (nested, not a sweep metric) gives, per offset in [−window, window], the mean log-prob
-or change of the chosen and rejected tokens there, and how many tokens it averages.
+``by_position`` (a list, which a sweep does not read) gives, per offset in [−window, window], the mean
+log-prob or change of the chosen and rejected tokens there, and how many tokens it averages.
 """
 
 from __future__ import annotations
@@ -126,13 +126,14 @@ def summarise(
             summary[f"{side}_logp_reference"] = sums[f"{side}_logp_reference"] / n
             summary[f"{side}_logratio"] = summary[f"{side}_logp"] - summary[f"{side}_logp_reference"]
         summary.update({key: value / positioned if positioned else None for key, value in part_sums.items()})
-    summary["by_position"] = {
-        str(offset): {
+    summary["by_position"] = [
+        {
+            "offset": offset,
             **{side: (entry[side][0] / entry[side][1] if entry[side][1] else None) for side in SIDES},
             "tokens": entry["chosen"][1],
         }
         for offset, entry in sorted(positions.items())
-    }
+    ]
     summary["by_position_shows"] = "change (model - reference)" if reference_logps is not None else "log-prob"
     return summary
 
@@ -205,7 +206,7 @@ def plot_positions(summaries: dict[str, dict], out: str | Path, title: str = "")
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for axis, side in zip(axes, SIDES, strict=True):
         for label, summary in summaries.items():
-            points = [(int(k), v[side]) for k, v in summary["by_position"].items() if v[side] is not None]
+            points = [(e["offset"], e[side]) for e in summary["by_position"] if e[side] is not None]
             axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
         axis.axvline(0, color="grey", linewidth=0.8)
         axis.axhline(0, color="grey", linewidth=0.8)

@@ -221,6 +221,39 @@ def test_several_evaluations_each_give_their_named_metrics_and_baseline_changes(
     assert (tmp_path / "out" / "runs" / "dpo" / "seed1" / "cube.json").exists()
 
 
+def test_an_evaluation_reads_the_run_s_settings_and_may_skip_the_baseline(tmp_path):
+    (tmp_path / "base").mkdir()
+    echo = (
+        f"{sys.executable} -c \"import json, sys; json.dump(dict(beta=float(sys.argv[2])), open(sys.argv[1], 'w'))\" "
+    )
+    spec = {
+        "recipe": "toy",
+        "base": {"steps": 5, "sft_max_steps": 50},
+        "grid": {"loss_params.beta": [0.1, 0.4]},
+        "seeds": [0],
+        "evaluate": [
+            {"name": "value", "command": WRITE_VALUE},
+            {
+                "name": "echo",
+                "command": echo + "{output} {config[loss_params.beta]}",
+                "output": "echo.json",
+                "baseline": False,
+            },
+        ],  # fmt: skip
+        "baseline": {"model": str(tmp_path / "base"), "name": "base"},
+    }
+    results = run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)
+    rows = {row["point"]: row["metrics"] for row in results["points"]}
+    assert rows["loss_params.beta=0.4"]["evaluate/echo/beta"]["values"] == [0.4]
+    assert rows["loss_params.beta=0.1"]["evaluate/echo/beta"]["values"] == [0.1]
+    assert "evaluate/echo/beta" not in rows["base"] and "evaluate/value/value" in rows["base"]
+    # Read by the baseline too, the run's setting is missing: the spec fails before any run
+    spec["evaluate"][1]["baseline"] = True
+    with pytest.raises(ValueError, match=r"sweep point 'base' \(seed 0\): evaluation echo: .*needs baseline: false"):
+        run_sweep(write_spec(tmp_path / "spec2.yaml", spec), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_an_evaluation_s_nested_numbers_are_metrics_by_path():
     from dpolab.sweep import flat_numbers
 

@@ -47,6 +47,8 @@ class EvaluateSpec:
     """The file the command writes, in the run's folder (``{output}`` in the command is its path)."""
     name: str | None = None
     """Its metrics are ``evaluate/<name>/<key>`` when named (needed when there are several evaluations)."""
+    baseline: bool = True
+    """Run it on the baseline model too; false for a command that reads the run's settings (``{config[data]}``)."""
 
 
 @dataclass
@@ -266,6 +268,17 @@ def plan_jobs(spec: SweepSpec, folder: Path) -> list[Job]:
             except ValueError as error:
                 raise ValueError(f"sweep point {point.name!r} (seed {seed}): {error}") from None
             jobs.append(Job(point, seed, run_dir, config))
+    for job in jobs:  # a {config[KEY]} the run has not fails now, not after the runs before it
+        for index, evaluate in enumerate(evaluations(spec)):
+            if job.baseline and not evaluate.baseline:
+                continue
+            try:
+                evaluation_command(evaluate, evaluation_values(job, "model", job.run_dir / evaluate.output))
+            except ValueError as error:
+                raise ValueError(
+                    f"sweep point {job.point.name!r} (seed {job.seed}): evaluation {evaluate.name or index}: {error}"
+                    + ("; an evaluation that reads the run's settings needs baseline: false" if job.baseline else "")
+                ) from None
     for job in jobs:  # a finished run whose settings changed since would mix two experiments in one table
         finished = read_result(job.run_dir)
         if finished is not None and finished.get("config") != job.config:
@@ -329,6 +342,8 @@ def run_job(spec: SweepSpec, job: Job, log: Path) -> dict:
         metrics.update(run_training_job(spec, job, log))
         model_dir = str(job.run_dir / "model")
     for evaluate in evaluations(spec):
+        if job.baseline and not evaluate.baseline:
+            continue
         metrics.update(run_evaluation(evaluate, job, model_dir, log))
     return metrics
 
@@ -348,7 +363,7 @@ def evaluations(spec: SweepSpec) -> list[EvaluateSpec]:
         evaluate = nested_settings(EvaluateSpec, entry, where, "an evaluate setting", "docs/experiments.md")
         if several and not evaluate.name:
             raise ValueError(f"{where}: with several evaluations each needs a name (its metrics: evaluate/<name>/...)")
-        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS}, where)
+        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS} | {"config": _AnyKey()}, where)
         checked.append(evaluate)
     for key in ("name", "output"):
         values = [getattr(e, key) for e in checked]
@@ -388,7 +403,36 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
     return metrics
 
 
-PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")
+PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")  # and {config[KEY]}: the run's setting KEY (dotted)
+
+
+class _AnyKey(dict):
+    """A stand-in for a run's settings when a command is checked before there are runs."""
+
+    def __missing__(self, key):
+        return key
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys (``loss_params.beta``), the form ``{config[KEY]}`` reads."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def evaluation_values(job: Job, model_dir: str, output: Path) -> dict:
+    """The placeholders' values for one run's evaluation."""
+    return {
+        "model_dir": model_dir,
+        "run_dir": str(job.run_dir),
+        "seed": str(job.seed),
+        "output": str(output),
+        "config": flat_settings(job.config),
+    }
 
 
 def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str], where: str = "sweep.evaluate") -> list[str]:
@@ -398,7 +442,8 @@ def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str], where: st
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(
             f"{where}.command: unknown placeholder or stray brace: {error} (known: "
-            f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)}; a literal brace is written {{{{ or }}}})"
+            f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)}, {{config[KEY]}} for a setting of the run; "
+            "a literal brace is written {{ or }})"
         ) from None
     if not command:
         raise ValueError(f"{where}.command: empty")
@@ -409,8 +454,7 @@ def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str], where: st
 
 def run_evaluation(evaluate: EvaluateSpec, job: Job, model_dir: str, log: Path) -> dict:
     output = job.run_dir / evaluate.output
-    values = {"model_dir": model_dir, "run_dir": str(job.run_dir), "seed": str(job.seed), "output": str(output)}
-    _run_logged(evaluation_command(evaluate, values), log, "evaluation")
+    _run_logged(evaluation_command(evaluate, evaluation_values(job, model_dir, output)), log, "evaluation")
     try:
         data = json.loads(output.read_text())
     except (OSError, json.JSONDecodeError) as error:

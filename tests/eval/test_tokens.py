@@ -69,6 +69,8 @@ def test_the_summary_splits_the_change_at_the_first_difference():
     summary = summarise(pairs, model, reference, window=3)
     assert summary["pairs"] == 2 and summary["first_difference"] == 1.0
     assert summary["chosen_logp_reference"] == pytest.approx(-5.0)
+    assert summary["chosen_logp_reference_per_token"] == pytest.approx(-1.0)
+    assert summary["rejected_logp_per_token"] == pytest.approx(-(5 + 3 + 5 + 5) / 10)
     assert summary["chosen_logratio"] == pytest.approx(-1.0)  # -0.1 * (0+1+2+3+4)
     assert summary["rejected_logratio"] == pytest.approx(-(3 + 5) / 2)
     # Chosen: before the difference only pair 1's positions 0 and 1 (changes 0, -0.1); at it: -0.2 and 0.0

@@ -15,7 +15,9 @@ The summary's numbers are flat (a sweep reads them as ``evaluate/<name>``); ``S`
 ``rejected``:
 
 - ``S_logp``, ``S_logp_reference``: mean over pairs of the completion's summed log-prob (the 3D paper's
-  Table 1 columns "after" and "before"); ``S_logratio``: their difference;
+  Table 1 columns "after" and "before", which are per token: ``S_logp_per_token`` and
+  ``S_logp_reference_per_token``, the summed log-probs over the number of tokens); ``S_logratio``: the
+  difference of the means;
 - ``S_change_before``, ``S_change_at``, ``S_change_after``: the mean change per token before, at and after
   the first difference (pooled over the pairs' tokens); ``S_change_before_sum``, ``S_change_after_sum``:
   the mean over pairs of the summed change before and after it (the two parts of ``S_logratio`` with the
@@ -115,6 +117,8 @@ def summarise(
             positioned += 1
     n = len(pairs)
     summary.update({f"{side}_logp": sums[f"{side}_logp"] / n for side in SIDES})
+    tokens = {side: sum(len(p.branches[i]) for p in pairs) for i, side in enumerate(SIDES)}
+    summary.update({f"{side}_logp_per_token": sums[f"{side}_logp"] / tokens[side] for side in SIDES})
     summary["chosen_tokens"] = sum(len(p.chosen_ids) for p in pairs) / n
     summary["first_difference"] = firsts / positioned if positioned else None
     what = "change" if reference_logps is not None else "logp"
@@ -124,6 +128,7 @@ def summarise(
     if reference_logps is not None:
         for side in SIDES:
             summary[f"{side}_logp_reference"] = sums[f"{side}_logp_reference"] / n
+            summary[f"{side}_logp_reference_per_token"] = sums[f"{side}_logp_reference"] / tokens[side]
             summary[f"{side}_logratio"] = summary[f"{side}_logp"] - summary[f"{side}_logp_reference"]
         summary.update({key: value / positioned if positioned else None for key, value in part_sums.items()})
     summary["by_position"] = [

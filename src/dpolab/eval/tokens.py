@@ -117,8 +117,8 @@ def summarise(
             positioned += 1
     n = len(pairs)
     summary.update({f"{side}_logp": sums[f"{side}_logp"] / n for side in SIDES})
-    tokens = {side: sum(len(p.branches[i]) for p in pairs) for i, side in enumerate(SIDES)}
-    summary.update({f"{side}_logp_per_token": sums[f"{side}_logp"] / tokens[side] for side in SIDES})
+    side_tokens = {side: sum(len(p.branches[i]) for p in pairs) for i, side in enumerate(SIDES)}
+    summary.update({f"{side}_logp_per_token": sums[f"{side}_logp"] / side_tokens[side] for side in SIDES})
     summary["chosen_tokens"] = sum(len(p.chosen_ids) for p in pairs) / n
     summary["first_difference"] = firsts / positioned if positioned else None
     what = "change" if reference_logps is not None else "logp"
@@ -128,7 +128,7 @@ def summarise(
     if reference_logps is not None:
         for side in SIDES:
             summary[f"{side}_logp_reference"] = sums[f"{side}_logp_reference"] / n
-            summary[f"{side}_logp_reference_per_token"] = sums[f"{side}_logp_reference"] / tokens[side]
+            summary[f"{side}_logp_reference_per_token"] = sums[f"{side}_logp_reference"] / side_tokens[side]
             summary[f"{side}_logratio"] = summary[f"{side}_logp"] - summary[f"{side}_logp_reference"]
         summary.update({key: value / positioned if positioned else None for key, value in part_sums.items()})
     summary["by_position"] = [

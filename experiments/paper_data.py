@@ -48,9 +48,7 @@ def seen_questions(quickstart: Path) -> set[str]:
 
 def early_late(quickstart: Path, seed: int, out: Path, train: int, held_out: int) -> dict:
     size = SIZES["full"]
-    problems = make_problems(
-        train + held_out, 1000 + seed, 3, 3, size.max_value, exclude=seen_questions(quickstart)
-    )
+    problems = make_problems(train + held_out, 1000 + seed, 3, 3, size.max_value, exclude=seen_questions(quickstart))
     sets: dict[str, list[dict]] = {"early": [], "late": []}
     for index, problem in enumerate(problems):
         prompt = problem.question + "\n"

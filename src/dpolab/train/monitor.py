@@ -40,7 +40,7 @@ REMEDIES = {
     "dispersion": "add sft_weight, use dpop, lower the learning rate, or stop earlier (see the probe curves)",
 }
 DESCRIPTIONS = {
-    "degradation": "the chosen log-ratio keeps falling while the margin grows: DPO is unlearning the chosen answers",
+    "degradation": "the chosen log-ratio keeps falling while the margin grows: training is unlearning the chosen answers",
     "drastic_drop": "the rejected log-prob falls far faster than the chosen one rises",
     "dispersion": "the likelihood of the data falls while the policy's own samples become more likely",
 }

@@ -54,13 +54,13 @@ def test_early_and_late_pairs_share_their_problems_and_differ_in_which_result_ch
     summary = paper_data.early_late(folder, seed=0, out=tmp_path / "el", train=30, held_out=6)
     early, late = (read(tmp_path / "el" / name / "train.jsonl") for name in ("early", "late"))
     assert len(early) == len(late) == 30 and len(read(tmp_path / "el" / "early" / "eval.jsonl")) == 6
-    for e, l in zip(early, late, strict=True):
-        assert e["prompt"] == l["prompt"] and e["chosen"] == l["chosen"]
-        assert e["prompt"].rstrip("\n") not in used  # new problems, never the quickstart's
-        truth = results(e["chosen"])
+    for first, second in zip(early, late, strict=True):
+        assert first["prompt"] == second["prompt"] and first["chosen"] == second["chosen"]
+        assert first["prompt"].rstrip("\n") not in used  # new problems, never the quickstart's
+        truth = results(first["chosen"])
         assert len(truth) == 3  # three steps: two intermediate results and the final one
-        changed_early = [i for i, (a, b) in enumerate(zip(truth, results(e["rejected"]), strict=True)) if a != b]
-        changed_late = [i for i, (a, b) in enumerate(zip(truth, results(l["rejected"]), strict=True)) if a != b]
+        changed_early = [i for i, (a, b) in enumerate(zip(truth, results(first["rejected"]), strict=True)) if a != b]
+        changed_late = [i for i, (a, b) in enumerate(zip(truth, results(second["rejected"]), strict=True)) if a != b]
         assert changed_early == [0] and changed_late == [1]
     # edits of one size: the mean normalised distances agree within sampling noise (36 pairs here)
     distances = [summary[name]["char_distance"]["mean"] for name in ("early", "late")]

@@ -189,6 +189,12 @@ def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path)
         table = list(csv.DictReader(handle))
     assert {"point", "loss", "loss_params.beta", "metric", "mean", "ci95_low", "ci95_high"} <= set(table[0])
     assert len([r for r in table if r["metric"] == "final_chosen_prob"]) == 4  # the baseline has no such metric
+    markdown = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert markdown[0].endswith("| loss_params.beta | final_chosen_prob | evaluate/value | evaluate/value change |")
+    dpo = next(line for line in markdown if line.startswith("| dpo loss_params.beta=0.1 |"))
+    stats = rows["dpo loss_params.beta=0.1"]["metrics"]["final_chosen_prob"]
+    assert f"{stats['mean']:.3g} ± {stats['half_width']:.2g}" in dpo
+    assert len(markdown) == 2 + len(rows)
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count("<img") == 1 and "reports/dpo_loss_params.beta=0.1.html" in page
     assert (tmp_path / "out" / "plots" / "final_chosen_prob-vs-loss_params.beta.png").stat().st_size > 1000

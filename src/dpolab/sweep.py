@@ -644,7 +644,7 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
     """results.json (everything), results.csv (one row per point and metric), plots and index.html."""
     import csv
 
-    from dpolab.report.sweep import write_sweep_page
+    from dpolab.report.sweep import markdown_table, write_sweep_page
 
     _write_json(folder / "results.json", results)
     keys = results["swept_keys"]
@@ -672,4 +672,5 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                     ]  # fmt: skip
                 )
     temporary.replace(folder / "results.csv")
+    (folder / "results.md").write_text(markdown_table(results))
     write_sweep_page([PlotSpec(**plot) for plot in spec.plots], folder, results)

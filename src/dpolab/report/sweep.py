@@ -33,6 +33,26 @@ def cell(stats: dict | None) -> str:
     return f"{stats['mean']:.4g} ± {stats['half_width']:.2g} (n={stats['n']})"
 
 
+def markdown_table(results: dict) -> str:
+    """The table as Markdown (``results.md``, for docs and papers): a row per point, its swept values, and per
+    metric ``mean ± half-width`` to 3 significant digits; ``(n = k)`` where fewer seeds than the most finished."""
+    columns = table_columns(results)
+    keys = results["swept_keys"]
+    most = max((s["n"] for row in results["points"] for s in row["metrics"].values()), default=0)
+    lines = ["| point | " + " | ".join([*keys, *columns]) + " |", "|---" * (1 + len(keys) + len(columns)) + "|"]
+    for row in results["points"]:
+        cells = [value_text(row["coordinates"].get(key, "")) for key in keys]
+        for column in columns:
+            stats = row["metrics"].get(column)
+            if stats is None:
+                cells.append("—")
+                continue
+            text = f"{stats['mean']:.3g}" + (f" ± {stats['half_width']:.2g}" if stats["half_width"] is not None else "")
+            cells.append(text + (f" (n = {stats['n']})" if stats["n"] < most else ""))
+        lines.append("| " + " | ".join([row["point"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _as_number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -77,16 +77,28 @@ def test_the_summary_splits_the_change_at_the_first_difference():
     assert summary["chosen_change_before"] == pytest.approx(-0.05)
     assert summary["chosen_change_at"] == pytest.approx(-0.1)
     assert summary["chosen_change_before_sum"] == pytest.approx(-0.05)
-    assert summary["chosen_change_before_sum"] + summary["chosen_change_after_sum"] == pytest.approx(
+    assert summary["chosen_change_before_sum"] + summary["chosen_change_from_sum"] == pytest.approx(
         summary["chosen_logratio"]
     )
     assert summary["rejected_change_before"] == 0.0 and summary["rejected_change_after"] == -1.0
     # By offset: offset -2 is pair 1's position 0 only; offset +3 is pair 1's position 5 (none) and pair 2's 3
     positions = {entry.pop("offset"): entry for entry in summary["by_position"]}
-    assert positions[-2] == {"chosen": 0.0, "rejected": 0.0, "tokens": 1}
+    assert positions[-2] == {"chosen": 0.0, "rejected": 0.0, "chosen_tokens": 1, "rejected_tokens": 1}
     assert positions[3]["chosen"] == pytest.approx(-0.3)
-    assert positions[3]["tokens"] == 1
+    assert positions[3]["chosen_tokens"] == 1
     assert set(positions) == set(range(-2, 4))
+
+
+def test_completions_of_different_lengths_are_counted_per_side():
+    pairs = [_pair((1, 2), (1, 3, 4, 5))]  # the rejected is two tokens longer
+    values = [
+        (torch.tensor([-1.0, -2.0], dtype=torch.float64), torch.tensor([-1.0, -3.0, -4.0, -5.0], dtype=torch.float64))
+    ]
+    summary = summarise(pairs, values)
+    positions = {entry["offset"]: entry for entry in summary["by_position"]}
+    assert positions[2] == {"offset": 2, "chosen": None, "rejected": -5.0, "chosen_tokens": 0, "rejected_tokens": 1}
+    assert summary["rejected_logp_after"] == pytest.approx(-4.5) and summary["chosen_logp_after"] is None
+    assert summary["rejected_logp_per_token"] == pytest.approx(-13 / 4)
 
 
 def test_identical_completions_count_in_the_sums_and_not_in_the_positions():

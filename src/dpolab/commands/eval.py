@@ -220,17 +220,20 @@ def tokens_command(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         allow_pickle=args.allow_pickle,
         progress=not args.no_progress,
+        max_prompt_length=args.max_prompt_length,
+        truncation_mode=args.truncation_mode,
     )
     print(table(summary))
     if args.out:
         write_result(summary, args.out)
         print(f"summary in {args.out}")
     if args.tokens:
+        Path(args.tokens).parent.mkdir(parents=True, exist_ok=True)
         with open(args.tokens, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"every token's log-prob in {args.tokens}")
     if args.plot:
-        plot_positions({Path(args.model).name or args.model: summary}, args.plot)
+        plot_positions({"/".join(Path(args.model).parts[-2:]): summary}, args.plot)
         print(f"figure in {args.plot}")
     return 0
 
@@ -249,6 +252,8 @@ def register_tokens(commands: argparse._SubParsersAction) -> None:
     tokens.add_argument("--window", type=int, default=40, help="offsets from the first difference in by_position (40)")
     tokens.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     tokens.add_argument("--max-length", type=int, default=None, help="tokens per prompt + completion, as in training")
+    tokens.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens, as in training")
+    tokens.add_argument("--truncation-mode", choices=["keep_end", "keep_start", "drop"], default="keep_end")
     tokens.add_argument("--batch-size", type=int, default=16)
     tokens.add_argument("--out", help="JSON summary (flat numbers, and by_position)")
     tokens.add_argument("--tokens", help="JSONL: every pair's tokens and their log-probs")

@@ -19,14 +19,21 @@ The summary's numbers are flat (a sweep reads them as ``evaluate/<name>``); ``S`
   ``S_logp_reference_per_token``, the summed log-probs over the number of tokens); ``S_logratio``: the
   difference of the means;
 - ``S_change_before``, ``S_change_at``, ``S_change_after``: the mean change per token before, at and after
-  the first difference (pooled over the pairs' tokens); ``S_change_before_sum``, ``S_change_after_sum``:
-  the mean over pairs of the summed change before and after it (the two parts of ``S_logratio`` with the
-  first differing token in ``after``);
+  the first difference (pooled over the pairs' tokens); ``S_change_before_sum``, ``S_change_from_sum``:
+  the mean over the pairs that differ of the summed change before it and from it on (the differing token
+  included), which add up to their ``S_logratio``;
+- without a reference there is no change: ``S_logp_before``, ``S_logp_at``, ``S_logp_after`` are the mean
+  log-probs per token there instead, and the ``_sum``, ``_reference`` and ``_logratio`` keys are absent;
 - ``first_difference``: the mean f; ``chosen_tokens``: the mean chosen length; ``pairs``;
   ``pairs_without_difference`` (identical completions: in the sums, not in the positional numbers).
 
 ``by_position`` (a list, which a sweep does not read) gives, per offset in [−window, window], the mean
-log-prob or change of the chosen and rejected tokens there, and how many tokens it averages.
+change (or log-prob) of the chosen and of the rejected tokens there, and how many tokens each averages
+(``chosen_tokens``, ``rejected_tokens``; the two completions may differ in length).
+
+Pairs are tokenised with the model's tokenizer as ``dpolab train`` does, with its ``max_length``,
+``max_prompt_length`` and ``truncation_mode`` when given; pairs cut or dropped by them are counted in the
+summary's ``tokenize`` entry and printed.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ def summarise(
     summary: dict = {"pairs": len(pairs), "pairs_without_difference": 0}
     sums = {f"{side}_{what}": 0.0 for side in SIDES for what in ("logp", "logp_reference")}
     parts = {f"{side}_{part}": [0.0, 0] for side in SIDES for part in ("before", "at", "after")}  # [total, tokens]
-    part_sums = {f"{side}_change_{part}_sum": 0.0 for side in SIDES for part in ("before", "after")}
+    part_sums = {f"{side}_change_{part}_sum": 0.0 for side in SIDES for part in ("before", "from")}
     positions: dict[int, dict[str, list[float]]] = {}
     firsts, positioned = 0.0, 0
     for index, pair in enumerate(pairs):
@@ -103,7 +110,7 @@ def summarise(
                 parts[f"{side}_{part}"][0] += float(selected.sum())
                 parts[f"{side}_{part}"][1] += selected.numel()
             part_sums[f"{side}_change_before_sum"] += float(shown[:first].sum())
-            part_sums[f"{side}_change_after_sum"] += float(shown[first:].sum())
+            part_sums[f"{side}_change_from_sum"] += float(shown[first:].sum())
             for position, value in enumerate(shown.tolist()):
                 offset = position - first
                 if -window <= offset <= window:
@@ -135,7 +142,7 @@ def summarise(
         {
             "offset": offset,
             **{side: (entry[side][0] / entry[side][1] if entry[side][1] else None) for side in SIDES},
-            "tokens": entry["chosen"][1],
+            **{f"{side}_tokens": entry[side][1] for side in SIDES},
         }
         for offset, entry in sorted(positions.items())
     ]
@@ -153,6 +160,8 @@ def token_report(
     max_length: int | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
 ) -> tuple[dict, list[dict]]:
     """Load the pairs and models, score every token; returns (summary, one row per pair with its tokens)."""
     from dpolab.console import progress_bar, quiet_libraries
@@ -164,15 +173,19 @@ def token_report(
         raise ValueError(f"--limit must be at least 1; got {limit}")
     if window < 0:
         raise ValueError(f"--window must be >= 0; got {window}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {batch_size}")
     examples, _ = load_examples(data)
     examples = examples[:limit]
     if not examples:
         raise ValueError(f"{data}: no pairs")
     with quiet_libraries():
         tokenizer = load_tokenizer(model_dir)
-    pairs, _ = tokenize_pairs(tokenizer, examples, max_length)
+    pairs, report = tokenize_pairs(
+        tokenizer, examples, max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
+    )
     if not pairs:
-        raise ValueError(f"{data}: every pair was dropped by the length limit {max_length}")
+        raise ValueError(f"{data}: no pair left after tokenisation: " + "; ".join(report.lines()))
     scored = {}
     for role, directory in (("model", model_dir), ("reference", reference_dir)):
         if directory is None:
@@ -188,6 +201,7 @@ def token_report(
         del model
     summary = summarise(pairs, scored["model"], scored.get("reference"), window)
     summary.update(model=str(model_dir), reference=str(reference_dir) if reference_dir else None, data=str(data))
+    summary["tokenize"] = {"lines": report.lines(), **report.as_dict()}
     rows = []
     for index, pair in enumerate(pairs):
         row = {"row": pair.row, "first_difference": first_difference(pair)}
@@ -233,6 +247,9 @@ def table(summary: dict) -> str:
     lines = [f"{summary['pairs']} pairs ({summary['pairs_without_difference']} without a difference); "
              f"first difference at token {summary['first_difference']:.1f} of {summary['chosen_tokens']:.1f} on average"
              if summary["first_difference"] is not None else f"{summary['pairs']} pairs, none with a difference"]  # fmt: skip
+    tokenize = summary.get("tokenize") or {}
+    if tokenize.get("pairs_truncated") or tokenize.get("pairs_dropped") or tokenize.get("prompts_cut"):
+        lines += tokenize["lines"]
     reference = summary.get("chosen_logp_reference") is not None
     what = "change" if reference else "logp"
     for side in SIDES:

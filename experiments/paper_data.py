@@ -54,7 +54,10 @@ def early_late(quickstart: Path, seed: int, out: Path, train: int, held_out: int
         prompt = problem.question + "\n"
         for name, step in (("early", 0), ("late", -1)):
             corruption = corrupt_solution(problem.answer, random.Random(f"{seed}-{index}"), step=step)
-            assert corruption is not None, "a 3-step problem has two intermediate results"
+            if corruption is None:
+                raise RuntimeError(
+                    f"problem {index}: a 3-step problem has two intermediate results: {problem.answer!r}"
+                )
             sets[name].append({"prompt": prompt, "chosen": problem.answer, "rejected": corruption.text})
     summary = {}
     for name, pairs in sets.items():
@@ -82,7 +85,7 @@ def choices(quickstart: Path, seed: int, out: Path, train: int, held_out: int, t
     for source, target in (("train", "pairs"), ("held_out", "eval_pairs")):
         command = [sys.executable, "-m", "dpolab", "data", "from-choices", str(out / f"{source}.jsonl"),
                    "--schema", "arc", "--out", str(out / f"{target}.jsonl")]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its errors go to stderr
     return {name: len(part) for name, part in parts.items()}
 
 

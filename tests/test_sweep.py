@@ -79,7 +79,7 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
         ({"recipe": "toy", "points": [{"name": "a", "loss": "dpo"}, {"name": "a", "loss": "ipo"}]}, "share the folder"),
         (
             {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": "score --model {model}"}},
-            "sweep.evaluate.command: unknown placeholder or stray brace: 'model' (known: {model_dir}",
+            "sweep.evaluate.command: unknown placeholder {model} (known: {model_dir}",
         ),  # fmt: skip
         ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": ""}}, "sweep.evaluate.command: empty"),
         (
@@ -92,7 +92,28 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
                 "grid": {"loss": ["dpo"]},
                 "evaluate": [{"name": "a", "command": "a"}, {"name": "b", "command": "b {out}"}],
             },
-            "sweep.evaluate[1].command: unknown placeholder",
+            "sweep.evaluate[1].command: unknown placeholder {out}",
+        ),  # fmt: skip
+        *[
+            ({"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": f"x {word}"}}, message)
+            for word, message in [
+                ("{config}", "unknown placeholder {config}"),
+                ("{config.data}", "unknown placeholder {config.data}"),
+                ("{config[a][b]}", "unknown placeholder {config[a][b]}"),
+                ("{seed!r}", "unknown placeholder {seed!r}"),
+                ("{seed:>4}", "unknown placeholder {seed:>4}"),
+                ("{output", "stray brace in '{output'"),
+                ("{config[steps]}", "x"),  # valid: the loop below keeps only the failing ones
+            ]
+            if message != "x"
+        ],
+        (
+            {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": "x {config[learning_rate]}"}},
+            "{config[learning_rate]}: the run's settings have no key 'learning_rate' (set it in base, grid or points",
+        ),  # fmt: skip
+        (
+            {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": "x {config[loss_params]}"}},
+            "the run's settings have no key 'loss_params'",
         ),  # fmt: skip
         (
             {
@@ -255,9 +276,31 @@ def test_an_evaluation_reads_the_run_s_settings_and_may_skip_the_baseline(tmp_pa
     assert "evaluate/echo/beta" not in rows["base"] and "evaluate/value/value" in rows["base"]
     # Read by the baseline too, the run's setting is missing: the spec fails before any run
     spec["evaluate"][1]["baseline"] = True
-    with pytest.raises(ValueError, match=r"sweep point 'base' \(seed 0\): evaluation echo: .*needs baseline: false"):
+    with pytest.raises(
+        ValueError, match=r"sweep point 'base' \(seed 0\): sweep.evaluate\[1\].command: .*needs baseline: false"
+    ):
         run_sweep(write_spec(tmp_path / "spec2.yaml", spec), tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_run_whose_evaluations_changed_is_evaluated_again(tmp_path):
+    (tmp_path / "base").mkdir()
+    spec = {
+        "recipe": "toy",
+        "base": {"steps": 5, "sft_max_steps": 50},
+        "points": [{"name": "dpo", "loss": "dpo"}],
+        "seeds": [0],
+        "evaluate": [{"name": "value", "command": WRITE_VALUE}],
+        "baseline": {"model": str(tmp_path / "base"), "name": "base"},
+    }
+    run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)
+    spec["evaluate"].append({"name": "cube", "command": WRITE_VALUE.replace("** 2", "** 3"), "output": "cube.json"})
+    results = run_sweep(write_spec(tmp_path / "spec.yaml", spec), tmp_path / "out", progress=False)
+    rows = {row["point"]: row["metrics"] for row in results["points"]}
+    assert rows["dpo"]["evaluate/cube/value"]["values"] == [10.0] and rows["base"]["evaluate/cube/value"]["n"] == 1
+    assert rows["dpo"]["evaluate/value/value"]["values"] == [10.0]
+    record = json.loads((tmp_path / "out" / "runs" / "dpo" / "seed0" / "sweep_result.json").read_text())
+    assert [e["name"] for e in record["evaluations"]] == ["value", "cube"]
 
 
 def test_an_evaluation_s_nested_numbers_are_metrics_by_path():

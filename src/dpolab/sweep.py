@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shlex
+import string
 import subprocess
 import sys
 import time
@@ -268,23 +269,25 @@ def plan_jobs(spec: SweepSpec, folder: Path) -> list[Job]:
             except ValueError as error:
                 raise ValueError(f"sweep point {point.name!r} (seed {seed}): {error}") from None
             jobs.append(Job(point, seed, run_dir, config))
+    listed = isinstance(spec.evaluate, list)
     for job in jobs:  # a {config[KEY]} the run has not fails now, not after the runs before it
         for index, evaluate in enumerate(evaluations(spec)):
             if job.baseline and not evaluate.baseline:
                 continue
+            where = f"sweep.evaluate[{index}]" if listed else "sweep.evaluate"
             try:
-                evaluation_command(evaluate, evaluation_values(job, "model", job.run_dir / evaluate.output))
+                evaluation_command(evaluate, evaluation_values(job, "model", job.run_dir / evaluate.output), where)
             except ValueError as error:
                 raise ValueError(
-                    f"sweep point {job.point.name!r} (seed {job.seed}): evaluation {evaluate.name or index}: {error}"
+                    f"sweep point {job.point.name!r} (seed {job.seed}): {error}"
                     + ("; an evaluation that reads the run's settings needs baseline: false" if job.baseline else "")
                 ) from None
     for job in jobs:  # a finished run whose settings changed since would mix two experiments in one table
-        finished = read_result(job.run_dir)
-        if finished is not None and finished.get("config") != job.config:
+        record = read_result(job.run_dir)
+        if record is not None and record.get("config") != job.config:
             raise ValueError(
                 f"sweep: {job.run_dir} finished with other settings than the spec now gives "
-                f"({_difference(finished.get('config') or {}, job.config)}); use another --out or delete that folder"
+                f"({_difference(record.get('config') or {}, job.config)}); use another --out or delete that folder"
             )
     return jobs
 
@@ -310,6 +313,22 @@ def validate_config(recipe: str, config: dict) -> None:
 
     defaults = COMMAND_DEFAULTS[recipe] or {}
     load_config(None, None, {**defaults, **config, "progress": config.get("progress", False)})
+
+
+def applied_evaluations(spec: SweepSpec, job: Job) -> list[dict]:
+    """The evaluations a run gets, as the settings recorded with its result."""
+    from dataclasses import asdict
+
+    return [asdict(e) for e in evaluations(spec) if e.baseline or not job.baseline]
+
+
+def finished(spec: SweepSpec, job: Job) -> bool:
+    """Its result exists and was measured with the spec's evaluations; a run whose evaluations changed
+    is evaluated again (not trained again). A result recorded before evaluations were recorded counts."""
+    result = read_result(job.run_dir)
+    if result is None:
+        return False
+    return result.get("evaluations", applied_evaluations(spec, job)) == applied_evaluations(spec, job)
 
 
 def read_result(run_dir: Path) -> dict | None:
@@ -363,7 +382,7 @@ def evaluations(spec: SweepSpec) -> list[EvaluateSpec]:
         evaluate = nested_settings(EvaluateSpec, entry, where, "an evaluate setting", "docs/experiments.md")
         if several and not evaluate.name:
             raise ValueError(f"{where}: with several evaluations each needs a name (its metrics: evaluate/<name>/...)")
-        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS} | {"config": _AnyKey()}, where)
+        evaluation_command(evaluate, {name: name for name in PLACEHOLDERS} | {"config": None}, where)
         checked.append(evaluate)
     for key in ("name", "output"):
         values = [getattr(e, key) for e in checked]
@@ -404,13 +423,7 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
 
 
 PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")  # and {config[KEY]}: the run's setting KEY (dotted)
-
-
-class _AnyKey(dict):
-    """A stand-in for a run's settings when a command is checked before there are runs."""
-
-    def __missing__(self, key):
-        return key
+CONFIG_FIELD = re.compile(r"config\[([^\[\]]+)\]")
 
 
 def flat_settings(config: dict, prefix: str = "") -> dict:
@@ -435,16 +448,43 @@ def evaluation_values(job: Job, model_dir: str, output: Path) -> dict:
     }
 
 
-def evaluation_command(evaluate: EvaluateSpec, values: dict[str, str], where: str = "sweep.evaluate") -> list[str]:
-    """The evaluation's command line with its placeholders filled; ``ValueError`` naming an unknown one."""
-    try:
-        command = [word.format(**values) for word in shlex.split(evaluate.command)]
-    except (KeyError, IndexError, ValueError) as error:
+def _config_value(key: str, settings: dict | None, where: str) -> str:
+    if settings is None:  # checking the command before there are runs
+        return key
+    if key not in settings:
         raise ValueError(
-            f"{where}.command: unknown placeholder or stray brace: {error} (known: "
-            f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)}, {{config[KEY]}} for a setting of the run; "
-            "a literal brace is written {{ or }})"
-        ) from None
+            f"{where}.command: {{config[{key}]}}: the run's settings have no key {key!r} (set it in base, grid "
+            "or points; a recipe's defaults are not visible here)"
+        )
+    value = settings[key]
+    if value is None or isinstance(value, (dict, list)):
+        raise ValueError(f"{where}.command: {{config[{key}]}} is {value!r}, not a single value to put in a command")
+    return str(value)
+
+
+def evaluation_command(evaluate: EvaluateSpec, values: dict, where: str = "sweep.evaluate") -> list[str]:
+    """The evaluation's command line with its placeholders filled (``values["config"]`` None: any key is
+    taken as known); ``ValueError`` naming an unknown placeholder, a missing setting or a stray brace."""
+    known = f"{', '.join('{' + name + '}' for name in PLACEHOLDERS)} and {{config[KEY]}} for the run's setting KEY"
+    command = []
+    for word in shlex.split(evaluate.command):
+        try:
+            fields = list(string.Formatter().parse(word))
+        except ValueError as error:
+            raise ValueError(
+                f"{where}.command: stray brace in {word!r} ({error}); a literal brace is written {{{{ or }}}}"
+            ) from None
+        text = []
+        for literal, name, format_spec, conversion in fields:
+            text.append(literal)
+            if name is None:
+                continue
+            match = CONFIG_FIELD.fullmatch(name)
+            if format_spec or conversion or (name not in PLACEHOLDERS and match is None):
+                shown = name + (f"!{conversion}" if conversion else "") + (f":{format_spec}" if format_spec else "")
+                raise ValueError(f"{where}.command: unknown placeholder {{{shown}}} (known: {known})")
+            text.append(_config_value(match.group(1), values["config"], where) if match else str(values[name]))
+        command.append("".join(text))
     if not command:
         raise ValueError(f"{where}.command: empty")
     if command[0] == "dpolab":  # this installation's dpolab, whatever PATH says
@@ -503,7 +543,7 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
 
     spec, folder = load_spec(spec_path, out)
     jobs = plan_jobs(spec, folder)
-    pending = [job for job in jobs if read_result(job.run_dir) is None]
+    pending = [job for job in jobs if not finished(spec, job)]
     if dry_run:
         return {
             "folder": str(folder),
@@ -530,6 +570,7 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
                 print(f"sweep: {job.point.name} seed {job.seed} failed: {message}", file=sys.stderr)
             else:
                 record = {
+                    "evaluations": applied_evaluations(spec, job),
                     "point": job.point.name,
                     "settings": job.point.settings,
                     "seed": job.seed,

@@ -108,6 +108,14 @@ def test_interval_covers_the_mean_at_the_nominal_rate():
             if message != "x"
         ],
         (
+            {"recipe": "toy", "grid": {"loss": ["dpo", "ipo"]}, "compare": [{"key": "beta", "a": 1, "b": 2}]},
+            "sweep.compare[0]: 'beta' is not a swept key (swept: loss)",
+        ),  # fmt: skip
+        (
+            {"recipe": "toy", "grid": {"loss": ["dpo", "ipo"]}, "compare": [{"key": "loss", "a": "dpop", "b": "dpo"}]},
+            "sweep.compare[0].a: 'dpop' is not a value of loss (values: dpo, ipo)",
+        ),  # fmt: skip
+        (
             {"recipe": "toy", "grid": {"loss": ["dpo"]}, "evaluate": {"command": "x {config[learning_rate]}"}},
             "{config[learning_rate]}: the run's settings have no key 'learning_rate' (set it in base, grid or points",
         ),  # fmt: skip
@@ -183,6 +191,7 @@ def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path)
             "baseline": {"model": str(tmp_path / "base"), "name": "base"},
             "metrics": ["final_chosen_prob", "evaluate/value"],
             "plots": [{"x": "loss_params.beta", "line": "loss", "metrics": ["final_chosen_prob"]}],
+            "compare": [{"key": "name", "a": "dpop", "b": "dpo"}],
         },
     )
     results = run_sweep(spec, tmp_path / "out", progress=False)
@@ -210,12 +219,26 @@ def test_toy_sweep_tabulates_each_point_and_pairs_the_baseline_by_seed(tmp_path)
         table = list(csv.DictReader(handle))
     assert {"point", "loss", "loss_params.beta", "metric", "mean", "ci95_low", "ci95_high"} <= set(table[0])
     assert len([r for r in table if r["metric"] == "final_chosen_prob"]) == 4  # the baseline has no such metric
+    # compare: dpop − dpo at each beta, paired by seed, from the runs' own summaries
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [
+        ("dpop loss_params.beta=0.1", "dpo loss_params.beta=0.1"),
+        ("dpop loss_params.beta=0.5", "dpo loss_params.beta=0.5"),
+    ]
+    for comparison in results["comparisons"]:
+        folders = [tmp_path / "out" / "runs" / comparison[side].replace(" ", "_") for side in ("a", "b")]
+        finals = [[json.loads((f / f"seed{s}" / "summary.json").read_text())["final_chosen_prob"] for s in (0, 1, 2)]
+                  for f in folders]  # fmt: skip
+        assert comparison["metrics"]["final_chosen_prob"]["values"] == pytest.approx(
+            [a - b for a, b in zip(*finals, strict=True)]
+        )
+        assert comparison["at"] == {"loss_params.beta": float(comparison["a"][-3:])}
+    assert "Paired by seed:" in (tmp_path / "out" / "results.md").read_text()
     markdown = (tmp_path / "out" / "results.md").read_text().splitlines()
     assert markdown[0].endswith("| loss_params.beta | final_chosen_prob | evaluate/value | evaluate/value change |")
     dpo = next(line for line in markdown if line.startswith("| dpo loss_params.beta=0.1 |"))
     stats = rows["dpo loss_params.beta=0.1"]["metrics"]["final_chosen_prob"]
     assert f"{stats['mean']:.3g} ± {stats['half_width']:.2g}" in dpo
-    assert len(markdown) == 2 + len(rows)
+    assert len(markdown[: markdown.index("")]) == 2 + len(rows)
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count("<img") == 1 and "reports/dpo_loss_params.beta=0.1.html" in page
     assert (tmp_path / "out" / "plots" / "final_chosen_prob-vs-loss_params.beta.png").stat().st_size > 1000

@@ -81,6 +81,19 @@ class PlotSpec:
 
 
 @dataclass
+class CompareSpec:
+    """Two values of one swept key compared run by run: for every combination of the other swept keys
+    (the points' names and the grid's keys), each metric of point ``a`` minus that of point ``b`` with the
+    same seed, and the interval of those paired differences."""
+
+    key: str
+    """The swept key whose values are compared (``name`` for the listed points)."""
+    a: str | int | float | bool
+    """The value whose runs come first in ``a − b``, as shown in the table."""
+    b: str | int | float | bool
+
+
+@dataclass
 class SweepSpec:
     """A sweep: which recipe, the settings every run shares, the grid, the seeds, and what to measure."""
 
@@ -105,6 +118,9 @@ class SweepSpec:
     """:class:`BaselineSpec`: ``{model: runs/qs{seed}/runs/sft/model, name: sft}``; needs ``evaluate``."""
     plots: list = field(default_factory=list)
     """:class:`PlotSpec` mappings: ``[{x: loss_params.lam, line: loss, metrics: [...], log_x: true}]``."""
+    compare: list = field(default_factory=list)
+    """:class:`CompareSpec` mappings: ``[{key: name, a: dpop, b: dpo}]``: a − b per seed, for every value of
+    the other swept keys."""
     launcher: str | None = None
     """Training recipes: the command that starts ``dpolab``; default ``python -m dpolab`` of this Python.
     E.g. ``torchrun --nproc_per_node 8 -m dpolab``."""
@@ -248,6 +264,21 @@ def plan_jobs(spec: SweepSpec, folder: Path) -> list[Job]:
             if key not in shown:
                 raise ValueError(
                     f"sweep.plots[{index}]: {key!r} is not a swept key (swept: {', '.join(sorted(shown))})"
+                )
+    for index, entry in enumerate(spec.compare):
+        compare = nested_settings(
+            CompareSpec, entry, f"sweep.compare[{index}]", "a compare setting", "docs/experiments.md"
+        )
+        if compare.key not in shown:
+            raise ValueError(
+                f"sweep.compare[{index}]: {compare.key!r} is not a swept key (swept: {', '.join(sorted(shown))})"
+            )
+        values = {value_text(point.coordinates.get(compare.key)) for point in points}
+        for side in ("a", "b"):
+            if value_text(getattr(compare, side)) not in values:
+                raise ValueError(
+                    f"sweep.compare[{index}].{side}: {getattr(compare, side)!r} is not a value of {compare.key} "
+                    f"(values: {', '.join(sorted(values))})"
                 )
     jobs = []
     if spec.baseline is not None:
@@ -665,7 +696,13 @@ def aggregate(spec: SweepSpec, jobs: list[Job]) -> dict:
         if all(key in row["metrics"] for row in rows if not row["baseline"] and row["seeds_done"])
     ]
     missing = [key for key in spec.metrics if key not in available]
+    matching = (["name"] if any("name" in point for point in spec.points) else []) + list(spec.grid)
     return {
+        "comparisons": [
+            comparison
+            for entry in spec.compare
+            for comparison in compare_points(CompareSpec(**entry), rows, chosen, matching)
+        ],
         "recipe": spec.recipe,
         "seeds": spec.seeds,
         "swept_keys": _swept_keys(spec),
@@ -674,6 +711,44 @@ def aggregate(spec: SweepSpec, jobs: list[Job]) -> dict:
         "available_metrics": available,
         "points": rows,
     }
+
+
+def compare_points(compare: CompareSpec, rows: list[dict], metrics: list[str], matching: list[str]) -> list[dict]:
+    """``a − b`` paired by seed for each pair of points that differ only in ``compare.key`` (among ``matching``)."""
+
+    def shown(row: dict, key: str) -> str:
+        return value_text(row["coordinates"].get(key))
+
+    others = [key for key in matching if key != compare.key]
+    runs = [row for row in rows if not row["baseline"]]
+    found = []
+    for first in runs:
+        if shown(first, compare.key) != value_text(compare.a):
+            continue
+        for second in runs:
+            if shown(second, compare.key) != value_text(compare.b):
+                continue
+            if any(shown(first, key) != shown(second, key) for key in others):
+                continue
+            differences = {}
+            for metric in metrics:
+                if metric not in first["metrics"] or metric not in second["metrics"]:
+                    continue
+                one, two = (dict(zip(r["metrics"][metric]["seeds"], r["metrics"][metric]["values"], strict=True))
+                            for r in (first, second))  # fmt: skip
+                seeds = sorted(set(one) & set(two))
+                if seeds:
+                    differences[metric] = interval([one[s] - two[s] for s in seeds]) | {"seeds": seeds}
+            found.append(
+                {
+                    "key": compare.key,
+                    "a": first["point"],
+                    "b": second["point"],
+                    "at": {key: first["coordinates"].get(key) for key in others},
+                    "metrics": differences,
+                }
+            )
+    return found
 
 
 def _swept_keys(spec: SweepSpec) -> list[str]:
@@ -685,7 +760,7 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
     """results.json (everything), results.csv (one row per point and metric), plots and index.html."""
     import csv
 
-    from dpolab.report.sweep import markdown_table, write_sweep_page
+    from dpolab.report.sweep import comparison_table, markdown_table, write_sweep_page
 
     _write_json(folder / "results.json", results)
     keys = results["swept_keys"]
@@ -713,5 +788,8 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                     ]  # fmt: skip
                 )
     temporary.replace(folder / "results.csv")
-    (folder / "results.md").write_text(markdown_table(results))
+    comparisons = comparison_table(results)
+    (folder / "results.md").write_text(
+        markdown_table(results) + (f"\nPaired by seed:\n\n{comparisons}" if comparisons else "")
+    )
     write_sweep_page([PlotSpec(**plot) for plot in spec.plots], folder, results)

@@ -9,7 +9,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dpolab.report.sweep import cell, table_columns
+    from dpolab.report.sweep import cell, comparison_table, table_columns
     from dpolab.sweep import run_sweep
 
     results = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run or args.metrics)
@@ -31,6 +31,9 @@ def sweep_command(args: argparse.Namespace) -> int:
     for row in results["points"]:
         table.add_row(row["point"], *[cell(row["metrics"].get(c)) for c in columns])
     Console(width=max(120, 24 * (len(columns) + 1))).print(table)
+    if results.get("comparisons"):
+        print("paired by seed (a − b, mean ± 95% interval, seeds with a − b > 0):")
+        print(comparison_table(results))
     if results["missing_metrics"]:
         print(f"metrics no run has: {', '.join(results['missing_metrics'])} (dpolab sweep SPEC --metrics lists them)")
     print(f"table: {results['folder']}/results.csv; page: {results['folder']}/index.html")

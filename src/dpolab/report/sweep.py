@@ -53,6 +53,28 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(results: dict) -> str:
+    """The ``compare:`` results as Markdown: a row per pair of points, per metric ``a − b`` as mean ± half-width
+    over the seeds they share, and in how many seeds a − b was above zero."""
+    comparisons = results.get("comparisons") or []
+    if not comparisons:
+        return ""
+    metrics = [m for m in results["metrics"] if any(m in c["metrics"] for c in comparisons)]
+    lines = ["| a | b | " + " | ".join(f"{m}: a − b" for m in metrics) + " |", "|---" * (2 + len(metrics)) + "|"]
+    for comparison in comparisons:
+        cells = []
+        for metric in metrics:
+            stats = comparison["metrics"].get(metric)
+            if stats is None:
+                cells.append("—")
+                continue
+            above = sum(v > 0 for v in stats["values"])
+            spread = f" ± {stats['half_width']:.2g}" if stats["half_width"] is not None else ""
+            cells.append(f"{stats['mean']:+.3g}{spread} ({above}/{stats['n']} > 0)")
+        lines.append("| " + " | ".join([comparison["a"], comparison["b"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _as_number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 

@@ -76,3 +76,21 @@ def test_the_other_pool_holds_each_prompt_s_high_edit_rejected_as_wrong(paper_da
     assert [r["prompt"] for r in pool] == [r["prompt"] for r in low]
     assert [r["prompt_id"] for r in pool] == list(range(len(low)))
     assert all(r["candidates"] == [f"wrong {i}"] and r["scores"] == [0.0] for i, r in enumerate(pool))
+
+
+def test_the_position_figure_pools_seeds_weighted_by_token_count():
+    spec = importlib.util.spec_from_file_location("position_figure", SCRIPT.parent / "position_figure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def entry(offset, chosen, chosen_tokens, rejected, rejected_tokens):
+        return {"offset": offset, "chosen": chosen, "chosen_tokens": chosen_tokens, "rejected": rejected,
+                "rejected_tokens": rejected_tokens}  # fmt: skip
+
+    first = {"by_position_shows": "change", "by_position": [entry(0, -1.0, 3, -2.0, 1), entry(1, None, 0, -1.0, 2)]}
+    second = {"by_position_shows": "change", "by_position": [entry(0, -2.0, 1, -4.0, 1)]}
+    result = module.pooled([first, second])
+    assert result["by_position"] == [
+        {"offset": 0, "chosen": -5.0 / 4, "rejected": -3.0},
+        {"offset": 1, "chosen": None, "rejected": -1.0},
+    ]

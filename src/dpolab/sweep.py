@@ -29,7 +29,7 @@ import yaml
 
 from dpolab import safe_yaml
 from dpolab.report.sweep import CHANGE_SUFFIX, value_text
-from dpolab.train.config import nested_settings
+from dpolab.train.config import dotted_keys, nested_settings
 
 TRAINING_RECIPES = ("train", "sft", "rm", "ppo")
 RECIPES = (*TRAINING_RECIPES, "toy")
@@ -300,9 +300,9 @@ def plan_jobs(spec: SweepSpec, folder: Path) -> list[Job]:
             except ValueError as error:
                 raise ValueError(f"sweep point {point.name!r} (seed {seed}): {error}") from None
             jobs.append(Job(point, seed, run_dir, config))
-    listed = isinstance(spec.evaluate, list)
+    listed, checked = isinstance(spec.evaluate, list), evaluations(spec)
     for job in jobs:  # a {config[KEY]} the run has not fails now, not after the runs before it
-        for index, evaluate in enumerate(evaluations(spec)):
+        for index, evaluate in enumerate(checked):
             if job.baseline and not evaluate.baseline:
                 continue
             where = f"sweep.evaluate[{index}]" if listed else "sweep.evaluate"
@@ -359,7 +359,8 @@ def finished(spec: SweepSpec, job: Job) -> bool:
     result = read_result(job.run_dir)
     if result is None:
         return False
-    return result.get("evaluations", applied_evaluations(spec, job)) == applied_evaluations(spec, job)
+    current = applied_evaluations(spec, job)
+    return result.get("evaluations", current) == current
 
 
 def read_result(run_dir: Path) -> dict | None:
@@ -457,17 +458,6 @@ PLACEHOLDERS = ("model_dir", "run_dir", "seed", "output")  # and {config[KEY]}: 
 CONFIG_FIELD = re.compile(r"config\[([^\[\]]+)\]")
 
 
-def flat_settings(config: dict, prefix: str = "") -> dict:
-    """A nested config as dotted keys (``loss_params.beta``), the form ``{config[KEY]}`` reads."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def evaluation_values(job: Job, model_dir: str, output: Path) -> dict:
     """The placeholders' values for one run's evaluation."""
     return {
@@ -475,7 +465,7 @@ def evaluation_values(job: Job, model_dir: str, output: Path) -> dict:
         "run_dir": str(job.run_dir),
         "seed": str(job.seed),
         "output": str(output),
-        "config": flat_settings(job.config),
+        "config": dotted_keys(job.config),  # the form {config[KEY]} reads
     }
 
 

@@ -132,6 +132,24 @@ def test_cli_corrupt_math_writes_trainable_pairs_and_lists_skips(tmp_path):
     assert check_file(str(out), allow_extra=True).clean
     examples, bad = load_examples(str(out))
     assert len(examples) == 20 and not bad
+    late = subprocess.run(
+        [sys.executable, "-m", "dpolab", "data", "corrupt-math", str(source), "--out", str(out), "--step", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert late.returncode == 0, late.stderr
+    two_step = sum(1 for p in make_problems(20, seed=1) if p.answer.count("<<") == 2)  # no second intermediate result
+    assert f"{two_step + 2} rows could not be corrupted" in late.stdout
+    assert "no intermediate result number 1 to change" in late.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "dpolab", "data", "corrupt-math", str(source), "--out", str(out), "--step", "0",
+         "--final", "change"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--step picks an intermediate result" in refused.stderr
 
 
 def test_distinct_and_excluded_problems():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,34 @@ def test_the_command_on_a_model_against_itself_and_against_another(tmp_path):
     per_pair = [sum(r["chosen_logps"]) - sum(r["chosen_logps_reference"]) for r in rows_other]
     assert other["chosen_logratio"] == pytest.approx(sum(per_pair) / 2, abs=1e-5)  # the rows are rounded to 1e-6
     assert all(len(r["chosen_tokens"]) == len(r["chosen_logps"]) for r in rows_other)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"limit": 0}, "--limit must be at least 1; got 0"),
+        ({"window": -1}, "--window must be >= 0; got -1"),
+        ({"batch_size": 0}, "--batch-size must be at least 1; got 0"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_loads(tmp_path, options, message):
+    from dpolab.eval.tokens import token_report
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        token_report(str(tmp_path / "no-model"), str(data), **options)
+
+
+def test_a_bad_row_is_named(tmp_path):
+    from dpolab.eval.tokens import token_report
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "p"}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"pairs.jsonl: row 1: missing field .chosen."):
+        token_report(str(tmp_path / "no-model"), str(data))
 
 
 def test_the_command_names_a_missing_file(tmp_path):

@@ -266,14 +266,10 @@ def evaluation_section(runs: list[Run]) -> str:
     )
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+def _flatten(config: dict) -> dict[str, str]:
+    from dpolab.train.config import dotted_keys
+
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in dotted_keys(config).items()}
 
 
 def config_table(runs: list[Run]) -> str:

@@ -424,6 +424,18 @@ def _check_writable_folder(key: str, value: str) -> None:
             return
 
 
+def dotted_keys(config: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys (``{"loss_params.beta": 0.1}``), the values as they are; an empty
+    mapping stays a value."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def nested_settings(cls, values: object, key: str, noun: str, docs: str):
     """The ``key:`` mapping of a config as the settings dataclass ``cls``: a mapping, known fields only (an
     unknown one is named with the closest known one), each of its annotated type. ``ValueError`` naming

@@ -44,6 +44,20 @@ def test_packed_equals_naive_float64(architecture, attention):
     torch.testing.assert_close(packed.sums(), naive.sums(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_naive_path_item_by_item_equals_one_padded_batch(architecture):
+    """The kernel check runs the naive side one item at a time (its full logits would set the peak memory
+    with a large vocabulary): padding to the batch's longest row must not change any value."""
+    model = build(architecture, "sdpa", torch.float64)
+    pairs = random_pairs(6, seed=4)
+    assert len({len(p.prompt_ids) + len(p.chosen_ids) for p in pairs}) > 1, "rows of different lengths"
+    with torch.no_grad():
+        batched = naive_token_logps(model, pairs, pad_token_id=0)
+        alone = [naive_token_logps(model, [pair], pad_token_id=0) for pair in pairs]
+    torch.testing.assert_close(torch.cat([a.sums() for a in alone]), batched.sums(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat([a.values for a in alone]), batched.values, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
 def test_packed_equals_naive_float32(architecture):
     model = build(architecture, "sdpa", torch.float32)

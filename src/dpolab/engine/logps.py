@@ -143,14 +143,17 @@ class ChunkedTargetLogps(torch.autograd.Function):
             hidden_c = hidden[start:stop].to(dtype)
             logits = _at_least_fp32(torch.nn.functional.linear(hidden_c, weight_c, bias_c))
             grad = grad_values[start:stop, None].to(logits.dtype)
-            grad_logits = torch.exp(logits - log_normaliser[start:stop, None]).mul_(-grad)
+            # In place on this chunk's own logits: one [chunk × vocab] buffer at a time.
+            grad_logits = logits.sub_(log_normaliser[start:stop, None]).exp_().mul_(-grad)
             grad_logits.scatter_add_(-1, targets[start:stop, None], grad)
-            del logits
             grad_logits = grad_logits.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ weight_c
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ hidden_c).to(grad_weight.dtype)
+                if grad_weight.dtype == dtype:
+                    grad_weight.addmm_(grad_logits.T, hidden_c)  # no [vocab × hidden] temporary
+                else:
+                    grad_weight += (grad_logits.T @ hidden_c).to(grad_weight.dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
@@ -375,12 +378,15 @@ def packing_fallback_reason(
     model, items: list[Item], engine: LogpEngine, dtype: torch.dtype, autocast=nullcontext
 ) -> str | None:
     """Compare ``engine``'s packed log-probs with the naive ones on a few items (:func:`run_both_paths`);
-    why to fall back, or None."""
+    why to fall back, or None. The naive side runs one item at a time: its full logits ([rows × length ×
+    vocab]) would otherwise set the run's peak memory with a large vocabulary."""
     sample = items[: min(4, len(items))]
     results, failure = run_both_paths(
         model,
         lambda: engine.token_logps(model, sample, list(range(len(sample)))).sums(),
-        lambda: naive_token_logps(model, sample, engine.pad_token_id, engine.device).sums(),
+        lambda: torch.cat(
+            [naive_token_logps(model, [item], engine.pad_token_id, engine.device).sums() for item in sample]
+        ),
         autocast,
     )
     if failure:

@@ -103,6 +103,71 @@ def test_segments_on_single_branch_items_is_causal_attention_per_item():
     torch.testing.assert_close(packed, naive, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "mistral", "gpt2"])
+def test_varlen_equals_naive_forward_and_backward_float64(architecture):
+    """The varlen kernel (its CPU reference loop: what flash-attn's and PyTorch's fused kernels compute over
+    the same sequences) on pairs and rows with padding."""
+    pairs = random_pairs(9, seed=11)
+    batch = pack(pairs, list(range(9)), row_tokens=64, pad_token_id=0)
+    assert batch.input_ids.shape[0] > 1 and batch.real_tokens < batch.input_ids.numel(), "rows and padding"
+    results = []
+    for kernel in ("varlen", None):
+        model = model_for(architecture, torch.float64)
+        if kernel:
+            sums = packed_token_logps(model, batch, kernel=kernel).sums()
+        else:
+            sums = naive_token_logps(model, pairs, pad_token_id=0).sums()
+        objective(sums).backward()
+        results.append((sums.detach(), gradients(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-9)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=2e-6)
+
+
+def test_varlen_plan_writes_every_real_token_once_and_repeats_only_the_prompt():
+    """Each pair: [prompt | chosen] then [prompt | rejected]; the second sequence writes only its branch."""
+    pairs = random_pairs(7, seed=12)
+    batch = pack(pairs, list(range(7)), row_tokens=64, pad_token_id=0)
+    plan = attention.varlen_plan(attention.layout_mask(batch, varlen=True))
+    real = (batch.segment_ids >= 0).flatten().nonzero().flatten()
+    assert sorted(plan.written.tolist()) == real.tolist()
+    assert len(plan.bounds) - 1 == 2 * len(pairs) and plan.cu_seqlens.dtype == torch.int32
+    lengths = sorted(b - a for a, b in zip(plan.bounds[:-1], plan.bounds[1:], strict=True))
+    expected = sorted(len(p.prompt_ids) + len(branch) for p in pairs for branch in (p.chosen_ids, p.rejected_ids))
+    assert lengths == expected and plan.max_length == max(expected)
+    repeated = plan.gather[~plan.keep]
+    assert bool((batch.branch_ids.flatten()[repeated] == 0).all()), "only prompt tokens are read twice"
+    assert len(repeated) == sum(len(p.prompt_ids) for p in pairs)
+
+
+def test_varlen_honours_a_sliding_window_and_sft_rows():
+    """Mistral's 6-token window inside each sequence, and SFT rows (one branch: plain varlen packing)."""
+    pairs = random_pairs(6, seed=13, longest=20)
+    model = model_for("mistral", torch.float64, sliding_window=6)
+    sequences = [TokenizedSequence(p.prompt_ids, p.chosen_ids, p.row) for p in random_pairs(8, seed=14)]
+    sft_batch = pack(sequences, list(range(8)), row_tokens=96, pad_token_id=0)
+    assert sft_batch.input_ids.shape[0] < 8
+    with torch.no_grad():
+        windowed = packed_token_logps(model, pack(pairs, list(range(6)), 128, 0), kernel="varlen").sums()
+        sft = packed_token_logps(model, sft_batch, kernel="varlen").sums()
+        naive_windowed = naive_token_logps(model, pairs, pad_token_id=0).sums()
+        naive_sft = naive_token_logps(model, sequences, pad_token_id=0).sums()
+    torch.testing.assert_close(windowed, naive_windowed, rtol=0, atol=1e-9)
+    torch.testing.assert_close(sft, naive_sft, rtol=0, atol=1e-9)
+
+
+def test_varlen_reward_scores_and_the_kernel_check():
+    model = tiny_scalar_model("qwen2", VOCAB, dtype=torch.float64)
+    pairs = random_pairs(7, seed=15)
+    with torch.no_grad():
+        packed = packed_scores(model, pairs, list(range(7)), 64, 0, "cpu", kernel="varlen")
+        naive = naive_scores(model, pairs, 0)
+    torch.testing.assert_close(packed, naive, rtol=0, atol=1e-9)
+    engine = LogpEngine(64, 0, torch.device("cpu"), kernel="varlen")
+    assert packing_fallback_reason(model_for("llama", torch.float32), pairs, engine, torch.float32) is None
+    gemma = packing_fallback_reason(model_for("gemma2", torch.float64), pairs, engine, torch.float64)
+    assert gemma is not None and "varlen kernel does not support softcap" in gemma
+
+
 def test_the_installed_dispatcher_leaves_other_calls_unchanged():
     """After install, a plain padded forward (generation, the naive path) goes to the model's own kernel."""
     pairs = random_pairs(5, seed=4)
@@ -195,7 +260,7 @@ def test_balanced_rows_leave_little_padding():
     assert sorted(i for row in rows for i in row) == list(range(8))
 
 
-@pytest.mark.parametrize("kernel", ["segments", "dense", "naive"])
+@pytest.mark.parametrize("kernel", ["segments", "varlen", "dense", "naive"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(kernel, lora, monkeypatch):
     """Non-reentrant checkpointing reruns each layer in backward (the layout mask travels with it) and the

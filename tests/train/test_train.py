@@ -146,7 +146,10 @@ def test_packed_and_naive_training_take_the_same_steps(workspace, tmp_path, arch
         (["--data", "missing.jsonl"], "data: no such file: missing.jsonl"),
         (["--lr_scheduler", "step"], "lr_scheduler: must be one of linear, cosine, constant; got 'step'"),
         (["--model", ""], "model: required"),
-        (["--attention_kernel", "flash"], "attention_kernel: must be one of auto, segments, flex, dense; got 'flash'"),
+        (
+            ["--attention_kernel", "flash"],
+            "attention_kernel: must be one of auto, segments, varlen, flex, dense; got 'flash'",
+        ),
         (["--logit_chunk_tokens", "-1"], "logit_chunk_tokens: must be >= 0; got -1"),
     ],
 )
@@ -308,10 +311,15 @@ def test_a_kernel_asked_for_by_name_that_cannot_run_is_an_error_with_its_reason(
 
 
 @pytest.mark.parametrize(
-    "options", [{"gradient_checkpointing": True, "logit_chunk_tokens": 7}, {"attention_kernel": "dense"}]
+    "options",
+    [
+        {"gradient_checkpointing": True, "logit_chunk_tokens": 7},
+        {"attention_kernel": "dense"},
+        {"attention_kernel": "varlen", "gradient_checkpointing": True},
+    ],
 )
 def test_engine_options_take_the_same_steps(workspace, tmp_path, options):
-    """Checkpointing, the chunked head and the dense kernel change memory and speed, not the training."""
+    """Checkpointing, the chunked head and the dense and varlen kernels change memory and speed, not the training."""
     losses = {}
     for name, extra in (("default", {}), ("options", options)):
         summary = run(base(workspace, tmp_path / name, save_model=False, tensorboard=False, **extra))
@@ -429,3 +437,24 @@ def test_epochs_train_each_pair_epochs_times(workspace, tmp_path):
     summary = run(config)
     assert summary["pairs_seen"] == 171 and summary["steps"] == 24
     assert max(m["epoch"] for m in read_metrics(tmp_path / "run")) == 3
+
+
+@pytest.mark.parametrize(
+    "architecture, dropout", [("llama", {"attention_dropout": 0.5}), ("gpt2", {"attn_pdrop": 0.5, "resid_pdrop": 0.5})]
+)
+def test_disable_dropout_also_turns_off_attention_dropout(architecture, dropout):
+    """Llama-style attention keeps its dropout as a float, not an nn.Dropout: training-mode forwards must
+    agree once dropout is disabled, and differ before."""
+    from dpolab.train.blocks import disable_dropout
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(architecture, 64, attention="eager", **dropout).train()
+    tokens = torch.arange(3, 40)[None]
+
+    def logits():
+        with torch.no_grad():
+            return model(tokens).logits
+
+    assert not torch.equal(logits(), logits())
+    disable_dropout(model)
+    assert torch.equal(logits(), logits())

@@ -4,7 +4,7 @@ A packed row holds several items, each ``[prompt | branch 1 | branch 2 …]`` (:
 Token i sees token j iff both belong to the same item, j ≤ i, and j is a prompt token or of i's own branch.
 With a dense ``(rows, 1, L, L)`` mask every query pays for every key of the row, pairs it cannot see
 included, and no fused kernel takes the mask, so the cost of a row grows with L², not with its items.
-Three kernels compute the same attention:
+Four kernels compute the same attention:
 
 - ``segments`` (any device, with gradients): one ``scaled_dot_product_attention`` per item, on that item's
   tokens only, with the item's own small mask (or ``is_causal`` when the item has a single branch, the
@@ -12,13 +12,20 @@ Three kernels compute the same attention:
 - ``flex`` (CUDA): a FlexAttention :class:`BlockMask` of the same rule, so fully masked blocks are
   skipped by the fused kernel (PyTorch's FlexAttention has no backward on CPU; there it serves no-grad
   passes only).
+- ``varlen`` (one fused call per layer): each item becomes one plain causal sequence per branch,
+  ``[prompt | branch]``, and all of them go to a variable-length kernel (``cu_seqlens``): flash-attn's
+  ``flash_attn_varlen_func`` when installed, else PyTorch's ``torch.nn.attention.varlen.varlen_attn`` on
+  CUDA. Branches after the first repeat the prompt's keys and values (gathered, not recomputed) and their
+  prompt queries' outputs are dropped, so every sequence is square and the causal alignment convention
+  of the kernel cannot matter. An SFT or reward row (one branch) is exactly the varlen packing of
+  its examples. On CPU a reference loop (one SDPA per sequence) stands in for the fused kernel, for tests.
 - ``dense``: the additive 4D mask of :meth:`PackedBatch.attention_mask`, through the model's own kernel.
 
 Hugging Face models choose their attention function by the name in ``config._attn_implementation``;
 :func:`install` registers ``dpolab+<base>`` (base: the model's own implementation, e.g. ``sdpa``) and sets
 it. The registered function looks at the mask it receives: a *layout tensor* (:func:`layout_mask`) runs
-``segments``, a ``BlockMask`` runs ``flex``, anything else goes to the base implementation unchanged,
-so generation and the naive path behave exactly as before. The layout travels as the attention mask,
+``segments`` (``varlen`` when the layout has its third field), a ``BlockMask`` runs ``flex``, and anything
+else goes to the base implementation unchanged, so generation and the naive path behave exactly as before. The layout travels as the attention mask,
 not as a global, so gradient checkpointing's recomputation and any wrapper see the same thing.
 The base name is what ``save_pretrained`` would write (``_attn_implementation`` is not serialised).
 """
@@ -33,20 +40,27 @@ import torch.nn.functional as F
 
 from dpolab.data.packing import PROMPT, PackedBatch
 
-Kernel = Literal["segments", "flex", "dense"]
+Kernel = Literal["segments", "varlen", "flex", "dense"]
 PREFIX = "dpolab+"
-LAYOUT_FIELDS = 2  # segment ids, branch ids
+LAYOUT_FIELDS = 2  # segment ids, branch ids (a third field of ones marks the varlen kernel)
 
 
-def layout_mask(batch: PackedBatch) -> torch.Tensor:
-    """The layout tensor ``(rows, 1, 2, L)`` (int64: segment ids, branch ids) that the ``segments`` kernel reads.
+def layout_mask(batch: PackedBatch, varlen: bool = False) -> torch.Tensor:
+    """The layout tensor ``(rows, 1, 2, L)`` (int64: segment ids, branch ids) that the ``segments`` kernel reads;
+    ``(rows, 1, 3, L)`` for the ``varlen`` kernel (the kernel travels with the mask, so a checkpointed layer's
+    recomputation runs the same one).
 
     It is 4D, so Hugging Face's mask creation passes it through as an already prepared mask."""
-    return torch.stack([batch.segment_ids, batch.branch_ids], dim=1)[:, None]
+    fields = [batch.segment_ids, batch.branch_ids] + ([torch.ones_like(batch.segment_ids)] if varlen else [])
+    return torch.stack(fields, dim=1)[:, None]
 
 
 def is_layout(mask) -> bool:
-    return isinstance(mask, torch.Tensor) and mask.dtype == torch.long and mask.dim() == 4 and mask.shape[2] == 2
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.long and mask.dim() == 4 and mask.shape[2] in (2, 3)
+
+
+def is_varlen_layout(mask) -> bool:
+    return is_layout(mask) and mask.shape[2] == 3
 
 
 def flex_available() -> bool:
@@ -176,6 +190,136 @@ def item_plan(layout: torch.Tensor, positions: torch.Tensor | None, sliding_wind
     return plans[sliding_window]
 
 
+class VarlenPlan:
+    """The ``varlen`` kernel's sequences over packed rows (flattened ``rows × L`` positions).
+
+    ``gather``: the positions of every sequence's tokens, sequence after sequence (item by item, branch by
+    branch: ``[prompt | branch]``); ``keep``: which of them write their output (all of a first branch's
+    sequence, only the branch tokens of a later one); ``cu_seqlens`` (int32) and ``max_length`` as
+    variable-length kernels take them. Every real token is written exactly once; padding never appears."""
+
+    def __init__(self, layout: torch.Tensor):
+        length = layout.shape[-1]
+        branches = layout[:, 0, 1].tolist()
+        gather: list[int] = []
+        keep: list[bool] = []
+        lengths: list[int] = []
+        for row, spans in enumerate(item_spans(layout)):
+            for start, end in spans:
+                ids = branches[row][start:end]
+                prompt = [row * length + c for c, b in zip(range(start, end), ids, strict=True) if b == PROMPT]
+                names = list(dict.fromkeys(b for b in ids if b != PROMPT))
+                for number, name in enumerate(names or [PROMPT]):
+                    own = [row * length + c for c, b in zip(range(start, end), ids, strict=True) if b == name]
+                    tokens = own if name == PROMPT else prompt + own
+                    gather += tokens
+                    keep += [number == 0 or index >= len(prompt) for index in range(len(tokens))]
+                    lengths.append(len(tokens))
+        device = layout.device
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.keep = torch.tensor(keep, dtype=torch.bool, device=device)
+        self.written = self.gather[self.keep]
+        cumulative = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+        self.cu_seqlens = cumulative.to(dtype=torch.int32, device=device)
+        self.bounds = cumulative.tolist()
+        self.max_length = max(lengths, default=0)
+
+
+def varlen_plan(layout: torch.Tensor) -> VarlenPlan:
+    """:class:`VarlenPlan` of this layout, worked out once per forward (kept on the layout tensor)."""
+    plans = layout.__dict__.setdefault("_dpolab_plans", {})
+    if "varlen" not in plans:
+        plans["varlen"] = VarlenPlan(layout)
+    return plans["varlen"]
+
+
+def reference_varlen(
+    query, key, value, plan: VarlenPlan, scaling, window: int | None, dropout: float = 0.0
+) -> torch.Tensor:
+    """What a variable-length causal kernel computes, one SDPA per sequence: the CPU stand-in (and the
+    definition the fused kernels are held to). ``query`` (tokens, heads, dim); ``key``/``value`` may have
+    fewer heads."""
+    grouped = key.shape[1] != query.shape[1]
+    outputs = []
+    for start, end in zip(plan.bounds[:-1], plan.bounds[1:], strict=True):
+        q, k, v = (tensor[start:end].transpose(0, 1)[None] for tensor in (query, key, value))
+        mask = None
+        if window is not None and end - start > window:
+            offsets = torch.arange(end - start, device=query.device)
+            distance = offsets[:, None] - offsets[None, :]
+            mask = (distance >= 0) & (distance < window)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scaling, enable_gqa=grouped
+        )
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs) if outputs else query[:0]
+
+
+def varlen_function(device: torch.device):
+    """(name, function) of the variable-length kernel for this device: flash-attn's when installed (CUDA),
+    else PyTorch's ``varlen_attn`` (CUDA), else the reference loop. The function takes (query, key, value,
+    plan, scaling, window, dropout) and returns (tokens, heads, dim). PyTorch's kernel has no dropout:
+    a call with attention dropout (a model trained with ``disable_dropout: false``) takes the loop."""
+    if device.type == "cuda":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+        if flash_attn_varlen_func is not None:
+
+            def flash(query, key, value, plan, scaling, window, dropout=0.0):
+                cu, longest = plan.cu_seqlens, plan.max_length
+                sides = (-1, -1) if window is None else (window - 1, 0)
+                return flash_attn_varlen_func(
+                    query, key, value, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling,
+                    causal=True, window_size=sides,
+                )  # fmt: skip
+
+            return "flash-attn", flash
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        if varlen_attn is not None:
+
+            def native(query, key, value, plan, scaling, window, dropout=0.0):
+                if dropout:
+                    return reference_varlen(query, key, value, plan, scaling, window, dropout)
+                cu, longest = plan.cu_seqlens, plan.max_length
+                grouped = key.shape[1] != query.shape[1]
+                sides = (-1, 0) if window is None else (window - 1, 0)
+                return varlen_attn(
+                    query, key, value, cu, cu, longest, longest, scale=scaling, window_size=sides, enable_gqa=grouped
+                )
+
+            return "torch varlen_attn", native
+    return "reference loop", reference_varlen
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: torch.Tensor,
+    scaling: float | None,
+    sliding_window: int | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The ``varlen`` kernel: (rows, L, heads, dim) as Hugging Face attention functions return, zeros on
+    padding. ``query`` is (rows, heads, L, dim); ``key``/``value`` may have fewer heads."""
+    rows, heads, length, dim = query.shape
+    plan = varlen_plan(layout)
+
+    def flat(tensor):
+        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim)[plan.gather]
+
+    _, function = varlen_function(query.device)
+    out = function(flat(query), flat(key), flat(value), plan, scaling, sliding_window, dropout)
+    result = query.new_zeros(rows * length, heads, dim)
+    result = result.index_copy(0, plan.written, out[plan.keep].to(result.dtype))
+    return result.view(rows, length, heads, dim)
+
+
 def _base_function(module, base: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -192,9 +336,12 @@ def _packed_attention(base: str):
         if is_layout(attention_mask):
             unsupported = [name for name in ("softcap", "s_aux", "position_bias") if kwargs.get(name) is not None]
             if unsupported:
-                raise NotImplementedError(f"the segments kernel does not support {', '.join(unsupported)}")
+                kernel = "varlen" if is_varlen_layout(attention_mask) else "segments"
+                raise NotImplementedError(f"the {kernel} kernel does not support {', '.join(unsupported)}")
             positions = kwargs.get("position_ids")
             window = kwargs.get("sliding_window")
+            if is_varlen_layout(attention_mask):
+                return varlen_attention(query, key, value, attention_mask, scaling, window, dropout), None
             if window is not None and positions is None:
                 raise NotImplementedError("a sliding window needs position_ids in the attention kwargs")
             output = segments_attention(query, key, value, attention_mask, scaling, dropout, window, positions)
@@ -293,8 +440,8 @@ def packed_inputs(model, batch: PackedBatch, kernel: Kernel) -> dict:
         refusal = install(model)
         if refusal:
             raise ValueError(f"the {kernel} attention kernel cannot be used: {refusal}")
-    if kernel == "segments":
-        mask = layout_mask(batch)
+    if kernel in ("segments", "varlen"):
+        mask = layout_mask(batch, varlen=kernel == "varlen")
     elif kernel == "flex":
         mask = block_mask(batch)
     else:

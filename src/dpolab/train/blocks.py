@@ -247,9 +247,13 @@ def split_eval(examples: list, config: TrainConfig, load) -> tuple[list, list]:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Every ``nn.Dropout`` to p = 0, and the attention dropout that Hugging Face's Llama-style attention
+    modules keep as a float (``attention_dropout``, passed to the attention function while training)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def load_policy(config: TrainConfig):
@@ -358,10 +362,13 @@ def choose_score_engine(config: TrainConfig, model, items: list[Item], pad_token
 
 
 def candidate_kernels(setting: str, device: torch.device) -> list[Kernel]:
-    """The attention kernels to try, in order: the configured one, or for ``auto`` flex (CUDA), segments, dense."""
+    """The attention kernels to try, in order: the configured one, or for ``auto`` flex and varlen (CUDA),
+    segments, dense. On CPU varlen has no fused kernel (its reference loop would only repeat segments' work)."""
     if setting != "auto":
         return [setting]
     fused = ["flex"] if device.type == "cuda" and attention.flex_available() else []
+    if device.type == "cuda":
+        fused.append("varlen")
     return [*fused, "segments", "dense"]
 
 

@@ -40,7 +40,7 @@ class TrainConfig:
     lora: dict | None = None
     """LoRA via peft (``pip install dpolab[peft]``), e.g. ``{r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, v_proj]}``."""
     disable_dropout: bool = True
-    """Set every dropout probability to 0 in policy and reference (log-probs of the same text then agree)."""
+    """Set every dropout probability to 0 in policy and reference (log-probs of the same text then agree): each ``nn.Dropout`` and the ``attention_dropout`` of Llama-style attention modules."""
 
     # --- data ------------------------------------------------------------------------------
     data: str = ""
@@ -106,13 +106,13 @@ class TrainConfig:
     seed: int = 42
     """Seeds model init of anything random, data order and the eval split."""
     row_tokens: int = 2048
-    """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own); rows are balanced so padding is small. With the ``segments`` and ``flex`` attention kernels a row costs what its pairs cost, whatever its length; with ``dense``, attention grows with the square of the row length (docs/performance.md)."""
+    """Token budget of one packed row: several pairs share a row up to this many tokens (a longer pair gets a row of its own); rows are balanced so padding is small. With the ``segments``, ``varlen`` and ``flex`` attention kernels a row costs what its pairs cost, whatever its length; with ``dense``, attention grows with the square of the row length (docs/performance.md)."""
     packing: bool = True
     """Prefix-shared packed forward; false forces the naive path (one padded row per sequence)."""
     attention_kernel: str = "auto"
-    """Attention over packed rows (docs/training.md#the-forward): ``segments`` (each pair's own attention, any device), ``flex`` (a FlexAttention block mask; CUDA), ``dense`` (a 4D mask through the model's kernel), or ``auto``: flex on CUDA, else segments, then dense, then the naive path, each checked on the first pairs with the reason logged."""
+    """Attention over packed rows (docs/training.md#the-forward): ``segments`` (each pair's own attention, any device), ``varlen`` (each pair's branches as causal sequences through one variable-length kernel: flash-attn or PyTorch's varlen_attn on CUDA, a reference loop elsewhere), ``flex`` (a FlexAttention block mask; CUDA), ``dense`` (a 4D mask through the model's kernel), or ``auto``: flex then varlen on CUDA, else segments, then dense, then the naive path, each checked on the first pairs with the reason logged."""
     logit_chunk_tokens: int = 0
-    """The LM head's log-softmax over this many completion tokens at a time, recomputed in backward: memory O(chunk × vocabulary) instead of O(tokens × vocabulary). With a 131k vocabulary, 256 cut a step's peak RSS from 5.6 to 3.3 GB at the same speed; with a 4k one it looked slower (docs/performance.md), so 0 (all tokens at once) stays the default: set 256 for large vocabularies."""
+    """The LM head's log-softmax over this many completion tokens at a time, recomputed in backward: memory O(chunk × vocabulary) instead of O(tokens × vocabulary). With a 131k vocabulary, 256 cut a run's peak RSS from 5.6 to 2.5 GB (0.44×) at the same speed; with a 4k one it looked slower (docs/performance.md), so 0 (all tokens at once) stays the default: set 256 for large vocabularies."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (Hugging Face's non-reentrant checkpointing): activation memory for about one more forward of time (CPU benchmark: peak RSS 1,050 → 813 MiB, step +23%). TRL's DPOConfig turns it on by default."""
     compile: bool = False
@@ -214,7 +214,7 @@ class TrainConfig:
             "task": ("preference", "sft", "reward", "ppo"),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "truncation_mode": ("keep_end", "keep_start", "drop"),
-            "attention_kernel": ("auto", "segments", "flex", "dense"),
+            "attention_kernel": ("auto", "segments", "varlen", "flex", "dense"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -33,6 +33,7 @@ The base name is what ``save_pretrained`` would write (``_attn_implementation`` 
 from __future__ import annotations
 
 import sys
+from functools import cache
 from typing import Literal
 
 import torch
@@ -260,6 +261,13 @@ def varlen_function(device: torch.device):
     else PyTorch's ``varlen_attn`` (CUDA), else the reference loop. The function takes (query, key, value,
     plan, scaling, window, dropout) and returns (tokens, heads, dim). PyTorch's kernel has no dropout:
     a call with attention dropout (a model trained with ``disable_dropout: false``) takes the loop."""
+    return _varlen_function(device.type)
+
+
+@cache
+def _varlen_function(device_type: str):
+    """:func:`varlen_function` by device type, worked out once: every layer of every forward asks."""
+    device = torch.device(device_type)
     if device.type == "cuda":
         try:
             from flash_attn import flash_attn_varlen_func

@@ -6,7 +6,7 @@ Run by hand (not in CI):
 
 It builds, in a temporary folder: a BPE tokenizer (4,096 tokens) trained on GSM8K's training text; a
 random-init Llama (4 layers, hidden 256, ≈5M parameters); and GSM8K preference pairs from
-../shared/data/gsm8k/model_solutions.jsonl (prompt = question, chosen = ground-truth solution,
+data/gsm8k/model_solutions.jsonl (prompt = question, chosen = ground-truth solution,
 rejected = the first wrong model solution). Then each contender runs in its own process (so peak
 RSS is its own), fp32, one process, the same pairs, batch size and step count:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from common import setting_value
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data" / "gsm8k"
+SHARED = HERE.parent / "data" / "gsm8k"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
 

@@ -13,7 +13,7 @@ shapes of Qwen2.5-0.5B (24 layers, hidden 896, 14 query / 2 key-value heads, voc
 embeddings) and Llama-3.2-1B (16 layers, hidden 2,048, 32 / 8 heads, vocabulary 128,256, tied). Weights
 are bf16 for every contender (pure bf16 training, AdamW on bf16 weights) on the GPU, fp32 under ``--smoke``.
 
-**Pairs.** The HH-RLHF slice in ../shared/data (1,800 harmless-base dialogues; the prompt is the shared
+**Pairs.** The HH-RLHF slice in data/ (1,800 harmless-base dialogues; the prompt is the shared
 dialogue prefix, as :func:`dpolab.data.formats.split_implicit_prompt` cuts it), tokenised by a BPE
 (32,000 tokens) trained on those dialogues, so the token-length distribution is the data set's.
 ``--variant long-prompt`` prefixes each prompt with the prompts of the next eight pairs (a long shared
@@ -56,7 +56,7 @@ from pathlib import Path
 from common import run_contender, setting_value
 
 HERE = Path(__file__).resolve().parent
-HH = HERE.parent.parent / "shared" / "data" / "hh-rlhf" / "harmless_base_test_part.jsonl"
+HH = HERE.parent / "data" / "hh-rlhf" / "harmless_base_test_part.jsonl"
 CONTENDERS = ("dpolab", "dpolab-gc", "trl", "trl-precompute")
 
 # Shapes of the published configs (config.json of each model), not their weights.

@@ -6,7 +6,7 @@ Run by hand (not in CI):
 
 The workspace is dpo_vs_trl.py's: a 4,096-token BPE trained on GSM8K's training text, a random-init
 Llama (4 layers, hidden 256, ≈5M parameters) and GSM8K pairs (ground truth vs the first wrong model
-solution) from ../shared/data/gsm8k/model_solutions.jsonl. Both contenders load that causal LM as a
+solution) from data/gsm8k/model_solutions.jsonl. Both contenders load that causal LM as a
 one-label sequence classifier (a new score head), fp32, one process, the same pairs, batch size and
 step count, each in its own process (so peak RSS is its own):
 

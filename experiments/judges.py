@@ -19,7 +19,7 @@ from dpolab.data.onpolicy import judge_file
 from dpolab.eval.agreement import agreement, table
 from dpolab.eval.judges import MathJudge
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "model_solutions.jsonl"
+SHARED = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "model_solutions.jsonl"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
 

@@ -3,7 +3,7 @@ model (``dpolab rm``) against DPO's implicit reward (``dpolab train``), several 
 
     .venv/bin/python experiments/rm_vs_dpo_accuracy.py --out runs/rm_vs_dpo --seeds 3
 
-For each data set (the HH-RLHF harmless-base slice and GSM8K pairs, from ../shared/data):
+For each data set (the HH-RLHF harmless-base slice and GSM8K pairs, from the repository's data/):
 
 1. a fixed split: ``--train`` training pairs and ``--eval`` held-out pairs, the same for every run;
 2. a BPE tokenizer (2,000 tokens) trained on the training text, a random-init Llama (3 layers, width 96),
@@ -24,7 +24,7 @@ import random
 import statistics
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[1] / "data"
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 

@@ -45,9 +45,9 @@ def test_references_without_a_number_and_bad_rows_are_named(model, tmp_path):
 
 
 def test_cli_eval_on_gsm8k_rows(model, tmp_path):
-    from pathlib import Path
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    from tests.paths import GSM8K_TRAIN as shared
+
     result = subprocess.run(
         [sys.executable, "-m", "dpolab", "eval", str(shared), "--model", model, "--limit", "4",
          "--max-new-tokens", "4", "--out", str(tmp_path / "r.json"), "--no-progress"],

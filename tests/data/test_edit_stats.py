@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from dpolab.data.edit_stats import edit_stats
+from tests.paths import DATA as SHARED  # noqa: E402
 from tests.tiny import tiny_tokenizer
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_exact_values():
@@ -31,7 +29,6 @@ def test_token_distance_uses_the_tokenizer():
         edit_stats(["a"], [])
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
 def test_cli_on_real_data_low_and_high_edit(tmp_path):
     pairs = tmp_path / "gsm8k_pairs.jsonl"
     subprocess.run(

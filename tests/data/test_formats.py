@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dpolab.data.formats import DataError, example_from_row, load_examples, read_rows, split_implicit_prompt
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.paths import DATA as SHARED  # noqa: E402
 
 
 def write_jsonl(path, rows):
@@ -34,7 +32,6 @@ def test_implicit_prompt_is_cut_after_the_last_assistant_marker():
     assert prompt.endswith("help me\n\nAssistant:") and c == " Sure, here is how." and r == " Sorry, I can't."
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
 def test_real_hh_rlhf_rows_split_cleanly():
     with pytest.raises(DataError, match=r"bad rows \(set on_bad_rows: skip"):
         load_examples(str(SHARED / "hh-rlhf" / "harmless_base_test_part.jsonl"))

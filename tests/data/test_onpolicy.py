@@ -435,11 +435,11 @@ def test_cli_sample_judge_pairs_on_synthetic_problems(policy, tmp_path):
     assert no_model.returncode == 2 and "needs --model" in no_model.stderr
 
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.paths import DATA as SHARED  # noqa: E402
 
 
 def test_generic_scenarios_on_gsm8k_pools_agree_with_the_gsm8k_builder(tmp_path):
-    """The shared GSM8K solutions as two judged pools (6B = policy, 175B = other) give the same pairs as
+    """The GSM8K model solutions as two judged pools (6B = policy, 175B = other) give the same pairs as
     `dpolab data gsm8k-scenarios` on every question whose solutions all state a final number. The math
     judge scores a solution without one as wrong (0); the GSM8K builder leaves it out."""
     from dpolab.data.scenarios import gsm8k_scenarios

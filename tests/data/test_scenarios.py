@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from dpolab.data.scenarios import gsm8k_scenarios, math_judge
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.paths import DATA as SHARED  # noqa: E402
 
 
 def solution(answer: int, correct: bool) -> dict:
@@ -44,7 +40,6 @@ def test_scenarios_follow_the_definitions():
     assert all(not pairs for pairs in scenarios.values())
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
 def test_real_model_solutions(tmp_path):
     result = subprocess.run(
         [

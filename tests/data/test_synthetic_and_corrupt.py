@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,8 +13,7 @@ from rapidfuzz.distance import Levenshtein
 
 from dpolab.data.corrupt import ANNOTATED, corrupt_solution
 from dpolab.data.synthetic import final_answer, make_problems, wrong_solution
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.paths import DATA as SHARED  # noqa: E402
 
 
 def test_problems_are_deterministic_and_arithmetically_correct():
@@ -95,7 +93,6 @@ def test_plain_equals_results_are_corrupted_too():
     assert corruption is not None and corruption.original_value in ("60", "50")
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
 def test_real_gsm8k_solutions_are_corruptible_at_low_edit_distance():
     rows = [json.loads(line) for line in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
     rng = random.Random(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import trl
@@ -13,9 +12,8 @@ from datasets import Dataset
 from dpolab.data.formats import example_from_row, load_examples, sft_example_from_row
 from dpolab.data.tokenize import tokenize_pairs, tokenize_sft
 from dpolab.train.config import load_config
+from tests.paths import DATA as SHARED  # noqa: E402
 from tests.tiny import tiny_tokenizer
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 ROWS = [
     {"prompt": "Natalia sold clips", "chosen": " to 48 of her friends", "rejected": " in April"},
@@ -231,7 +229,6 @@ def test_sft_examples_get_the_same_options():
     assert "1 examples dropped: the prompt alone reaches max_length=16 tokens" in report.lines()[1]
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (present in CI)")
 def test_hh_rlhf_long_dialogues_keep_their_end_instead_of_being_dropped(tmp_path):
     """The issue's case: HH-RLHF with max_length 256 lost pairs whose prompt alone was too long."""
     lines = (SHARED / "hh-rlhf" / "harmless_base_test_part.jsonl").read_text().splitlines()[:300]

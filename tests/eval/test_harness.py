@@ -23,7 +23,8 @@ from dpolab.eval.tasks import TASKS, TaskFiles, check_file, find_files
 from tests.tiny import save_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
+from tests.paths import GSM8K_TRAIN as GSM8K  # noqa: E402
+
 ENVIRONMENT = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -34,9 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """The fixtures in each task's public schema, and GSM8K rows from ../shared/data (test and few-shot)."""
-    if not GSM8K.exists():
-        pytest.skip(f"{GSM8K} is absent (the shared data folder is present in CI)")
+    """The fixtures in each task's public schema, and GSM8K rows from the repository's data/ (test and few-shot)."""
     folder = tmp_path_factory.mktemp("tasks")
     for task in FIXTURES.iterdir():
         (folder / task.name).symlink_to(task)

@@ -318,7 +318,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Scenario 1: policy-correct vs policy-wrong; 2: reference vs policy-wrong; 3: policy-correct vs "
         "other-model-wrong; 4: reference vs other-model-wrong. Correctness by the math judge (final number).",
     )
-    scenarios.add_argument("file", help="../shared/data/gsm8k/model_solutions.jsonl or the same format")
+    scenarios.add_argument("file", help="data/gsm8k/model_solutions.jsonl (in the dpolab repository) or the same format")
     scenarios.add_argument("--out", required=True, help="folder for scenario1..4.jsonl")
     scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
     scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")

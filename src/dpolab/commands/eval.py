@@ -137,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decodes each problem's prompt greedily and compares the final answer (#### N, A: N or "
         "\\boxed{...}) with the reference answer's by math-verify. Rows without the prompt or answer field are named.",
     )
-    maths.add_argument("data", help=".jsonl of problems, e.g. ../shared/data/gsm8k/train.jsonl")
+    maths.add_argument("data", help=".jsonl of problems, e.g. data/gsm8k/train.jsonl of the dpolab repository (openai/gsm8k)")
     maths.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
     maths.add_argument("--prompt-field", default="question")
     maths.add_argument("--answer-field", default="answer", help="a solution ending in #### N, or a number")

@@ -9,7 +9,7 @@ import sys
 from dpolab import __version__
 from dpolab.commands import data, losses, quickstart, report, sweep, toy, train
 from dpolab.commands import eval as evaluate  # not `eval`: the builtin
-from dpolab.commands.train import processes_asked_of_accelerate_cpu, relaunch_with_torchrun, train_command
+from dpolab.commands.train import processes_asked_of_accelerate, relaunch_with_torchrun, train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = evaluate.route(sys.argv[1:] if argv is None else list(argv))
     training = argv[:1] in (["train"], ["sft"], ["rm"], ["ppo"])
-    if training and (processes := processes_asked_of_accelerate_cpu()):
-        relaunch_with_torchrun(processes, argv)
+    if training:
+        try:
+            processes, source = processes_asked_of_accelerate()
+        except ValueError as error:  # asked of accelerate, not possible here: never train on one process instead
+            print(f"dpolab {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+            return 2
+        if processes:
+            relaunch_with_torchrun(processes, argv, source)
     if training and not {"-h", "--help"} & set(argv[1:]):
         # argparse cannot hand "--key value" pairs of arbitrary keys to a subcommand: route them directly.
         args = argparse.Namespace(command=argv[0], handler=train_command, rest=argv[1:])
@@ -72,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (an OSError with its file name)."""
+    """An exception's message on one line (an OSError with its file name), its control characters escaped: a
+    message may quote a row's key or a file name, and those must not drive the terminal."""
+    from dpolab.console import printable
+
     if isinstance(error, OSError) and error.strerror:
         names = " → ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-        return f"{error.strerror}: {names}" if names else error.strerror
-    return " ".join(str(error).split()) or type(error).__name__
+        return printable(f"{error.strerror}: {names}" if names else error.strerror)
+    return printable(" ".join(str(error).split()) or type(error).__name__)
 
 
 def save_traceback() -> str:

@@ -3,13 +3,14 @@
 - :data:`console`: the rich console on stderr every module prints its lines to (stdout is for results).
 - :func:`progress_bar`: a live bar on an interactive terminal; plain, periodic, never-truncated lines in a
   pipe, in CI (``CI`` set) or on ``TERM=dumb``.
-- :func:`quiet_libraries`: transformers' and the Hub's own bars off, and one peft FutureWarning
-  filtered, while a run loads and trains (the Python API path as well as the CLI).
+- :func:`quiet_libraries`: transformers' and the Hub's own bars and transformers' load report off, and one
+  peft FutureWarning filtered, while a run loads and trains (the Python API path as well as the CLI).
 - :func:`configure_threads`: torch threads when several processes of one run share the machine.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -258,9 +259,11 @@ def progress_bar(
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """For the duration: transformers' (and the Hub's) progress bars off — a bar per weight load and save
-    would bury ours — and the FutureWarning that peft triggers in transformers by reading the deprecated
-    ``is_gradient_checkpointing`` (only that one) filtered. Both are restored afterwards."""
+    """For the duration: transformers' (and the Hub's) and datasets' progress bars off — a bar per weight load
+    and save, or per file read, would bury ours — transformers' load report dropped (a table with colour codes even in a pipe; dpolab's
+    loader refuses or names what it would say, :mod:`dpolab.engine.loading`), and the FutureWarning that peft
+    triggers in transformers by reading the deprecated ``is_gradient_checkpointing`` (only that one) filtered.
+    All are restored afterwards."""
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:
@@ -268,6 +271,15 @@ def quiet_libraries() -> Iterator[None]:
     bars_were_on = transformers_logging is not None and transformers_logging.is_progress_bar_enabled()
     if bars_were_on:
         transformers_logging.disable_progress_bar()
+    # datasets' bars ("Generating train split", a CSV or parquet file read) are tqdm lines with carriage returns:
+    # in a pipe or a log file they are noise, and our own messages say what is being read
+    datasets = sys.modules.get("datasets")
+    datasets_bars_were_on = datasets is not None and not datasets.are_progress_bars_disabled()
+    if datasets_bars_were_on:
+        datasets.disable_progress_bars()
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    no_report = _NoLoadReport()  # one per call: a nested call removes only its own
+    report_logger.addFilter(no_report)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -278,8 +290,18 @@ def quiet_libraries() -> Iterator[None]:
             )
             yield
     finally:
+        report_logger.removeFilter(no_report)
         if bars_were_on:
             transformers_logging.enable_progress_bar()
+        if datasets_bars_were_on:
+            datasets.enable_progress_bars()
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops the record of transformers' ``log_state_dict_report`` (its "LOAD REPORT" table)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "log_state_dict_report" and "LOAD REPORT" not in str(record.msg)
 
 
 def available_cpus() -> int:
@@ -316,3 +338,29 @@ def configure_threads(requested: int | None = None) -> int:
     if processes > 1:
         torch.set_num_threads(max(1, available_cpus() // processes))
     return torch.get_num_threads()
+
+
+# --- text from user data ---------------------------------------------------------------------------
+
+
+def printable(text: object, keep_newlines: bool = False) -> str:
+    """``text`` with every control character escaped (``\\x1b`` → ``\\x1b`` as four visible characters): a row,
+    key or file name from user data must not drive the terminal (rename the window, clear the screen, move
+    the cursor, hide text with a carriage return or reorder it with a bidirectional override).
+
+    Tabs stay; newlines stay with ``keep_newlines``. Everything else in Unicode's Cc category (C0, DEL, C1)
+    and the bidirectional formatting characters are written as Python escapes."""
+    text = str(text)
+    if not any(_unsafe(c, keep_newlines) for c in text):
+        return text
+    return "".join(ascii(c)[1:-1] if _unsafe(c, keep_newlines) else c for c in text)
+
+
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe(character: str, keep_newlines: bool) -> bool:
+    if character == "\t" or (keep_newlines and character == "\n"):
+        return False
+    code = ord(character)
+    return code < 0x20 or 0x7F <= code <= 0x9F or character in _BIDI

@@ -8,7 +8,6 @@ math-verify, where the reference is a solution with a final answer or a bare ans
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dpolab.console import progress_bar, quiet_libraries
@@ -30,7 +29,7 @@ def math_accuracy(
     is cut at its first occurrence (the few-shot separator: the model would go on with a new problem)."""
     from dpolab.data.answers import parsed_answer
     from dpolab.engine.generate import generate
-    from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
     from dpolab.eval.judges import MathJudge
 
     if len(prompts) != len(references) or not prompts:
@@ -41,6 +40,7 @@ def math_accuracy(
     with quiet_libraries():  # no transformers bar per weight load, from the CLI or from Python
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(model_dir)
+    check_vocabulary(model, tokenizer, model_dir)
     with progress_bar(progress, f"greedy accuracy{f' ({name})' if name else ''}", len(prompts)) as advance:
         completions = [
             c[0]
@@ -105,5 +105,7 @@ def evaluate_file(
 
 
 def write_result(result: dict, out: str | Path) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    """``result`` as strict JSON to ``out``, atomically (:mod:`dpolab.outputs`)."""
+    from dpolab.outputs import write_json
+
+    write_json(out, result, ensure_ascii=False)

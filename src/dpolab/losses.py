@@ -979,8 +979,11 @@ class Objective:
             spec = get_loss(term.name)
             if spec.inputs != "logps":
                 raise ValueError(f"loss {spec.name!r} takes scalar rewards and cannot be part of a policy objective")
-            if not (isinstance(term.weight, (int, float)) and math.isfinite(term.weight)):
-                raise ValueError(f"weight of loss {term.name!r} must be a finite number; got {term.weight!r}")
+            weight = term.weight
+            if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight)):
+                raise ValueError(f"weight of loss {term.name!r} must be a finite number; got {weight!r}")
+            if weight < 0:  # −L_k would be maximised: the objective would push the preference the wrong way
+                raise ValueError(f"weight of loss {term.name!r} must be >= 0; got {weight!r}")
             self.terms.append((spec, float(term.weight), spec.check_params(dict(term.params))))
         if sft_weight:
             self.terms.append(

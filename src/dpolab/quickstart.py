@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dpolab.outputs import atomic_path, check_output, write_json, write_text
 from dpolab.train.metrics import console
 
 
@@ -185,7 +186,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
     """Run every step (module docstring); returns and writes ``out/results.json``; prints the table."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
-    out = Path(out)
+    out = check_output(out, "quickstart", option="--out")
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not (out / MARKER).exists():  # never delete what this command did not write
         raise ValueError(f"{out} holds {', '.join(existing)} but is not a quickstart folder; choose another --out")
@@ -195,7 +196,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by dpolab quickstart; --overwrite replaces this folder's outputs\n")
+    write_text(out / MARKER, "written by dpolab quickstart; --overwrite replaces this folder's outputs\n")
     spec = SIZES[size]
     from transformers.utils import logging as transformers_logging
 
@@ -286,7 +287,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
     for name, loss, _, pairs in RUNS:
         rows.append(table_row(name, loss, pairs.replace("_", "-"), accuracy[name], summaries[name]))
     report = write_report(
-        [out / "runs" / name for name, *_ in RUNS], out / "report.html", "dpolab quickstart", table_html(rows, size)
+        [out / "runs" / name for name, *_ in RUNS],
+        out / "report.html",
+        "dpolab quickstart",
+        table_html(rows, size),
+        own=True,
     )
     plot_logratios(out)
     timings["total"] = time.perf_counter() - started
@@ -301,7 +306,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
         "seconds": timings,
         "report": str(report),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     print_table(rows, size)
     print(f"report: {report}\nresults: {out / 'results.json'}\ntotal: {timings['total']:.0f} s", flush=True)
     return results
@@ -330,7 +335,8 @@ def plot_logratios(out: Path) -> Path:
     axes[0].legend()
     fig.tight_layout()
     path = out / "logratios.png"
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)
     return path
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from dpolab import safe_yaml
+from dpolab.outputs import atomic_path, check_output, write_json, write_text
 from dpolab.report.sweep import CHANGE_SUFFIX, value_text
 from dpolab.train.config import dotted_keys, nested_settings
 
@@ -370,11 +371,22 @@ def read_result(run_dir: Path) -> dict | None:
         return None
 
 
+INPUT_KEYS = ("model", "tokenizer", "reference", "data", "eval_data", "scenario")
+
+
+def sweep_inputs(spec_path: str | Path, jobs: list[Job]) -> dict[str, list[str]]:
+    """Everything the sweep's runs read (the spec, each run's model, data…), for :func:`check_output`."""
+    inputs: dict[str, list[str]] = {"spec": [str(spec_path)]}
+    for job in jobs:
+        for key in INPUT_KEYS:
+            value = job.config.get(key)
+            if isinstance(value, str) and value not in ("auto", "none"):
+                inputs.setdefault(key, []).append(value)
+    return inputs
+
+
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
-    temporary.replace(path)
+    write_json(path, data, default=str)
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -439,7 +451,7 @@ def run_training_job(spec: SweepSpec, job: Job, log: Path) -> dict:
     summary_path = job.run_dir / "summary.json"
     if not summary_path.exists():  # with a summary it trained earlier and only its evaluation failed
         config_path = job.run_dir.parent / f"{job.run_dir.name}.config.yaml"
-        config_path.write_text(yaml.safe_dump({**job.config, "progress": False}, sort_keys=False))
+        write_text(config_path, yaml.safe_dump({**job.config, "progress": False}, sort_keys=False))
         launcher = shlex.split(spec.launcher) if spec.launcher else [sys.executable, "-m", "dpolab"]
         command = [*launcher, spec.recipe, str(config_path)]
         if latest_checkpoint(job.run_dir) is not None:
@@ -560,10 +572,11 @@ def flat_numbers(data: dict, prefix: str = "") -> dict:
 
 def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = True, dry_run: bool = False) -> dict:
     """Plan, run what is not finished, aggregate and write the table, plots and page. Returns the results."""
-    from dpolab.console import progress_bar
+    from dpolab.console import printable, progress_bar
 
     spec, folder = load_spec(spec_path, out)
     jobs = plan_jobs(spec, folder)
+    check_output(folder, "sweep", sweep_inputs(spec_path, jobs), "--out" if out else "sweep.out")
     pending = [job for job in jobs if not finished(spec, job)]
     if dry_run:
         return {
@@ -574,7 +587,7 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
             "available_metrics": aggregate(spec, jobs)["available_metrics"],
         }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.yaml").write_text(Path(spec_path).read_text())
+    write_text(folder / "spec.yaml", Path(spec_path).read_text())
     failures = []
     with progress_bar(progress, f"sweep {folder.name}", len(jobs)) as advance:
         advance(0, completed=len(jobs) - len(pending))
@@ -588,7 +601,7 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
             except Exception as error:  # one run's failure (a diverged toy run, a crashed process) is not the sweep's
                 message = f"{type(error).__name__}: {' '.join(str(error).split())}"
                 failures.append({"point": job.point.name, "seed": job.seed, "error": message})
-                print(f"sweep: {job.point.name} seed {job.seed} failed: {message}", file=sys.stderr)
+                print(printable(f"sweep: {job.point.name} seed {job.seed} failed: {message}"), file=sys.stderr)
             else:
                 record = {
                     "evaluations": applied_evaluations(spec, job),
@@ -754,8 +767,7 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
 
     _write_json(folder / "results.json", results)
     keys = results["swept_keys"]
-    temporary = folder / ".results.csv.tmp"
-    with open(temporary, "w", newline="") as handle:
+    with atomic_path(folder / "results.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["point", *keys, "metric", "n", "mean", "sd", "ci95_low", "ci95_high", "values"])
         for row in results["points"]:
@@ -777,9 +789,8 @@ def write_results(spec: SweepSpec, folder: Path, results: dict) -> None:
                         ";".join(f"{v:.6g}" for v in stats["values"]),
                     ]  # fmt: skip
                 )
-    temporary.replace(folder / "results.csv")
     comparisons = comparison_table(results)
-    (folder / "results.md").write_text(
-        markdown_table(results) + (f"\nPaired by seed:\n\n{comparisons}" if comparisons else "")
+    write_text(
+        folder / "results.md", markdown_table(results) + (f"\nPaired by seed:\n\n{comparisons}" if comparisons else "")
     )
     write_sweep_page([PlotSpec(**plot) for plot in spec.plots], folder, results)

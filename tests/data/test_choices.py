@@ -65,7 +65,7 @@ def test_cli_writes_trainable_pairs(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "wrote 3 pairs from 3 questions" in result.stdout and "row 1: answerKey 'Z'" in result.stdout
-    assert "row 2 (line 3): invalid JSON" in result.stdout
+    assert "wrote 3 pairs from 3 questions" in result.stdout and "line 2 (row 1): answerKey 'Z'" in result.stdout
+    assert "line 3 (row 2): invalid JSON" in result.stdout
     examples, bad = load_examples(str(out))
     assert len(examples) == 3 and not bad

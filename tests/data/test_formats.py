@@ -37,7 +37,7 @@ def test_real_hh_rlhf_rows_split_cleanly():
         load_examples(str(SHARED / "hh-rlhf" / "harmless_base_test_part.jsonl"))
     examples, bad = load_examples(str(SHARED / "hh-rlhf" / "harmless_base_test_part.jsonl"), on_bad_rows="skip")
     assert len(examples) + len(bad) == 1800 and 0 < len(bad) < 20  # real rows with an empty final turn
-    assert "row 86: empty chosen completion" in bad[0]
+    assert "line 87 (row 86): empty chosen completion" in bad[0]
     rows = read_rows(str(SHARED / "hh-rlhf" / "harmless_base_test_part.jsonl"))
     ends_with_marker = sum(e.prompt.endswith("Assistant:") for e in examples)
     assert ends_with_marker / len(examples) > 0.95
@@ -87,14 +87,14 @@ def test_bad_rows_name_the_row(row, message):
 def test_bad_files(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
-    with pytest.raises(DataError, match=r"bad.jsonl: row 1 \(line 2\): invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2 \(row 1\): invalid JSON"):
         load_examples(str(bad_json))
     raw = tmp_path / "latin1.jsonl"
     raw.write_bytes(
         b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
     )
     examples, bad = load_examples(str(raw), on_bad_rows="skip")
-    assert len(examples) == 1 and bad == [f"{raw}: row 1 (line 2): not UTF-8 (at byte offset 15)"]
+    assert len(examples) == 1 and bad == [f"{raw}: line 2 (row 1): not UTF-8 (at byte offset 15)"]
     same = write_jsonl(
         tmp_path / "same.jsonl",
         [
@@ -105,8 +105,8 @@ def test_bad_files(tmp_path):
     )
     _, bad = load_examples(same, on_bad_rows="skip")
     assert [b.split(": ", 1)[1] for b in bad] == [
-        "row 0: chosen and rejected are identical",
-        "row 2: duplicate of row 1",
+        "line 1 (row 0): chosen and rejected are identical",
+        "line 3 (row 2): duplicate of row 1",
     ]
     with pytest.raises(DataError, match="no such file: .*missing.jsonl"):
         load_examples(str(tmp_path / "missing.jsonl"))
@@ -118,7 +118,7 @@ def test_bad_files(tmp_path):
     )
     with pytest.raises(DataError) as error:
         load_examples(two_bad)
-    assert "2 bad rows" in str(error.value) and "row 1: missing field 'rejected'" in str(error.value)
+    assert "2 bad rows" in str(error.value) and "line 2 (row 1): missing field 'rejected'" in str(error.value)
     examples, bad = load_examples(two_bad, on_bad_rows="skip")
     assert len(examples) == 1 and len(bad) == 2
 
@@ -166,6 +166,6 @@ def test_prompt_rows_keep_messages_and_numeric_answers(tmp_path):
     examples, bad = load_prompt_examples(str(path), on_bad_rows="skip")
     assert [(e.prompt, e.answer, e.row) for e in examples] == [("say 3 :", "3", 0), (rows[1]["prompt"], None, 1)]
     assert [b.split(": ", 1)[1] for b in bad] == [
-        "row 2: duplicate of row 0",
-        "row 3 (line 4): invalid JSON (Expecting value, column 1)",
+        "line 3 (row 2): duplicate of row 0",
+        "line 4 (row 3): invalid JSON (Expecting value, column 1)",
     ]

@@ -57,12 +57,12 @@ def test_a_message_content_that_is_not_a_string_is_a_named_bad_row(tmp_path, cap
     assert f"line 2 (row 1): chosen[1].content must be a string, got {got}" in out
     assert f"line 3 (row 2): prompt[0].content must be a string, got {got}" in out
     assert "3 rows, 2 with problems" in out
-    with pytest.raises(DataError, match=rf"row 1: chosen\[1\].content must be a string, got {got}"):
+    with pytest.raises(DataError, match=rf"line 2 \(row 1\): chosen\[1\].content must be a string, got {got}"):
         load_examples(path)  # what `dpolab train` reads: the same validator
     examples, bad = load_examples(path, on_bad_rows="skip")
     assert len(examples) == 1 and len(bad) == 2
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [USER, {"role": "assistant", "content": content}]}])
-    with pytest.raises(DataError, match=rf"row 0: messages\[1\].content must be a string, got {got}"):
+    with pytest.raises(DataError, match=rf"row 0\): messages\[1\].content must be a string, got {got}"):
         load_sft_examples(sft)
 
 
@@ -188,7 +188,7 @@ def test_json_nested_too_deeply_is_a_counted_bad_line(tmp_path, capsys):
     assert "line 2 (row 1): nested too deeply (more than 100 levels)" in out
     assert "line 3 (row 2): nested too deeply" in out and "3 rows, 2 with problems" in out
     examples, bad = load_examples(str(path), on_bad_rows="skip")
-    assert len(examples) == 1 and "row 1 (line 2): nested too deeply" in bad[0]
+    assert len(examples) == 1 and "line 2 (row 1): nested too deeply" in bad[0]
     (tmp_path / "deep.json").write_text("[" + json.dumps(row) + ", " + DEEP + "]")
     with pytest.raises(DataError, match="deep.json: nested too deeply"):
         load_examples(str(tmp_path / "deep.json"))
@@ -224,7 +224,7 @@ def test_a_lone_surrogate_is_a_named_bad_row(tmp_path, capsys):
         (example.prompt + example.chosen + example.rejected).encode("utf-8")
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"prompt": "Q", "completion": "a\\ud800"}\n')
-    with pytest.raises(DataError, match=r"row 0: field 'completion' contains a lone surrogate"):
+    with pytest.raises(DataError, match=r"line 1 \(row 0\): field 'completion' contains a lone surrogate"):
         load_sft_examples(str(sft))
 
 

@@ -354,10 +354,19 @@ def test_pairs_best_vs_worst_and_dropped_prompts_are_counted(tmp_path):
         {"prompt_id": 1, "prompt": "p1", "candidates": ["a", "b"], "scores": [1.0, 1.0]},
         {"prompt_id": 2, "prompt": "p2", "candidates": ["a", "b"], "scores": [None, 0.0]},
         {"prompt_id": 3, "prompt": "p3", "candidates": ["x", "y", "z"], "scores": [2.0, 5.0, 1.0]},
+        # two samples alike, scored apart by a noisy judge: best and worst are the same text
+        {"prompt_id": 4, "prompt": "p4", "candidates": ["same", "same"], "scores": [1.0, 0.0]},
+        # the prompt of p0 again (a prompts file with a repeated row): the same pair again
+        {"prompt_id": 5, "prompt": "p0", "candidates": ["a", "b"], "scores": [1.0, 0.0]},
     ]
     result = pairs_file(write_jsonl(tmp_path / "j.jsonl", rows), tmp_path / "pairs.jsonl")
     assert result["pairs"] == 2
-    assert result["dropped"] == {"all candidates scored the same": [1], "fewer than two scored candidates": [2]}
+    assert result["dropped"] == {
+        "all candidates scored the same": [1],
+        "fewer than two scored candidates": [2],
+        "chosen and rejected are the same text": [4],
+        "the same prompt, chosen and rejected as an earlier pair": [5],
+    }
     pairs = judged_rows(tmp_path / "pairs.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("y", "z")]
     examples, bad = load_examples(str(tmp_path / "pairs.jsonl"))  # what dpolab train reads
@@ -393,7 +402,9 @@ def test_four_scenarios_from_two_pools(tmp_path):
     s3 = judged_rows(tmp_path / "out" / "scenario3.jsonl")
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in s3] == [(0, "good", "o-bad"), (1, "good", "o-bad")]
     assert summary["scenarios"][1]["dropped"] == {"no good chosen": 1, "no bad rejected": 1,
-                                                  "prompt missing from a pool": 0}  # fmt: skip
+                                                  "prompt missing from a pool": 0,
+                                                  "chosen and rejected are the same text": 0,
+                                                  "the same prompt, chosen and rejected as an earlier pair": 0}  # fmt: skip
     # Only prompt 0 has a pair in all four scenarios (1 lacks a bad policy candidate, 2 a good one)
     same = scenario_files(tmp_path / "p.jsonl", tmp_path / "o.jsonl", tmp_path / "same", same_prompts=True)
     assert {n: s["pairs"] for n, s in same["scenarios"].items()} == {1: 1, 2: 1, 3: 1, 4: 1}

@@ -77,7 +77,7 @@ def test_bad_input_is_named(tmp_path):
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"dpolab data: error: {bad}: row 0: missing field '6b_finetuning' (model_solutions.jsonl format)"
+        == f"dpolab data: error: {bad}: line 1 (row 0): missing field '6b_finetuning' (model_solutions.jsonl format)"
     )
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{nope\n")

@@ -101,7 +101,7 @@ def test_real_gsm8k_solutions_are_corruptible_at_low_edit_distance():
         corruption = corrupt_solution(row["answer"], rng)
         if corruption is not None:
             distances.append(Levenshtein.normalized_distance(row["answer"], corruption.text))
-    assert len(distances) / len(rows) > 0.99  # measured: 7,436 of 7,473
+    assert len(distances) / len(rows) > 0.99  # measured: 7,423 of 7,473
     assert sum(distances) / len(distances) < 0.02  # measured mean normalised character distance 0.0108
 
 

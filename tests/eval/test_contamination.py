@@ -98,14 +98,15 @@ def test_a_model_trained_on_half_the_texts_separates_them_and_a_random_one_does_
 def test_bad_input_is_one_clear_line(seen_and_unseen, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "a b c", "label": "seen"}\n{"text": "d e f", "label": "maybe"}\n')
-    with pytest.raises(DataError, match=r"row 2: 'label' is 'maybe'; use seen/unseen"):
+    with pytest.raises(DataError, match=r"data.jsonl: line 2 \(row 1\): 'label' is 'maybe'; use seen/unseen"):
         read_texts(data, ["text"], "label")
     data.write_text('{"text": "a b c", "label": "seen"}\n{"text": "d e f", "label": 1}\n')
     with pytest.raises(DataError, match=r"needs both seen and unseen rows for an AUROC; all are seen"):
         read_texts(data, ["text"], "label")
     data.write_text('{"question": "a b c"}\n{"question": "d"}\n')
     with pytest.raises(
-        DataError, match=r"row 1: 'answer' must be a non-empty string \(fields read: \['question', 'answer'\]\)"
+        DataError,
+        match=r"line 1 \(row 0\): 'answer' must be a non-empty string \(fields read: \['question', 'answer'\]\)",
     ):
         read_texts(data, ["question", "answer"], "label")
     assert read_texts(data, ["question"], "label") == (["a b c", "d"], None)

@@ -164,7 +164,7 @@ def test_a_bad_row_is_named(tmp_path):
     data.write_text(
         json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "p"}) + "\n"
     )
-    with pytest.raises(ValueError, match=r"pairs.jsonl: row 1: missing field .chosen."):
+    with pytest.raises(ValueError, match=r"pairs.jsonl: line 2 \(row 1\): missing field .chosen."):
         token_report(str(tmp_path / "no-model"), str(data))
 
 

@@ -238,7 +238,7 @@ def test_ppo_settings_outside_task_ppo_and_preference_keys_inside_it_are_refused
     # a bad row of monitor.pairs is named before any model loads (no output but the run's inputs)
     bad = write_rows(tmp_path / "bad-pairs.jsonl", [{"prompt": "say 1 :", "chosen": " 1", "rejected": " 2"},
                                                     {"prompt": "say 2 :", "chosen": " 2"}])  # fmt: skip
-    with pytest.raises(ValueError, match=re.escape("bad-pairs.jsonl: row 1: missing field 'rejected'")):
+    with pytest.raises(ValueError, match=re.escape("bad-pairs.jsonl: line 2 (row 1): missing field 'rejected'")):
         run(base(workspace, tmp_path, monitor={"pairs": bad}))
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ValueError, match=re.escape("ppo: settings of dpolab ppo (task: ppo); not used by this task")):

@@ -165,7 +165,7 @@ def base(workspace, output_dir, **overrides) -> TrainConfig:
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_rows(workspace, tmp_path):
-    config = base(workspace, tmp_path / "nan", learning_rate=1e4, max_grad_norm=None, max_steps=30, checkpoint_steps=1)
+    config = base(workspace, tmp_path / "nan", learning_rate=1e10, max_grad_norm=None, max_steps=30, checkpoint_steps=1)
     with pytest.raises(NonFiniteError) as error:
         run(config)
     message = str(error.value)
@@ -179,7 +179,7 @@ def test_skip_nonfinite_counts_and_stops_after_the_maximum(workspace, tmp_path):
     config = base(
         workspace,
         tmp_path / "skip",
-        learning_rate=1e4,
+        learning_rate=1e10,
         max_grad_norm=None,
         max_steps=30,
         skip_nonfinite=True,
@@ -262,7 +262,7 @@ def test_the_run_lock_is_released_on_every_error_path(workspace, tmp_path, case)
     elif case == "no usable pair":
         config, error = base(workspace, out, max_length=2, truncation_mode="drop"), ValueError
     elif case == "non-finite":
-        config, error = base(workspace, out, learning_rate=1e4, max_grad_norm=None, max_steps=30), NonFiniteError
+        config, error = base(workspace, out, learning_rate=1e10, max_grad_norm=None, max_steps=30), NonFiniteError
     elif case == "loss needs a reference":
         config, error = base(workspace, out, reference="none"), ValueError
     else:
@@ -301,7 +301,7 @@ def test_an_output_folder_never_holds_or_sits_inside_an_input(workspace, tmp_pat
     (folder / "config.yaml").write_text(f"model: .\ndata: {workspace / 'pairs.jsonl'}\noutput_dir: .\nmax_steps: 1\n")
     weights = (folder / "model.safetensors").read_bytes()
     result = dpolab("train", "config.yaml", cwd=folder)
-    assert result.returncode == 2 and "contains the model" in result.stderr, result.stderr
+    assert result.returncode == 2 and "is the model" in result.stderr, result.stderr
     assert (folder / "model.safetensors").read_bytes() == weights
     assert (folder / "config.yaml").read_text().startswith("model: .")
 
@@ -322,9 +322,9 @@ def test_report_never_writes_over_a_run_file_a_folder_or_another_file(workspace,
     run(base(workspace, out))
     metrics = (out / "metrics.jsonl").read_text()
     refused = dpolab("report", out, "--out", out / "metrics.jsonl")
-    assert refused.returncode == 2 and "the run's own metrics.jsonl" in refused.stderr
+    assert refused.returncode == 2 and "metrics.jsonl, which the training run" in refused.stderr
     unwritten = dpolab("report", out, "--out", out / "summary.json")  # would make the run look finished
-    assert unwritten.returncode == 2 and "the run's own summary.json" in unwritten.stderr
+    assert unwritten.returncode == 2 and "summary.json, which the training run" in unwritten.stderr
     assert (out / "metrics.jsonl").read_text() == metrics
     other = tmp_path / "notes.txt"
     other.write_text("mine")

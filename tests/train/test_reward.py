@@ -206,7 +206,7 @@ def test_a_classifier_with_two_labels_and_a_bad_margin_are_refused_with_one_line
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "row 0: field 'margin' must be a finite number or null; got 'high'" in result.stderr
+    assert "(row 0): field 'margin' must be a finite number or null; got 'high'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -157,5 +157,5 @@ def test_sft_errors(workspace, tmp_path):
         output_dir=str(tmp_path / "run"),
         progress=False,
     )
-    with pytest.raises(ValueError, match="row 0: missing field 'completion'"):
+    with pytest.raises(ValueError, match=r"line 1 \(row 0\): missing field 'completion'"):
         run(config)

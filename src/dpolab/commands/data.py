@@ -10,8 +10,10 @@ from pathlib import Path
 
 def print_skipped(reasons: list[str], show: int) -> None:
     """The first ``show`` reasons a builder skipped rows for, then how many more."""
+    from dpolab.console import printable
+
     for reason in reasons[:show]:
-        print(f"skipped {reason}")
+        print(printable(f"skipped {reason}"))
     if len(reasons) > show:
         print(f"… {len(reasons) - show} more skipped rows")
 
@@ -43,14 +45,16 @@ def data_check_command(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     elif args.max_length is not None:
         raise ValueError("--max-length needs --tokenizer (lengths are counted in tokens)")
-    report = check_file(args.file, tokenizer, args.max_length, args.allow_extra)
+    report = check_file(args.file, tokenizer, args.max_length, args.allow_extra, args.max_row_bytes)
     print_report(report, args.show)
     return 0 if report.clean else 1
 
 
 def data_corrupt_command(args: argparse.Namespace) -> int:
     from dpolab.data.corrupt import corrupt_file
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"input file": args.file})
     if args.step is not None and args.final != "keep":
         raise ValueError("--step picks an intermediate result; it cannot go with --final change")
     result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final, args.step)
@@ -59,6 +63,8 @@ def data_corrupt_command(args: argparse.Namespace) -> int:
         f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
         f"{len(result['skipped'])} rows could not be corrupted"
     )
+    for reason, count in sorted(result["skipped_by_reason"].items(), key=lambda item: -item[1]):
+        print(f"  {count} rows: {reason}")
     return 0
 
 
@@ -67,7 +73,9 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
 
     from dpolab.data.edit_stats import edit_stats, write_outputs
     from dpolab.data.formats import load_examples
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"input file": args.file, "tokenizer": args.tokenizer})
     start = time.perf_counter()
     examples, bad = load_examples(args.file, on_bad_rows="skip")
     if not examples:
@@ -99,20 +107,28 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
 
 def data_from_choices_command(args: argparse.Namespace) -> int:
     from dpolab.data.choices import Schema, pairs_from_choices
-    from dpolab.data.formats import read_rows, write_jsonl
+    from dpolab.data.formats import numbered_rows, write_jsonl
+    from dpolab.outputs import check_output
 
-    rows = read_rows(args.file, args.split)
+    check_output(args.out, "data", {"input file": args.file})
+    numbered = numbered_rows(args.file, args.split)
+    rows, lines = [row for _, row in numbered], [line for line, _ in numbered]
     schema = Schema(args.schema, args.question_field, args.choices_field, args.answer_field)
-    pairs, skipped = pairs_from_choices(rows, schema, args.file)
+    pairs, skipped = pairs_from_choices(rows, schema, args.file, lines)
     write_jsonl(args.out, pairs)
     print_skipped(skipped, args.show)
-    print(f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; {len(skipped)} rows skipped")
+    print(
+        f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; "
+        f"{len(skipped)} rows or choices gave no pair (listed above)"
+    )
     return 0
 
 
 def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
     from dpolab.data.scenarios import write_scenarios
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"input file": args.file})
     counts = write_scenarios(args.file, args.out, args.policy, args.other)
     print(
         f"{counts['questions']} questions, {counts['solutions']} model solutions judged "
@@ -125,7 +141,9 @@ def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
 
 def data_sample_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import sample_file
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"prompts file": args.prompts, "model": args.model})
     progress, stack = _progress(not args.no_progress, f"sampling {args.n} per prompt")
     with stack:
         result = sample_file(
@@ -164,7 +182,10 @@ def _read_rubric(path: str) -> str:
 def data_judge_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import judge_file
     from dpolab.eval import judges
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"input file": args.file, "rule file": args.rules, "rubric": args.rubric,
+                                    "model": args.model})  # fmt: skip
     if args.judge != "rules" and args.rules:
         raise ValueError("--rules is read by --judge rules only")
     if args.judge != "llm" and args.llm_mode != "grade":
@@ -210,7 +231,10 @@ def data_judge_command(args: argparse.Namespace) -> int:
 def data_agreement_command(args: argparse.Namespace) -> int:
     from dpolab.eval.agreement import agreement, table
     from dpolab.evaluate import write_result
+    from dpolab.outputs import check_output
 
+    if args.out:
+        check_output(args.out, "eval", {"first file": args.first, "second file": args.second})
     result = agreement(args.first, args.second, args.threshold_first, args.threshold_second)
     print(table(result))
     if args.out:
@@ -221,7 +245,9 @@ def data_agreement_command(args: argparse.Namespace) -> int:
 
 def data_pairs_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import pairs_file
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"input file": args.file})
     result = pairs_file(args.file, args.out)
     print(f"wrote {result['pairs']} best-vs-worst pairs from {result['prompts']} prompts to {args.out}")
     for reason, prompt_ids in result["dropped"].items():
@@ -233,7 +259,9 @@ def data_pairs_command(args: argparse.Namespace) -> int:
 
 def data_scenario_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import SCENARIOS, scenario_files
+    from dpolab.outputs import check_output
 
+    check_output(args.out, "data", {"policy file": args.policy, "other file": args.other})
     summary = scenario_files(args.policy, args.other, args.out, args.good_score, args.same_prompts)
     print(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
     for number, counts in summary["scenarios"].items():
@@ -244,13 +272,16 @@ def data_scenario_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dpolab.data.formats import MAX_ROW_BYTES
+
     data = subparsers.add_parser("data", help="preference data tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     check = data_commands.add_parser(
         "check",
         help="list every bad row of a preference file; exit 0 only when it is clean",
         description="Reports per row: invalid JSON or UTF-8 (with line numbers), JSON nested too deeply, missing or "
-        "extra fields, wrong types (a message content that is not a string included), lone surrogates, empty prompt "
+        "extra fields, wrong types (a message content that is not a string included), a key given twice, a row over "
+        "--max-row-bytes, a chat role outside system/user/assistant/tool, lone surrogates, empty prompt "
         "or completion, chosen identical to rejected, duplicate pairs, and (with --tokenizer and --max-length) "
         "prompts that alone reach max_length or a chat template that fails. Ends with a summary table. Exit 1 when a "
         "row has a problem, 2 when the file cannot be read at all (missing, a folder, empty).",
@@ -260,6 +291,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--max-length", type=int, default=None, help="as the training config's max_length")
     check.add_argument("--allow-extra", action="store_true", help="accept fields beyond prompt/chosen/rejected")
     check.add_argument("--show", type=int, default=50, help="problems to list before the table (default 50)")
+    check.add_argument(
+        "--max-row-bytes",
+        type=int,
+        default=MAX_ROW_BYTES,
+        help=f"a longer row is a problem, as in training (max_row_bytes; default {MAX_ROW_BYTES:,})",
+    )
     check.set_defaults(handler=data_check_command)
     corrupt = data_commands.add_parser(
         "corrupt-math",
@@ -318,7 +355,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Scenario 1: policy-correct vs policy-wrong; 2: reference vs policy-wrong; 3: policy-correct vs "
         "other-model-wrong; 4: reference vs other-model-wrong. Correctness by the math judge (final number).",
     )
-    scenarios.add_argument("file", help="data/gsm8k/model_solutions.jsonl (in the dpolab repository) or the same format")
+    scenarios.add_argument(
+        "file", help="data/gsm8k/model_solutions.jsonl (in the dpolab repository) or the same format"
+    )
     scenarios.add_argument("--out", required=True, help="folder for scenario1..4.jsonl")
     scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
     scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")

@@ -17,7 +17,11 @@ def route(argv: list[str]) -> list[str]:
 
 def math_command(args: argparse.Namespace) -> int:
     from dpolab.evaluate import evaluate_file, write_result
+    from dpolab.outputs import check_outputs
 
+    check_outputs(
+        {"--out": args.out}, "eval", {"data": args.data, "model": args.model, "--fewshot-data": args.fewshot_data}
+    )
     result = evaluate_file(
         args.model,
         args.data,
@@ -73,12 +77,16 @@ def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewsh
 def harness_command(args: argparse.Namespace) -> int:
     from dpolab.eval.harness import evaluate_directory, table
     from dpolab.evaluate import write_result
+    from dpolab.outputs import check_outputs
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks: name at least one task")
     num_fewshot = _fewshot(args.num_fewshot)
     files = harness_files(tasks, args.data_dir, args.data or [], args.fewshot_data or [])
+    inputs = {"model": args.model, "tokenizer": args.tokenizer, "--data-dir": args.data_dir}
+    inputs |= {f"{task} data": [found.evaluation, found.fewshot] for task, found in files.items()}
+    check_outputs({"--out": args.out, "--task-dir": args.task_dir}, "eval", inputs)
     result = evaluate_directory(
         args.model,
         files,
@@ -102,7 +110,9 @@ def harness_command(args: argparse.Namespace) -> int:
 def contamination_command(args: argparse.Namespace) -> int:
     from dpolab.eval.contamination import check, table
     from dpolab.evaluate import write_result
+    from dpolab.outputs import check_outputs
 
+    check_outputs({"--out": args.out}, "eval", {"data": args.data, "model": args.model, "reference": args.reference})
     result = check(
         args.model,
         args.data,
@@ -137,7 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decodes each problem's prompt greedily and compares the final answer (#### N, A: N or "
         "\\boxed{...}) with the reference answer's by math-verify. Rows without the prompt or answer field are named.",
     )
-    maths.add_argument("data", help=".jsonl of problems, e.g. data/gsm8k/train.jsonl of the dpolab repository (openai/gsm8k)")
+    maths.add_argument(
+        "data", help=".jsonl of problems, e.g. data/gsm8k/train.jsonl of the dpolab repository (openai/gsm8k)"
+    )
     maths.add_argument("--model", required=True, help="Hugging Face causal LM directory or id")
     maths.add_argument("--prompt-field", default="question")
     maths.add_argument("--answer-field", default="answer", help="a solution ending in #### N, or a number")
@@ -205,11 +217,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def tokens_command(args: argparse.Namespace) -> int:
-    import json
 
     from dpolab.eval.tokens import plot_positions, table, token_report
     from dpolab.evaluate import write_result
+    from dpolab.outputs import check_outputs, write_jsonl
 
+    outputs = {"--out": args.out, "--tokens": args.tokens, "--plot": args.plot}
+    check_outputs(outputs, "eval", {"data": args.data, "model": args.model, "reference": args.reference})
     summary, rows = token_report(
         args.model,
         args.data,
@@ -228,9 +242,7 @@ def tokens_command(args: argparse.Namespace) -> int:
         write_result(summary, args.out)
         print(f"summary in {args.out}")
     if args.tokens:
-        Path(args.tokens).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.tokens, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_jsonl(args.tokens, rows)
         print(f"every token's log-prob in {args.tokens}")
     if args.plot:
         plot_positions({"/".join(Path(args.model).parts[-2:]): summary}, args.plot)

@@ -19,7 +19,9 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def toy_run_command(args: argparse.Namespace) -> int:
+    from dpolab.outputs import check_output
     from dpolab.toy.lab import ToyConfig, run_toy
+    from dpolab.toy.scenarios import PRESETS
 
     config = ToyConfig(
         scenario=args.scenario,
@@ -33,6 +35,7 @@ def toy_run_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         kl_beta=args.kl_beta,
     )
+    check_output(args.out, "toy", {"scenario file": args.scenario if args.scenario not in PRESETS else None})
     run = run_toy(config)
     directory = run.save(args.out)
     summary = run.summary()
@@ -58,18 +61,23 @@ def toy_run_command(args: argparse.Namespace) -> int:
 
 
 def toy_figures_command(args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
-    from rich.progress import Progress
-
+    from dpolab.console import progress_bar
+    from dpolab.outputs import check_output
     from dpolab.toy.figures import make_figures
+    from dpolab.toy.scenarios import PRESETS
 
+    check_output(args.out, "toy-figures", {"scenario file": args.scenario if args.scenario not in PRESETS else None})
     start = time.perf_counter()
-    with Progress(transient=True) as progress:
-        task = progress.add_task("toy lab", total=1)
+    with contextlib.ExitStack() as stack:  # the one progress module: a live bar, or plain lines in a pipe
+        bar = []
 
         def report(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"toy lab: {name}")
+            if not bar:
+                bar.append(stack.enter_context(progress_bar(True, "toy lab", total)))
+            bar[0](completed=done)
 
         summary = make_figures(args.out, scenario=args.scenario, steps=args.steps, seed=args.seed, progress=report)
     elapsed = time.perf_counter() - start

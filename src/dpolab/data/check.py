@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from dpolab.console import printable
 from dpolab.data.formats import (
+    MAX_ROW_BYTES,
     BadLine,
     DataError,
     _one_line,
     example_from_row,
+    numbered_rows,
     pair_key,
-    read_jsonl_lines,
-    read_rows,
 )
 
 KNOWN_FIELDS = {"prompt", "chosen", "rejected"}
@@ -31,6 +31,7 @@ class Problem:
     message: str
 
     def where(self) -> str:
+        """The position in the convention of every command (:func:`dpolab.data.formats.where`), file aside."""
         return f"line {self.line} (row {self.row})" if self.line is not None else f"row {self.row}"
 
 
@@ -56,6 +57,9 @@ def _kind(message: str) -> str:
         ("not UTF-8", "non-UTF-8 text"),
         ("lone surrogate", "invalid Unicode text"),
         ("nested too deeply", "nested too deeply"),
+        ("max_row_bytes", "row too large"),
+        ("appears twice", "duplicate key"),
+        ("is not a chat role", "unknown chat role"),
         ("chat template", "chat template error"),
         ("invalid JSON", "invalid JSON"),
         ("missing field", "missing field"),
@@ -70,16 +74,16 @@ def _kind(message: str) -> str:
     return "other"
 
 
-def check_file(source: str, tokenizer=None, max_length: int | None = None, allow_extra: bool = False) -> CheckReport:
+def check_file(
+    source: str,
+    tokenizer=None,
+    max_length: int | None = None,
+    allow_extra: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
+) -> CheckReport:
     """Check every row of ``source``; see the module docstring. A file that cannot be read at all (missing, a
     folder, empty, a CSV with only a header) is a :class:`DataError` naming it."""
-    path = Path(source).expanduser()
-    if path.suffix.lower() == ".jsonl" and path.exists():
-        numbered = read_jsonl_lines(path)
-        if not numbered:
-            raise DataError(f"{path}: no rows (the file is empty)")
-    else:
-        numbered = [(None, row) for row in read_rows(source)]
+    numbered = numbered_rows(source, max_row_bytes=max_row_bytes)
     report = CheckReport(source, rows=len(numbered))
     seen: dict[str, int] = {}
     for index, (line, row) in enumerate(numbered):
@@ -95,9 +99,9 @@ def check_file(source: str, tokenizer=None, max_length: int | None = None, allow
             if extra:
                 add("extra field", f"extra field(s): {', '.join(extra)} (use --allow-extra to accept them)")
         try:
-            example = example_from_row(row, index, source)
+            example = example_from_row(row, index, source, line)
         except DataError as error:
-            message = str(error).split(f"row {index}: ", 1)[-1]
+            message = str(error).split(f"row {index}): " if line is not None else f"row {index}: ", 1)[-1]
             add(_kind(message), message)
             continue
         key = pair_key(example)
@@ -125,14 +129,17 @@ def print_report(report: CheckReport, show: int = 50) -> None:
     from rich.table import Table
 
     console = Console()
-    for problem in report.problems[:show]:
+    for problem in report.problems[:show]:  # a row's text must not drive the terminal: escaped
         console.print(
-            f"{report.source}: {problem.where()}: {problem.message}", highlight=False, markup=False, soft_wrap=True
+            printable(f"{report.source}: {problem.where()}: {problem.message}"),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
     if len(report.problems) > show:
         console.print(f"… {len(report.problems) - show} more problems (use --show to list more)")
     console.print(
-        f"{report.source}: {report.rows} rows, {report.bad_rows()} with problems",
+        printable(f"{report.source}: {report.rows} rows, {report.bad_rows()} with problems"),
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpolab.data.formats import BadLine
+from dpolab.data.formats import BadLine, where
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ def _arc(row: dict) -> tuple[str, list[str], int]:
     texts, labels = choices["text"], [str(label) for label in choices["label"]]
     if len(texts) != len(labels):
         raise ValueError(f"choices have {len(texts)} texts but {len(labels)} labels")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # the answer key could name either choice
+        raise ValueError(f"the label {repeated[0]!r} is given to two choices (labels {labels})")
     if "answerKey" not in row:
         raise ValueError("missing answerKey")
     key = str(row["answerKey"])
@@ -85,13 +88,19 @@ def _generic(row: dict, schema: Schema) -> tuple[str, list[str], int]:
     return question, choices, answer
 
 
-def pairs_from_choices(rows: list, schema: Schema, source: str = "data") -> tuple[list[dict], list[str]]:
-    """(pairs, reasons for skipped rows). Pairs carry ``source_row`` and ``wrong_choice`` provenance."""
+def pairs_from_choices(
+    rows: list, schema: Schema, source: str = "data", lines: list[int | None] | None = None
+) -> tuple[list[dict], list[str]]:
+    """(pairs, reasons for what was left out). Pairs carry ``source_row`` and ``wrong_choice`` provenance.
+
+    Every row that gives no pair and every wrong choice that gives none is listed with its reason: an unusable
+    row, a wrong choice with the correct choice's text (chosen would equal rejected), a wrong choice whose text
+    an earlier wrong choice of the row already has (a duplicate pair)."""
     pairs, skipped = [], []
     for index, row in enumerate(rows):
+        at = where(source, index, lines[index] if lines else getattr(row, "line", None))
         if isinstance(row, BadLine):
-            at = f" (line {row.line})" if row.line is not None else ""
-            skipped.append(f"{source}: row {index}{at}: {row.reason}")
+            skipped.append(f"{at}: {row.reason}")
             continue
         try:
             if not isinstance(row, dict):
@@ -105,11 +114,19 @@ def pairs_from_choices(rows: list, schema: Schema, source: str = "data") -> tupl
             if len(choices) < 2:
                 raise ValueError("fewer than two choices")
         except ValueError as error:
-            skipped.append(f"{source}: row {index}: {error}")
+            skipped.append(f"{at}: {error}")
             continue
+        seen: set[str] = set()
         for wrong, text in enumerate(choices):
-            if wrong == correct or text.strip() == choices[correct].strip():
+            if wrong == correct:
                 continue
+            if text.strip() == choices[correct].strip():
+                skipped.append(f"{at}: choice {wrong} has the correct choice's text; no pair (chosen = rejected)")
+                continue
+            if text.strip() in seen:
+                skipped.append(f"{at}: choice {wrong} repeats an earlier wrong choice's text; no second pair")
+                continue
+            seen.add(text.strip())
             pairs.append(
                 {
                     "prompt": prompt,

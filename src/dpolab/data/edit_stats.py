@@ -8,12 +8,13 @@ implementation; 400k pairs of a few hundred characters take seconds.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
+
+from dpolab.outputs import atomic_path, write_json
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
 
@@ -79,7 +80,7 @@ def write_outputs(stats: EditStats, out_dir: str | Path, title: str) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = stats.summary()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +98,7 @@ def write_outputs(stats: EditStats, out_dir: str | Path, title: str) -> dict:
         ax.set(xlabel=label, ylabel="pairs")
     fig.suptitle(f"{title}: {len(stats.char_distance)} pairs")
     fig.tight_layout()
-    fig.savefig(out / "histogram.png", dpi=100)
+    with atomic_path(out / "histogram.png") as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)
     return summary

@@ -31,6 +31,7 @@ from dpolab.data.formats import (
     text_problem,
     write_jsonl,
 )
+from dpolab.outputs import dumps, write_json
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class AppendLog:
                 )
 
     def write(self, row: dict) -> None:
-        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.write(dumps(row, source=str(self.path), ensure_ascii=False) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.done[row["prompt_id"]] = row
@@ -298,13 +299,14 @@ def sample_file(
     tokenizer's chat template, as instruct models expect; prompts that are message lists always are.
     """
     from dpolab.engine.generate import generate
-    from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
 
     if n < 1:
         raise ValueError(f"n must be >= 1; got {n}")
     rows = read_prompts(prompts, prompt_field, reference_field)
     policy = load_model(model, allow_pickle=allow_pickle, device=default_device())
     tokenizer = load_tokenizer(model)
+    check_vocabulary(policy, tokenizer, model)
     chat = chat_template or any(isinstance(row.prompt, list) for row in rows)
     # Every prompt is rendered before any sampling: a template that fails on row 900 stops the run at once.
     inputs = [
@@ -475,11 +477,29 @@ def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
     return min(i for s, i in scored if s == top), min(i for s, i in scored if s == bottom)
 
 
+IDENTICAL = "chosen and rejected are the same text"
+DUPLICATE = "the same prompt, chosen and rejected as an earlier pair"
+
+
+def _pair_key(pair: dict) -> str:
+    return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+
+
 def pairs_file(source: str | Path, out: str | Path) -> dict:
-    """Best vs worst candidate per prompt of a ``judge`` output; writes preference JSONL with provenance."""
+    """Best vs worst candidate per prompt of a ``judge`` output; writes preference JSONL with provenance.
+
+    Only valid training input is written: a prompt whose best and worst candidates are the same text (two
+    samples alike, scored differently by a noisy judge) or whose pair repeats an earlier prompt's is dropped
+    and counted, like prompts without two differently scored candidates."""
     records = read_records(source, ["prompt_id", "prompt", "candidates", "scores"])
     pairs: list[dict] = []
-    dropped: dict[str, list[int]] = {"all candidates scored the same": [], "fewer than two scored candidates": []}
+    dropped: dict[str, list[int]] = {
+        "all candidates scored the same": [],
+        "fewer than two scored candidates": [],
+        IDENTICAL: [],
+        DUPLICATE: [],
+    }
+    seen: set[str] = set()
     for record in records:
         scores = record["scores"]
         if len(scores) != len(record["candidates"]):
@@ -492,6 +512,9 @@ def pairs_file(source: str | Path, out: str | Path) -> dict:
             dropped[reason].append(record["prompt_id"])
             continue
         best, worst = chosen
+        if record["candidates"][best] == record["candidates"][worst]:
+            dropped[IDENTICAL].append(record["prompt_id"])
+            continue
         pair = {
             **preference_row(record, record["candidates"][best], record["candidates"][worst]),
             "prompt_id": record["prompt_id"],
@@ -501,6 +524,11 @@ def pairs_file(source: str | Path, out: str | Path) -> dict:
             "rejected_score": scores[worst],
             "judge": record.get("judge"),
         }
+        key = _pair_key(pair)
+        if key in seen:
+            dropped[DUPLICATE].append(record["prompt_id"])
+            continue
+        seen.add(key)
         pairs.append(pair)
     write_jsonl(out, pairs)
     return {"prompts": len(records), "pairs": len(pairs), "dropped": dropped}
@@ -554,7 +582,9 @@ def scenario_files(
     counts: dict[int, dict] = {}
     scenario_pairs: dict[int, list[dict]] = {}
     for number, (chosen_from, rejected_from) in SCENARIOS.items():
-        pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0}
+        pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0,
+                              IDENTICAL: 0, DUPLICATE: 0}  # fmt: skip
+        seen: set[str] = set()
         for prompt_id, record in sorted(pools["policy"].items()):
             sources = {"policy": record, "other": pools["other"].get(prompt_id)}
             if sources["other"] is None and "other" in (chosen_from, rejected_from):
@@ -579,6 +609,14 @@ def scenario_files(
                 continue
             low = min(bad)[0]
             rejected_index = min(i for s, i in bad if s == low)
+            if chosen == pool["candidates"][rejected_index]:
+                dropped[IDENTICAL] += 1
+                continue
+            pair = preference_row(record, chosen, pool["candidates"][rejected_index])
+            if _pair_key(pair) in seen:
+                dropped[DUPLICATE] += 1
+                continue
+            seen.add(_pair_key(pair))
             pairs.append(
                 {
                     **preference_row(record, chosen, pool["candidates"][rejected_index]),
@@ -608,5 +646,5 @@ def scenario_files(
         "same_prompts": same_prompts,
         "scenarios": counts,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

@@ -32,19 +32,28 @@ def math_judge(solution: str, reference: str) -> bool | None:
     return answers_match(solution, reference)
 
 
-def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -> tuple[dict[int, list[dict]], dict]:
-    """The four scenarios' pairs, and counts (including how often the judge disagrees with ``is_correct``)."""
+def gsm8k_scenarios(
+    rows: list[dict], policy: str = "6b", other: str = "175b", source: str = "data", lines: list[int] | None = None
+) -> tuple[dict[int, list[dict]], dict]:
+    """The four scenarios' pairs, and counts (including how often the judge disagrees with ``is_correct``).
+    A row that is not in the model_solutions format is a ``ValueError`` naming ``source`` and the row (with its
+    line, given ``lines``)."""
+    from dpolab.data.formats import where
+
     scenarios: dict[int, list[dict]] = {1: [], 2: [], 3: [], 4: []}
     counts = {"questions": len(rows), "judge_unparsable": 0, "judge_disagrees_with_is_correct": 0, "solutions": 0}
     for index, row in enumerate(rows):
+        at = where(source, index, lines[index] if lines else None)
         needed = ["question", "ground_truth", *SOLVERS[policy], *SOLVERS[other]]
         missing = [key for key in needed if key not in row] if isinstance(row, dict) else needed
         if missing:
-            raise ValueError(f"row {index}: missing field {missing[0]!r} (model_solutions.jsonl format)")
+            raise ValueError(f"{at}: missing field {missing[0]!r} (model_solutions.jsonl format)")
         for solver in (*SOLVERS[policy], *SOLVERS[other]):
             entry = row[solver]
             if not isinstance(entry, dict) or not isinstance(entry.get("solution"), str) or "is_correct" not in entry:
-                raise ValueError(f"row {index}: {solver!r} must be {{solution: str, is_correct: bool}}")
+                raise ValueError(f"{at}: {solver!r} must be {{solution: str, is_correct: bool}}")
+            if not isinstance(entry["is_correct"], bool):  # "false" or 0 would count as correct (or be guessed)
+                raise ValueError(f"{at}: {solver}.is_correct must be true or false; got {entry['is_correct']!r}")
         reference = row["ground_truth"]
         pools: dict[str, dict[bool, list[str]]] = {}
         for model in (policy, other):
@@ -56,7 +65,7 @@ def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -
                 if verdict is None:
                     counts["judge_unparsable"] += 1
                     continue
-                if verdict != bool(row[solver]["is_correct"]):
+                if verdict != row[solver]["is_correct"]:
                     counts["judge_disagrees_with_is_correct"] += 1
                 pools[model][verdict].append(solution)
         prompt = row["question"] + "\n"
@@ -84,7 +93,7 @@ def gsm8k_scenarios(rows: list[dict], policy: str = "6b", other: str = "175b") -
 
 
 def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b", other: str = "175b") -> dict:
-    from dpolab.data.formats import BadLine, read_jsonl_lines, write_jsonl
+    from dpolab.data.formats import BadLine, read_jsonl_lines, where, write_jsonl
 
     if policy == other:
         raise ValueError("--policy and --other must be different models")
@@ -92,13 +101,11 @@ def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b",
     if not path.exists():
         raise ValueError(f"no such file: {source}")
     numbered = read_jsonl_lines(path)
-    for line, row in numbered:
+    for index, (line, row) in enumerate(numbered):
         if isinstance(row, BadLine):
-            raise ValueError(f"{source}: line {line}: {row.reason}")
-    try:
-        scenarios, counts = gsm8k_scenarios([row for _, row in numbered], policy, other)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+            raise ValueError(f"{where(source, index, line)}: {row.reason}")
+    rows, lines = [row for _, row in numbered], [line for line, _ in numbered]
+    scenarios, counts = gsm8k_scenarios(rows, policy, other, str(source), lines)
     for scenario, pairs in scenarios.items():
         write_jsonl(Path(out_dir) / f"scenario{scenario}.jsonl", pairs)
     counts["pairs"] = {scenario: len(pairs) for scenario, pairs in scenarios.items()}

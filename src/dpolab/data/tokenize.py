@@ -93,6 +93,7 @@ DROP_REASONS = {
     "prompt_reaches_max_length": "the prompt alone reaches max_length",
     "prompt_over_max_prompt_length": "the prompt is longer than max_prompt_length",
     "empty": "nothing left of the prompt or a completion after the shared prefix",
+    "identical_tokens": "chosen and rejected are the same tokens after tokenisation and truncation",
 }
 
 _CUT_WAY = {"keep_end": "its first tokens removed", "keep_start": "its last tokens removed"}
@@ -140,7 +141,7 @@ class TokenizeReport:
             )
         for reason, rows in self.dropped_by.items():
             text = DROP_REASONS[reason]
-            if reason != "empty":
+            if reason not in ("empty", "identical_tokens"):
                 limit = self.max_length if reason == "prompt_reaches_max_length" else self.max_prompt_length
                 text = f"{text}={limit} tokens (truncation_mode {self.truncation_mode})"
             out.append(f"{len(rows)} {self.unit} dropped: {text} (rows {_first(rows)})")
@@ -273,6 +274,11 @@ def _split(tokenizer, prompt, completions: list, limits: dict, report: TokenizeR
         if any(len(ids) > room for ids in branches):
             report.truncated_rows.append(row)
             branches = [ids[:room] for ids in branches]
+    if len(branches) > 1 and all(ids == branches[0] for ids in branches):
+        # Pairs that differ only past max_length (or in text the tokenizer maps to the same ids): the loss's
+        # two log-probs would be equal, a pair that teaches nothing and counts in every mean.
+        report.drop("identical_tokens", row)
+        return None
     return tuple(prompt_ids), [tuple(ids) for ids in branches]
 
 

@@ -11,6 +11,7 @@ move together, as they share the prompt).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -125,13 +126,22 @@ def agreement(
     labels = sorted(set(a) | set(b))
     table = confusion(a, b, labels)
     low, high = kappa_interval(a, b, groups)
+    kappa = cohen_kappa(a, b)
+    undefined = None
+    if math.isnan(kappa):  # one category only: p_e = 1, and κ = (p_o − p_e) / (1 − p_e) is 0 / 0
+        shown = ", ".join(f"{label:g}" if isinstance(label, float) else str(label) for label in labels)
+        undefined = (
+            f"both judges put all {len(a)} candidates in one category ({shown}): chance agreement is then 1 and "
+            "κ = (p_o − p_e) / (1 − p_e) is 0/0; judge candidates of mixed quality, or binarise with a threshold"
+        )
     return {
         "first": str(first),
         "second": str(second),
         "thresholds": [threshold_first, threshold_second],
         **counts,
-        "kappa": cohen_kappa(a, b),
-        "kappa_interval": [low, high],
+        "kappa": None if undefined else kappa,
+        "kappa_undefined": undefined,
+        "kappa_interval": [None, None] if undefined or math.isnan(low) else [low, high],
         "observed_agreement": float(np.trace(table) / table.sum()),
         "labels": labels,
         "confusion": table.tolist(),
@@ -149,9 +159,14 @@ def table(result: dict) -> str:
     for label, row in zip(labels, result["confusion"], strict=True):
         lines.append(f"| {label} | " + " | ".join(str(n) for n in row) + " |")
     low, high = result["kappa_interval"]
+    if result.get("kappa_undefined"):
+        kappa = f"Cohen's κ is undefined: {result['kappa_undefined']}"
+    elif low is None:
+        kappa = f"Cohen's κ = {result['kappa']:.3f} (no interval: every bootstrap resample has one category only)"
+    else:
+        kappa = f"Cohen's κ = {result['kappa']:.3f} (95% interval {low:.3f} to {high:.3f}, bootstrap over prompts)"
     lines.append(
-        f"\nCohen's κ = {result['kappa']:.3f} (95% interval {low:.3f} to {high:.3f}, bootstrap over prompts); "
-        f"observed agreement {result['observed_agreement']:.1%} over {result['candidates']} candidates of "
+        f"\n{kappa}; observed agreement {result['observed_agreement']:.1%} over {result['candidates']} candidates of "
         f"{result['prompts']} prompts ({result['unscored']} left out: unscored by one judge or both)"
     )
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpolab.data.formats import DataError, read_rows
+from dpolab.data.formats import DataError, numbered_rows, where
 from dpolab.eval.harness import bootstrap_interval
 
 METHODS = ("min_k", "min_k_plus_plus", "loss")
@@ -81,25 +81,24 @@ def auroc_interval(seen: list[float], unseen: list[float], seed: int = 0, level:
 
 def read_texts(path: str | Path, fields: list[str], label_field: str | None) -> tuple[list[str], list[bool] | None]:
     """The texts (``fields`` joined by a newline) and, when ``label_field`` is in the rows, seen (True) / unseen."""
-    rows = read_rows(str(path))
+    numbered = numbered_rows(str(path))
     texts, labels = [], []
-    has_labels = label_field is not None and any(isinstance(r, dict) and label_field in r for r in rows)
-    for number, row in enumerate(rows, start=1):
+    has_labels = label_field is not None and any(isinstance(r, dict) and label_field in r for _, r in numbered)
+    for number, (line, row) in enumerate(numbered):
+        at = where(path, number, line)
         if not isinstance(row, dict):
-            raise DataError(
-                f"{path} row {number}: not a JSON object" + (f" ({row.reason})" if hasattr(row, "reason") else "")
-            )
+            raise DataError(f"{at}: not a JSON object" + (f" ({row.reason})" if hasattr(row, "reason") else ""))
         parts = []
         for field in fields:
             if not isinstance(row.get(field), str) or not row[field].strip():
-                raise DataError(f"{path} row {number}: {field!r} must be a non-empty string (fields read: {fields})")
+                raise DataError(f"{at}: {field!r} must be a non-empty string (fields read: {fields})")
             parts.append(row[field])
         texts.append("\n".join(parts))
         if has_labels:
             label = str(row.get(label_field, "")).strip().lower()
             if label not in SEEN | UNSEEN:
                 raise DataError(
-                    f"{path} row {number}: {label_field!r} is {row.get(label_field)!r}; use seen/unseen (or 1/0, true/false)"
+                    f"{at}: {label_field!r} is {row.get(label_field)!r}; use seen/unseen (or 1/0, true/false)"
                 )
             labels.append(label in SEEN)
     if has_labels and (all(labels) or not any(labels)):
@@ -184,7 +183,7 @@ def check(
 ) -> dict:
     """The contamination check of ``model_dir`` on ``data`` (and against ``reference_dir``): a JSON-ready dict."""
     from dpolab.console import progress_bar, quiet_libraries
-    from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
 
     if not 0 < k <= 1:
         raise ValueError(f"--k is a fraction of the tokens, in (0, 1]; got {k}")
@@ -201,6 +200,7 @@ def check(
         with quiet_libraries():
             model = load_model(directory, allow_pickle=allow_pickle, device=default_device(), what=role)
             tokenizer = load_tokenizer(directory)
+        check_vocabulary(model, tokenizer, directory)
         with progress_bar(progress, f"contamination scores ({role})", len(texts)) as advance:
             per_model[role], counts = score_texts(model, tokenizer, texts, k, max_tokens, batch_size, advance)
         if role == "model":  # the reference may tokenise differently: the counts are the model's

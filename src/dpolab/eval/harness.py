@@ -121,6 +121,7 @@ def evaluate_checked(
     task_dir: str | Path | None = None,
     seed: int = 0,
     log_samples: bool = False,
+    max_new_tokens_key: str = "--max-new-tokens",
 ) -> dict:
     """:func:`evaluate_model` once :func:`check_request` has passed."""
     context = context_length(model)
@@ -128,7 +129,7 @@ def evaluate_checked(
     if generating and context is not None and max_new_tokens >= context:
         raise ValueError(
             f"task {generating[0]} generates up to {max_new_tokens} tokens, and the model's context is {context}: "
-            "lower --max-new-tokens"
+            f"lower {max_new_tokens_key}"  # the flag, or the config key when training evaluates
         )
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (save one beside it, or name it with --tokenizer)")
@@ -239,7 +240,7 @@ def evaluate_directory(
     """:func:`evaluate_model` on the model saved in ``model_dir`` (loaded by dpolab's one loader), with the same
     options; the request and the data are checked before the model loads."""
     from dpolab.console import quiet_libraries
-    from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
 
     source = Path(tokenizer_dir or model_dir).expanduser()
     if source.is_dir() and not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
@@ -250,5 +251,6 @@ def evaluate_directory(
     with quiet_libraries():
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(source)
+    check_vocabulary(model, tokenizer, model_dir, source)
     result = evaluate_checked(model, tokenizer, files, shots, **options)
     return {"model": str(model_dir), **result}

@@ -89,13 +89,14 @@ class RewardModelJudge:
     ) -> None:
         """``score_empty``: score an empty candidate too (prompt + EOS), as a PPO reward must; else it gets
         no score."""
-        from dpolab.engine.loading import default_device, load_model, load_tokenizer
+        from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
 
         self.path = path
         self.model = load_model(path, "sequence_classification", allow_pickle=allow_pickle).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has num_labels = 1; this one has {self.model.config.num_labels}")
         self.tokenizer = load_tokenizer(path)
+        check_vocabulary(self.model, self.tokenizer, path)
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )

@@ -167,7 +167,7 @@ def token_report(
     from dpolab.console import progress_bar, quiet_libraries
     from dpolab.data.formats import load_examples
     from dpolab.data.tokenize import tokenize_pairs
-    from dpolab.engine.loading import default_device, load_model, load_tokenizer
+    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1; got {limit}")
@@ -175,7 +175,7 @@ def token_report(
         raise ValueError(f"--window must be >= 0; got {window}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1; got {batch_size}")
-    examples, _ = load_examples(data)
+    examples, _ = load_examples(data, advice=f"dpolab data check {data} lists them; fix or remove them")
     examples = examples[:limit]
     if not examples:
         raise ValueError(f"{data}: no pairs")
@@ -192,10 +192,7 @@ def token_report(
             continue
         with quiet_libraries():
             model = load_model(directory, allow_pickle=allow_pickle, device=default_device(), what=role)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise ValueError(
-                f"{role} {directory}: its vocabulary is smaller than the model's tokenizer ({len(tokenizer)})"
-            )
+        check_vocabulary(model, tokenizer, directory, model_dir)
         with progress_bar(progress, f"token log-probs ({role})", len(pairs)) as bar:
             scored[role] = pair_token_logps(model, tokenizer, pairs, batch_size, progress=bar)
         del model

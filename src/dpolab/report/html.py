@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from dpolab.outputs import check_output, write_text
 from dpolab.report.runs import Run, load_run
 from dpolab.train.monitor import REMEDIES
 
@@ -341,25 +342,22 @@ def check_report_target(out: Path, runs: list[str | Path]) -> None:
     """Refuse to write over anything but an earlier dpolab report: a run's files, a folder, any other file."""
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name the HTML file to write (e.g. {out / 'report.html'})")
-    from dpolab.train.guard import RUN_OUTPUTS
-
-    resolved = out.resolve()
-    for run in runs:
-        if resolved.parent == Path(run).resolve() and resolved.name in RUN_OUTPUTS:
-            raise ValueError(f"--out {out} is the run's own {resolved.name}; write the report elsewhere")
+    check_output(out, "report", {"run folder": runs})
     if out.exists():
         head = out.read_bytes()[:400].decode("utf-8", errors="replace")
         if f'<meta name="generator" content="{GENERATOR}">' not in head:
             raise ValueError(f"--out {out} exists and is not a dpolab report; refusing to overwrite it")
 
 
-def write_report(paths: list[str | Path], out: str | Path, title: str = "dpolab report", preface: str = "") -> Path:
-    """Write the report to ``out`` (a new file, or an earlier dpolab report, which is replaced)."""
+def write_report(
+    paths: list[str | Path], out: str | Path, title: str = "dpolab report", preface: str = "", own: bool = False
+) -> Path:
+    """Write the report to ``out`` (a new file, or an earlier dpolab report, which is replaced).
+
+    ``own``: ``out`` is a file of the folder that is writing it (the quickstart's ``report.html``), not a
+    report placed by ``dpolab report``: the rule of :func:`dpolab.outputs.check_output` is the folder's own."""
     out = Path(out)
     page = build_report(paths, title, preface)  # reads and checks the runs first
-    check_report_target(out, paths)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(out)
-    return out
+    if not own:
+        check_report_target(out, paths)
+    return write_text(out, page)

@@ -71,12 +71,17 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{path}: not a folder")
     summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {}
     rows = _read_jsonl(path / "metrics.jsonl")
-    if (path / "config.json").exists():
-        config = _read_json(path / "config.json")
-        if config.get("kind") == "toy":
-            return _toy_run(path, config, rows, summary)
-    if not (path / "config.yaml").exists() or not rows:
+    toy = (path / "config.json").exists() and _read_json(path / "config.json").get("kind") == "toy"
+    if not toy and not (path / "config.yaml").exists():
         raise ValueError(f"{path}: not a dpolab run folder (no config.yaml + metrics.jsonl, nor a toy run)")
+    if not any("alarm" not in row for row in rows):
+        what = "is missing" if not (path / "metrics.jsonl").exists() else "holds no logged step"
+        raise ValueError(
+            f"{path}: metrics.jsonl {what}: the run stopped before its first logged step (or has not reached it "
+            "yet); there is nothing to plot"
+        )
+    if toy:
+        return _toy_run(path, _read_json(path / "config.json"), rows, summary)
     config = safe_yaml.load((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
     alarms = [row for row in rows if "alarm" in row]
     # a training line has the loss, or (dpolab ppo) the rollout's reward

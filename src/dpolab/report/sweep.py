@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+from dpolab.outputs import write_bytes, write_text
 from dpolab.report.html import COLOURS, STYLE, _png, _pyplot, write_report
 
 GENERATOR = "dpolab sweep"
@@ -148,8 +149,7 @@ def write_sweep_page(plots: list, folder: Path, results: dict) -> Path:
                 continue
             condition = "".join(f"-{k}={value_text(v)}" for k, v in plot.where.items())
             name = _file_name(f"{metric}-vs-{plot.x}{condition}") + ".png"
-            (folder / "plots").mkdir(parents=True, exist_ok=True)
-            (folder / "plots" / name).write_bytes(base64.b64decode(png.split(",", 1)[1]))
+            write_bytes(folder / "plots" / name, base64.b64decode(png.split(",", 1)[1]))
             figures.append((name, png))
     links = {}
     for row in results["points"]:
@@ -189,8 +189,4 @@ seeds ± the half-width of its 95% interval (Student's t), and n, the seeds fini
 <h2>Spec</h2><pre>{html.escape(spec_text)}</pre>
 </body></html>
 """
-    target = folder / "index.html"
-    temporary = folder / ".index.html.tmp"
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(target)
-    return target
+    return write_text(folder / "index.html", page)

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from dpolab.outputs import atomic_path, write_json
 from dpolab.toy.lab import RLHF, ToyConfig, ToyRun, run_toy
 from dpolab.toy.scenarios import PRESETS
 
@@ -53,7 +54,8 @@ def _plot_probabilities(ax, run: ToyRun) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     _pyplot().close(fig)
 
 
@@ -184,7 +186,7 @@ def make_figures(
         "runs": {name: _finite(run.summary()) for name, run in runs.items()},
         "figures": {key: path.name for key, path in figures.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -14,7 +14,6 @@ Every step records the probabilities of chosen, rejected and unseen responses, a
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dpolab.losses import Objective, PreferenceLogps, objective_from_config, reward_model
+from dpolab.outputs import atomic_path, write_json, write_jsonl
 from dpolab.toy.scenarios import NUM_PROMPTS, NUM_RESPONSES, REJECTED, UNSEEN, Scenario, load_scenario
 
 RLHF = "rlhf"  # the reward-model + KL-regularised policy-optimisation path
@@ -205,7 +205,10 @@ def train_preference(policy: ToyPolicy, reference: ToyPolicy, config: ToyConfig,
             ones,
             ones,
         )
-        out = objective(logps)
+        try:
+            out = objective(logps)
+        except ValueError as error:  # the objective refuses non-finite log-probs: the policy has blown up
+            raise ToyDiverged(step, str(error)) from None
         # A loss may not depend on one side at all (sft has no rejected term): its gradient is then zero.
         gradients = torch.autograd.grad(out.losses.sum(), (chosen_leaf, rejected_leaf), allow_unused=True)
         dloss_dlogp_w, dloss_dlogp_l = (torch.zeros_like(chosen_leaf) if g is None else g for g in gradients)
@@ -366,27 +369,20 @@ class ToyRun:
         """Write config.json, metrics.jsonl, metrics.csv, summary.json (and reward_metrics.jsonl)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(
-            json.dumps(
-                {"kind": "toy", **asdict(self.config), "sft": self.sft, "targets": self.scenario.targets}, indent=2
-            )
+        write_json(
+            directory / "config.json",
+            {"kind": "toy", **asdict(self.config), "sft": self.sft, "targets": self.scenario.targets},
         )
-        _write_jsonl(directory / "metrics.jsonl", self.metrics)
+        write_jsonl(directory / "metrics.jsonl", self.metrics)
         if self.reward_metrics:
-            _write_jsonl(directory / "reward_metrics.jsonl", self.reward_metrics)
+            write_jsonl(directory / "reward_metrics.jsonl", self.reward_metrics)
         scalar_keys = [k for k, v in self.metrics[0].items() if not isinstance(v, list)]
-        with open(directory / "metrics.csv", "w", newline="") as handle:
+        with atomic_path(directory / "metrics.csv") as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=scalar_keys, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.metrics)
-        (directory / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+        write_json(directory / "summary.json", self.summary())
         return directory
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
 
 
 _REFERENCE_CACHE: dict[tuple, tuple[dict, dict]] = {}
@@ -413,8 +409,37 @@ def prepare_reference(config: ToyConfig, scenario: Scenario) -> tuple[ToyPolicy,
     return policy, dict(sft)
 
 
+class ToyDiverged(ValueError):
+    """Step 2 left finite numbers: the message names the step and the quantities (usually a learning rate too
+    large for the optimiser)."""
+
+    def __init__(self, step: int, detail: str) -> None:
+        self.step = step
+        super().__init__(
+            f"the toy run diverged at step {step}: {detail}; lower the learning rate (--lr) or use --optimizer adam"
+        )
+
+
+# ∂L/∂π = (∂L/∂log π) / π is infinite once a rejected probability underflows to 0 in float64, which is the 3D
+# paper's unbounded ratio at its limit, not a divergence: these three are recorded as they are (null in JSON).
+UNBOUNDED = frozenset({"grad_chosen", "grad_rejected", "grad_ratio"})
+
+
+def _non_finite(entry: dict) -> list[str]:
+    """The recorded quantities of one step that are NaN or ±inf (lists included), :data:`UNBOUNDED` aside."""
+    bad = []
+    for key, value in entry.items():
+        if key in UNBOUNDED:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            bad.append(key)
+    return bad
+
+
 def run_toy(config: ToyConfig) -> ToyRun:
-    """Run Step 1 (or reuse it) and Step 2; deterministic for a given config."""
+    """Run Step 1 (or reuse it) and Step 2; deterministic for a given config. A step whose recorded quantities
+    are not all finite stops the run with :class:`ToyDiverged` (its numbers would be nulls in every output)."""
     config.validate()
     scenario = load_scenario(config.scenario)
     policy, sft = prepare_reference(config, scenario)
@@ -423,8 +448,16 @@ def run_toy(config: ToyConfig) -> ToyRun:
     torch.manual_seed(config.seed)
     metrics: list[dict] = []
     reward_metrics: list[dict] = []
+
+    def record(entry: dict) -> None:
+        bad = _non_finite(entry)
+        if bad:
+            shown = ", ".join(f"{key} = {entry[key]}" for key in bad[:4] if not isinstance(entry[key], list))
+            raise ToyDiverged(entry.get("step", len(metrics)), shown or f"{', '.join(bad)} not finite")
+        metrics.append(entry)
+
     if config.loss == RLHF:
-        train_rlhf(policy, reference, config, metrics.append, reward_metrics.append)
+        train_rlhf(policy, reference, config, record, reward_metrics.append)
     else:
-        train_preference(policy, reference, config, metrics.append)
+        train_preference(policy, reference, config, record)
     return ToyRun(config, scenario, sft, metrics, reward_metrics)

@@ -11,7 +11,6 @@ under that initial model; "off-policy" means rare.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,13 +117,15 @@ def load_scenario(spec: str) -> Scenario:
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from dpolab import safe_yaml
 
-            data = yaml.safe_load(text)
+            data = safe_yaml.load(text, str(path))  # no aliases, no key given twice
         else:
-            data = json.loads(text)
-    except Exception as error:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ValueError(f"{path}: cannot parse: {error}") from None
+            from dpolab.data.formats import _parse_json
+
+            data = _parse_json(text)
+    except ValueError as error:  # a parse error becomes one line naming the file
+        raise ValueError(error.args[0] if str(path) in str(error) else f"{path}: cannot parse: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with 'targets' or 'chosen' + 'rejected_each'")
     allowed = {"name", "description", "targets", "chosen", "rejected_each"}

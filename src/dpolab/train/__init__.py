@@ -12,9 +12,11 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
     """Train with the recipe of ``config.task``; see :func:`dpolab.train.preference.train`.
 
     Torch threads are set for a machine shared by the run's processes (:func:`dpolab.console.configure_threads`);
-    transformers' own progress bars and peft's deprecation warning stay quiet while it runs.
+    transformers' own progress bars and peft's deprecation warning stay quiet while it runs. When another
+    process of a multi-process run dies, raises :class:`dpolab.train.distributed.PeerLost` naming it.
     """
     from dpolab.console import configure_threads, quiet_libraries
+    from dpolab.train.distributed import stop_when_a_peer_dies
 
     if config.task == "sft":
         from dpolab.train.sft import train
@@ -25,7 +27,9 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
     else:
         from dpolab.train.preference import train
     configure_threads(config.threads)
-    with quiet_libraries():
+    # Here, around every recipe: a process that dies under torchrun ends the others with PeerLost, not with
+    # the error of whichever collective noticed it.
+    with quiet_libraries(), stop_when_a_peer_dies(config.output_dir):
         return train(config, resume=resume, overwrite=overwrite)
 
 

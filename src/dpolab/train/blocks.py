@@ -13,11 +13,10 @@ processes sees the same items per optimiser step as one process with ``batch_siz
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from dpolab.console import progress_bar
 from dpolab.data.packing import Item
 from dpolab.engine import attention
 from dpolab.engine.attention import Kernel
-from dpolab.engine.loading import load_model, load_tokenizer
+from dpolab.engine.loading import check_vocabulary, load_model, load_tokenizer, read_model_config
 from dpolab.engine.logps import LogpEngine, TokenLogps, packing_fallback_reason
 from dpolab.engine.reference import (
     cache_key,
@@ -38,9 +37,10 @@ from dpolab.engine.reference import (
     store_cached,
     weights_fingerprint,
 )
-from dpolab.train.checkpoint import Checkpointer, config_differences, verify_checkpoint
+from dpolab.outputs import write_json, write_text
+from dpolab.train.checkpoint import Checkpointer, check_process_count, config_differences, verify_checkpoint
 from dpolab.train.config import TrainConfig, lora_settings
-from dpolab.train.distributed import any_across, broadcast_object, gather_rows, sum_across
+from dpolab.train.distributed import any_across, broadcast_object, gather_rows, record_peers, sum_across
 from dpolab.train.guard import NonFiniteError, RunLock, TrainingInterrupted, prepare_output_dir
 from dpolab.train.metrics import MetricsLog
 
@@ -72,6 +72,7 @@ def make_accelerator(config: TrainConfig):
     if _fsdp_requested_on_cpu(accelerator):
         _switch_to_fsdp(accelerator)
     set_seed(config.seed)
+    record_peers(accelerator)  # while every process is alive: a survivor can then name the one that died
     return accelerator
 
 
@@ -144,7 +145,10 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
         try:
             lock, resume_from = prepare_output_dir(out, resume, overwrite)
             if resume_from is not None:
-                saved = verify_checkpoint(resume_from).get("config", {})
+                state = verify_checkpoint(resume_from)
+                # Here, before the data is read and tokenised: a refusal after minutes of work helps nobody.
+                check_process_count(resume_from, state, accelerator.num_processes, out)
+                saved = state.get("config", {})
                 changed = config_differences(saved, config.to_dict())
                 if changed:
                     details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
@@ -175,8 +179,8 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
 
 def write_run_inputs(folder: RunFolder, accelerator, config: TrainConfig, data_report: dict) -> None:
     if accelerator.is_main_process:
-        (folder.path / "data_report.json").write_text(json.dumps(data_report, indent=2))
-        (folder.path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(folder.path / "data_report.json", data_report, note=folder.log.info)
+        write_text(folder.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def log_skipped_rows(log: MetricsLog, bad_rows: list[str]) -> None:
@@ -210,7 +214,7 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
     Runs before any model loads, so bad data fails fast.
     """
     log = folder.log
-    examples, bad_rows = load(config.data, config.data_split, config.on_bad_rows)
+    examples, bad_rows = load(config.data, config.data_split, config.on_bad_rows, config.max_row_bytes)
     log_skipped_rows(log, bad_rows)
     examples, eval_examples = split_eval(examples, config, load)
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
@@ -225,6 +229,9 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
         log.info(f"eval data: {eval_report.lines()[0]}")
     if not items:
         raise ValueError(f"{config.data}: no usable {report.unit} after tokenisation ({'; '.join(report.lines())})")
+    # the model's config (no weights read yet) sets its embedding rows: an id past them fails here, not mid-run
+    check_vocabulary(read_model_config(config.model, config.trust_remote_code), tokenizer, config.model,
+                     config.tokenizer or config.model)  # fmt: skip
     write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Data(items, eval_items, {**report.as_dict(), "bad_rows_skipped": len(bad_rows)}, tokenizer, pad_token_id)
@@ -233,12 +240,17 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
 def split_eval(examples: list, config: TrainConfig, load) -> tuple[list, list]:
     """(training examples, held-out examples): ``eval_data`` loaded with ``load``, or a seeded ``eval_fraction``."""
     if config.eval_data:
-        return examples, load(config.eval_data, config.data_split, config.on_bad_rows)[0]
+        return examples, load(config.eval_data, config.data_split, config.on_bad_rows, config.max_row_bytes)[0]
     if config.eval_fraction <= 0:
         return examples, []
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     held = max(1, round(len(examples) * config.eval_fraction))
+    if held >= len(examples):
+        raise ValueError(
+            f"eval_fraction: {config.eval_fraction} of {len(examples)} usable rows holds out {held}, leaving none to "
+            "train on; lower eval_fraction, give eval_data, or add rows"
+        )
     held_out = set(order[:held])
     return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
 
@@ -270,15 +282,8 @@ def load_scalar_model(config: TrainConfig, pad_token_id: int, log: MetricsLog | 
     """A model with a one-output score head: a sequence classifier with one label as it is, or any causal LM
     checkpoint with a new head (seeded random init, as Hugging Face's ``from_pretrained(num_labels=1)``).
     A classifier with more labels is refused: a reward has one."""
-    from transformers import AutoConfig
-
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-    try:
-        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"model: cannot read the config of {config.model}: {' '.join(str(error).split())[:300]}"
-        ) from None
+    model_config = read_model_config(config.model, config.trust_remote_code)
     architectures = model_config.architectures or []
     classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
     if classifier and model_config.num_labels != 1:
@@ -287,12 +292,10 @@ def load_scalar_model(config: TrainConfig, pad_token_id: int, log: MetricsLog | 
             "has one output (num_labels: 1). Start from its base causal LM, or a one-label classifier"
         )
     torch.manual_seed(config.seed)  # the new head's init, the same on every process
-    with (
-        nullcontext() if classifier else _transformers_errors_only()
-    ):  # its report: "lm_head unexpected, score missing"
-        model = load_model(
-            config.model, "sequence_classification", dtype, config.trust_remote_code, config.allow_pickle, num_labels=1
-        )
+    model = load_model(
+        config.model, "sequence_classification", dtype, config.trust_remote_code, config.allow_pickle, num_labels=1,
+        new_head=not classifier, note=log.info if log is not None else None,
+    )  # fmt: skip
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id  # Hugging Face's pooling needs it for batches of more than one
     if log is not None and not classifier:
@@ -301,18 +304,6 @@ def load_scalar_model(config: TrainConfig, pad_token_id: int, log: MetricsLog | 
         disable_dropout(model)
     enable_gradient_checkpointing(config, model)
     return model
-
-
-@contextmanager
-def _transformers_errors_only():
-    from transformers.utils import logging as transformers_logging
-
-    before = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(before)
 
 
 def load_reference(config: TrainConfig, model):
@@ -440,7 +431,10 @@ def save_final_model(accelerator, model, tokenizer, directory: Path) -> None:
     state = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights; every process must call it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        # A LoRA run never resizes the embeddings (a tokenizer larger than them is refused): peft's "auto" would
+        # look for the base's config to find out, and warn when the base is itself an adapter folder.
+        extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
+        unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True, **extra)
         tokenizer.save_pretrained(directory)
     accelerator.wait_for_everyone()
 
@@ -900,4 +894,4 @@ def finish_run(s, steps: int, unit: str, start_time: float, metrics: dict, last_
 
 def write_summary(folder: RunFolder, accelerator, summary: dict) -> None:
     if accelerator.is_main_process:
-        (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(folder.path / "summary.json", summary, note=folder.log.info)

@@ -17,7 +17,6 @@ one, never a partial folder under a step name. The newest ``keep`` checkpoints a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from dpolab.outputs import exact_dumps, exact_loads
 from dpolab.train.distributed import any_across
 
 PREFIX = "step-"
@@ -57,7 +57,7 @@ def read_state(path: Path) -> dict:
     """A checkpoint's state.json; ``ValueError`` naming the file when it is missing or unreadable."""
     file = path / "state.json"
     try:
-        state = json.loads(file.read_text())
+        state = exact_loads(file.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path} is not a dpolab checkpoint (no state.json)") from None
     except (OSError, ValueError) as error:
@@ -82,20 +82,34 @@ class DamagedCheckpoint(ValueError):
             if older
             else "there is no earlier checkpoint: start again with --overwrite"
         )
-        super().__init__(f"checkpoint {checkpoint} is damaged: {file.name} cannot be read ({detail}); {advice}")
+        name = file.relative_to(checkpoint).as_posix() if checkpoint in file.parents else file.name
+        super().__init__(f"checkpoint {checkpoint} is damaged: {name} cannot be read ({detail}); {advice}")
 
 
 def verify_checkpoint(path: Path) -> dict:
     """Open every file of a checkpoint far enough to notice truncation, before anything is restored.
 
-    state.json is parsed; safetensors headers are checked against the file size; torch files (zip
-    archives) must have their central directory, which sits at the end. Returns the state.
+    state.json is parsed; every file it lists (checkpoints written since December 2026) must be there with the
+    size it was written with; safetensors headers are checked against the file size; torch files (zip
+    archives) must have their central directory, which sits at the end. An older checkpoint without the
+    list must at least hold its weights: ``model.safetensors``, or FSDP's ``pytorch_model_fsdp_0/``. Returns
+    the state.
     """
     import zipfile
 
     from safetensors import safe_open
 
     state = read_state(path)
+    listed = state.get("files")
+    if isinstance(listed, dict):
+        for name, size in listed.items():
+            file = path / name
+            if not file.is_file():
+                raise DamagedCheckpoint(path, file, "the file is missing")
+            if file.stat().st_size != size:
+                raise DamagedCheckpoint(path, file, f"{file.stat().st_size} bytes, written with {size}")
+    elif not any(path.glob("pytorch_model_fsdp_*")) and not (path / "model.safetensors").exists():
+        raise DamagedCheckpoint(path, path / "model.safetensors", "the file is missing")
     for file in sorted(path.iterdir()):
         try:
             if file.suffix == ".safetensors":
@@ -121,6 +135,37 @@ def _fsync_tree(directory: Path) -> None:
     for path in sorted(directory.rglob("*"), reverse=True):
         _fsync(path)
     _fsync(directory)
+
+
+# The command of each task (config.task), to name in a command to run.
+TASK_COMMANDS = {"preference": "train", "sft": "sft", "reward": "rm", "ppo": "ppo"}
+
+
+def check_process_count(path: Path, state: dict, processes: int, output_dir: str | Path) -> None:
+    """``ValueError`` when the checkpoint ``path`` (its ``state``) was written by another number of processes
+    than ``processes``, with the command that resumes it on this machine: torchrun works everywhere; accelerate
+    launch runs several processes only on as many GPUs (on CPU only with --cpu, which dpolab hands to torchrun)."""
+    saved = state.get("num_processes", 1)
+    if saved == processes:
+        return
+    command = TASK_COMMANDS.get(state.get("config", {}).get("task"), "train")
+    arguments = f"{command} {Path(output_dir) / 'config.yaml'} --resume"
+    if saved == 1:
+        relaunch = f"dpolab {arguments}"
+    elif torch.cuda.is_available() and torch.cuda.device_count() >= saved:
+        relaunch = (
+            f"accelerate launch --num_processes {saved} -m dpolab {arguments} "
+            f"(or torchrun --standalone --nproc_per_node {saved} -m dpolab {arguments})"
+        )
+    else:
+        relaunch = (
+            f"torchrun --standalone --nproc_per_node {saved} -m dpolab {arguments} "
+            f"(or accelerate launch --cpu --num_processes {saved} -m dpolab {arguments})"
+        )
+    raise ValueError(
+        f"{path} was written by {saved} process(es) and this run has {processes}: exact resume needs the same "
+        f"number; relaunch with {saved}: {relaunch}; or start a new run in a new output_dir"
+    )
 
 
 def _local(parameter: torch.Tensor) -> torch.Tensor:
@@ -188,7 +233,14 @@ class Checkpointer:
         }
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (temporary / "state.json").write_text(json.dumps(state, indent=2))
+            # Every file of the checkpoint with its size: a resume names a missing or truncated one, whatever the
+            # format (model.safetensors, or FSDP's sharded folders), before anything is restored.
+            state["files"] = {
+                file.relative_to(temporary).as_posix(): file.stat().st_size
+                for file in sorted(temporary.rglob("*"))
+                if file.is_file()
+            }
+            (temporary / "state.json").write_text(exact_dumps(state, indent=2))
             _fsync_tree(temporary)
             if final.exists():  # the same step written again (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
@@ -209,14 +261,7 @@ class Checkpointer:
                 f"{path} was written by an older dpolab (before accelerate checkpoints) and cannot be resumed; "
                 "start a new run from its weights or from the original model"
             )
-        saved = state.get("num_processes", 1)
-        if saved != self.accelerator.num_processes:
-            raise ValueError(
-                f"{path} was written by {saved} process(es) and this run has {self.accelerator.num_processes}: "
-                f"exact resume needs the same number. Relaunch with {saved} process(es) "
-                f"(e.g. accelerate launch --num_processes {saved} …), or start a new run from its weights "
-                f"(--model {self.output_dir / 'model'} after it finishes, or a new output_dir)"
-            )
+        check_process_count(path, state, self.accelerator.num_processes, self.output_dir)
         if self.trainable_only:
             self._check_trainable_saved(path)
         missing = sorted(set(self.components) - set(state["components"]))
@@ -243,6 +288,7 @@ class Checkpointer:
 # Keys whose change cannot change the trained weights: resuming with them changed is allowed.
 HARMLESS_KEYS = frozenset(
     {
+        "max_row_bytes",  # a limit on reading; rows it changes change the data fingerprint, which is compared
         "logging_steps",
         "eval_steps",
         "progress",

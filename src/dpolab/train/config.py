@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab import safe_yaml
-from dpolab.data.formats import looks_local
+from dpolab.data.formats import MAX_ROW_BYTES, check_max_row_bytes, looks_like_path, looks_local
 
 
 @dataclass
@@ -53,6 +53,8 @@ class TrainConfig:
     """Fraction of ``data`` held out for evaluation (seeded split) when ``eval_data`` is not given."""
     on_bad_rows: str = "error"
     """``error``: refuse data with bad rows (empty prompt or completion, missing fields), naming up to ten; ``skip``: leave them out and report how many."""
+    max_row_bytes: int = MAX_ROW_BYTES
+    """Largest row of ``data``/``eval_data`` in bytes (4 MiB); a longer row is a bad row, refused by its line before it is parsed or tokenised (memory stays bounded). Raise it for very long pairs."""
     max_length: int | None = 1024
     """Most tokens in prompt + one completion. A prompt that leaves the completions fewer than min(longest completion, max_length // 2) tokens is cut per ``truncation_mode``; completions still too long are truncated at the end. Every cut and drop is counted and reported."""
     max_prompt_length: int | None = None
@@ -204,6 +206,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: must lie in [0, 1); got {getattr(self, key)!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: must lie in [0, 1); got {self.eval_fraction!r}")
+        check_max_row_bytes(self.max_row_bytes)
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise ValueError(f"ld_alpha: must lie in [0, 1]; got {self.ld_alpha!r}")
         choices = {
@@ -229,7 +232,7 @@ class TrainConfig:
         if self.reference not in ("auto", "none"):
             folders["reference"] = self.reference
         for key, value in folders.items():
-            if value and looks_local(value) and not Path(value).expanduser().is_dir():
+            if value and looks_like_path(value) and not Path(value).expanduser().is_dir():
                 raise ValueError(f"{key}: no such folder: {value}")
         for key in ("output_dir", "cache_dir"):
             _check_writable_folder(key, getattr(self, key))
@@ -314,31 +317,24 @@ class TrainConfig:
             raise ValueError("reference: PPO needs a reference for its KL term: auto (the initial policy) or a model")
         settings = ppo_settings(self.ppo)
         for key, value in (("reward.model", settings.reward.get("model")), ("value_model", settings.value_model)):
-            if value and value not in ("head", "none") and looks_local(value) and not Path(value).expanduser().is_dir():
+            if (
+                value
+                and value not in ("head", "none")
+                and looks_like_path(value)
+                and not Path(value).expanduser().is_dir()
+            ):
                 raise ValueError(f"ppo.{key}: no such folder: {value}")
 
     def _check_output_apart_from_inputs(self) -> None:
         """``output_dir`` may neither be, contain, nor lie inside an input: ``--overwrite`` or a new run
         would then delete or overwrite the model, the data or the cache it reads."""
-        out = Path(self.output_dir).expanduser().resolve()
+        from dpolab.outputs import check_output
+
         inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
         if self.reference not in ("auto", "none"):
             inputs["reference"] = self.reference
         inputs["cache_dir"] = self.cache_dir
-        for key, value in inputs.items():
-            if not value or (key != "cache_dir" and not Path(value).expanduser().exists()):
-                continue  # a hub id or an unset key
-            path = Path(value).expanduser().resolve()
-            if path == out or out in path.parents:
-                raise ValueError(
-                    f"output_dir {self.output_dir} contains the {key} ({value}); a run there could overwrite or "
-                    "delete it: choose an output_dir outside every input"
-                )
-            if path in out.parents:
-                raise ValueError(
-                    f"output_dir {self.output_dir} is inside the {key} ({value}); choose an output_dir outside "
-                    "every input"
-                )
+        check_output(self.output_dir, "train", inputs, "output_dir")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -351,15 +347,17 @@ class TrainConfig:
             value = getattr(self, key)
             if not value or (key == "reference" and value in ("auto", "none")):
                 continue
-            local = key in ("cache_dir", "output_dir") or looks_local(value)
+            local = key in ("cache_dir", "output_dir") or (
+                looks_local if key in ("data", "eval_data") else looks_like_path
+            )(value)
             if local:
                 changes[key] = str(Path(value).expanduser().absolute())
         if self.ppo:  # the reward model and the critic are inputs too
             ppo = {**self.ppo, "reward": dict(self.ppo.get("reward") or {})}
-            if isinstance(ppo["reward"].get("model"), str) and looks_local(ppo["reward"]["model"]):
+            if isinstance(ppo["reward"].get("model"), str) and looks_like_path(ppo["reward"]["model"]):
                 ppo["reward"]["model"] = str(Path(ppo["reward"]["model"]).expanduser().absolute())
             critic = ppo.get("value_model")
-            if isinstance(critic, str) and critic not in ("head", "none") and looks_local(critic):
+            if isinstance(critic, str) and critic not in ("head", "none") and looks_like_path(critic):
                 ppo["value_model"] = str(Path(critic).expanduser().absolute())
             changes["ppo"] = ppo
         if self.eval_harness:
@@ -543,7 +541,8 @@ def load_config(
             raise ValueError(f"expected --key value, got {flag!r}")
         key, _, inline = flag[2:].partition("=")
         if not inline:
-            if not tokens:
+            # A value never starts with "--" (negative numbers have one dash): "--beta --max_steps 3" lacks beta's.
+            if not tokens or tokens[0].startswith("--"):
                 raise ValueError(f"--{key}: missing value")
             inline = tokens.pop(0)
         value = safe_yaml.load(inline, f"--{key}")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpolab.outputs import dumps
+
 
 @dataclass
 class EvalHarnessSettings:
@@ -170,6 +172,7 @@ class HarnessEvaluator:
                     limit=self.settings.limit,
                     batch_size=self.settings.batch_size,
                     max_new_tokens=self.settings.max_new_tokens,
+                    max_new_tokens_key="eval_harness.max_new_tokens",
                 )
             finally:
                 state.restore()
@@ -182,7 +185,7 @@ class HarnessEvaluator:
         self.last = {"step": step, **result}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(self.last) + "\n")
+                handle.write(dumps(self.last, self.folder.log.info, source="harness.jsonl") + "\n")
         self.folder.log.write(step, values)
         shown = ", ".join(f"{name.removeprefix('harness/')} {100 * value:.1f}%" for name, value in values.items())
         self.folder.log.info(f"harness at step {step}: {shown}")

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from dpolab.console import console
+from dpolab.console import console, printable
+from dpolab.outputs import dumps
 
 
 class MetricsLog:
@@ -29,13 +30,13 @@ class MetricsLog:
 
     def info(self, message: str) -> None:
         if self.main:
-            console.print(message, highlight=False, markup=False)
+            console.print(printable(message, keep_newlines=True), highlight=False, markup=False)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.main:
             return
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in values.items()}
-        self.handle.write(json.dumps({"step": step, **clean}) + "\n")
+        # Strict JSON: a non-finite value (a skipped batch's loss) is null, and the log says which
+        self.handle.write(dumps({"step": step, **values}, self.info, source=f"metrics.jsonl, step {step}") + "\n")
         self.handle.flush()
         if self.writer is not None:
             for name, value in values.items():
@@ -47,12 +48,15 @@ class MetricsLog:
         if not self.main:
             return
         console.print(
-            f"ALARM at step {alarm['step']}: {alarm['alarm']}: {alarm['message']}\n  remedy: {alarm['remedy']}",
+            printable(
+                f"ALARM at step {alarm['step']}: {alarm['alarm']}: {alarm['message']}\n  remedy: {alarm['remedy']}",
+                keep_newlines=True,
+            ),
             style="bold red",
             highlight=False,
             markup=False,
         )
-        self.handle.write(json.dumps(alarm) + "\n")
+        self.handle.write(dumps(alarm, self.info, source="metrics.jsonl") + "\n")
         self.handle.flush()
         if self.writer is not None:
             self.writer.add_text(

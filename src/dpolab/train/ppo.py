@@ -23,7 +23,6 @@ batch's prompts, the same on every process.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -35,9 +34,11 @@ from dpolab.console import progress_bar
 from dpolab.data.formats import load_prompt_examples
 from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
 from dpolab.engine.generate import sample_responses
+from dpolab.engine.loading import check_vocabulary
 from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
 from dpolab.eval.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
+from dpolab.outputs import dumps
 from dpolab.train import blocks, ppo_monitor
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, sum_across
@@ -212,6 +213,8 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     if config.lora:
         policy = blocks.apply_lora(policy, config.lora)
     critic = load_critic(config, settings, pad_token_id, log)
+    if critic is not None:  # it reads the policy's token ids
+        check_vocabulary(critic, tokenizer, settings.value_model, config.tokenizer or config.model)
     model = PolicyWithValue(policy, critic, value_head=settings.value_model == "head").to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
@@ -486,7 +489,7 @@ def log_samples(s: Setup, step: int, batch: RolloutBatch) -> None:
                 "reward": float(batch.rewards[index]), "score": float(batch.scores[index]),
                 "finished": bool(batch.finished[index]),
             }  # fmt: skip
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(dumps(row, s.folder.log.info, source="samples.jsonl", ensure_ascii=False) + "\n")
             s.folder.log.info(
                 f"sample at step {step}: {prompt_text(prompt.prompt)[-60:]!r} → {batch.texts[index][:80]!r} "
                 f"(reward {row['reward']:.3f})"

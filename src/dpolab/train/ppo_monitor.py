@@ -67,7 +67,7 @@ def load_pairs(config, tokenizer, log) -> list[TokenizedPair]:
     settings = monitor_config(config.monitor)
     if not settings.enabled or not settings.pairs:
         return []
-    examples, bad_rows = load_examples(settings.pairs, "train", config.on_bad_rows)
+    examples, bad_rows = load_examples(settings.pairs, "train", config.on_bad_rows, config.max_row_bytes)
     if bad_rows:
         log.info(f"monitor.pairs: skipped {len(bad_rows)} bad rows (first: {bad_rows[0]})")
     limits = dict(max_prompt_length=config.max_prompt_length, truncation_mode=config.truncation_mode)

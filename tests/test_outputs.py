@@ -1,0 +1,129 @@
+"""dpolab.outputs: where an output may go, atomic writes, strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from dpolab import outputs
+from dpolab.outputs import check_output, check_outputs, exact_dumps, exact_loads, run_kind, strict_json
+
+
+def test_an_output_may_not_be_hold_or_sit_inside_an_input_even_through_links(tmp_path):
+    data = tmp_path / "in" / "pairs.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "alias.jsonl").symlink_to(data)
+    os.link(data, tmp_path / "hard.jsonl")
+    inputs = {"data": data, "model": model, "hub model": "org/name"}
+    for out, message in [
+        (data, "is the data"),
+        (tmp_path / "alias.jsonl", "is the data"),  # a symbolic link to the input
+        (tmp_path / "hard.jsonl", "is the data"),  # a hard link: another name of the same file
+        (tmp_path / "in", "contains the data"),
+        (tmp_path, "contains the data"),
+        (model / "out.json", "is inside the model"),
+        (model, "is the model"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_output(out, "data", inputs)
+    assert check_output(tmp_path / "elsewhere.jsonl", "data", inputs) == tmp_path / "elsewhere.jsonl"
+
+
+def test_run_folders_take_only_their_own_kinds_of_output(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: m\n")
+    (run / "summary.json").write_text("{}")
+    assert run_kind(run) == "train"
+    check_output(run, "train", {})  # its own command decides (resume, --overwrite)
+    check_output(run / "math.json", "eval", {})  # an evaluation of the run, beside its files
+    check_output(run / "report.html", "report", {"run folder": run})  # a report of the run, read from it
+    with pytest.raises(ValueError, match="which the training run"):
+        check_output(run / "summary.json", "eval", {})
+    with pytest.raises(ValueError, match="which the training run"):
+        check_output(run / "model" / "x.json", "eval", {})
+    with pytest.raises(ValueError, match="inside the training run folder"):
+        check_output(run / "pairs.jsonl", "data", {})
+    with pytest.raises(ValueError, match="is a training run folder"):
+        check_output(run, "data", {})
+    # a quickstart takes training runs under runs/, but nothing may replace its data
+    quickstart = tmp_path / "qs"
+    quickstart.mkdir()
+    (quickstart / ".dpolab-quickstart").write_text("")
+    assert run_kind(quickstart) == "quickstart"
+    check_output(quickstart / "runs" / "dpo", "train", {})
+    with pytest.raises(ValueError, match="which the quickstart"):
+        check_output(quickstart / "data" / "x.jsonl", "eval", {})
+    # the innermost run folder decides: an evaluation in a run inside a sweep
+    sweep = tmp_path / "sweep"
+    (sweep / "logs").mkdir(parents=True)
+    (sweep / "spec.yaml").write_text("recipe: toy\n")
+    inner = sweep / "runs" / "dpo" / "seed0"
+    inner.mkdir(parents=True)
+    (inner / "config.yaml").write_text("{}")
+    (inner / "metrics.jsonl").write_text("")
+    check_output(inner / "math.json", "eval", {})
+    with pytest.raises(ValueError, match="inside the training run folder"):
+        check_output(inner / "pairs.jsonl", "data", {})
+    with pytest.raises(ValueError, match="inside the sweep folder"):
+        check_output(sweep / "pairs.jsonl", "data", {})
+
+
+def test_two_outputs_of_one_command_may_not_be_the_same_file(tmp_path):
+    with pytest.raises(ValueError, match="--tokens and --out are the same file"):
+        check_outputs({"--out": tmp_path / "a.json", "--tokens": tmp_path / "a.json", "--plot": None}, "eval")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "pairs.jsonl"
+    target.write_text("old\n")
+
+    def rows():
+        yield {"a": 1}
+        raise RuntimeError("a bad row half-way")
+
+    with pytest.raises(RuntimeError):
+        outputs.write_jsonl(target, rows())
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+    assert outputs.write_jsonl(target, [{"a": 1}, {"b": "é"}]) == 2
+    assert target.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
+    with pytest.raises(ValueError, match="is a folder"):
+        outputs.write_text(tmp_path, "x")
+
+
+def test_json_is_strict_and_says_which_keys_were_not_finite(tmp_path):
+    notes: list[str] = []
+    value = {"loss": float("nan"), "final": {"margin": float("inf"), "ok": 1.5}, "rows": [1.0, -math.inf]}
+    outputs.write_json(tmp_path / "summary.json", value, note=notes.append)
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}")) == {
+        "loss": None,
+        "final": {"margin": None, "ok": 1.5},
+        "rows": [1.0, None],
+    }
+    assert len(notes) == 1 and all(key in notes[0] for key in ("loss (nan)", "final.margin (inf)", "rows[1] (-inf)"))
+    assert strict_json({"a": 1}) == ({"a": 1}, [])
+
+
+def test_checkpoint_state_round_trips_non_finite_numbers_in_strict_json():
+    state = {"history": [1.0, float("nan"), float("inf"), -float("inf")], "step": 3, "name": "$float"}
+    text = exact_dumps(state)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    back = exact_loads(text)
+    assert back["history"][0] == 1.0 and math.isnan(back["history"][1])
+    assert back["history"][2:] == [math.inf, -math.inf] and back["step"] == 3 and back["name"] == "$float"
+
+
+def test_jsonl_rows_stay_one_line_for_readers_that_split_on_every_unicode_line_break(tmp_path):
+    rows = [{"text": "a\u2028b\u2029c\x85d\x0be é"}, {"text": "next"}]
+    outputs.write_jsonl(tmp_path / "rows.jsonl", rows)
+    text = (tmp_path / "rows.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line) for line in text.splitlines()] == rows and "é" in text

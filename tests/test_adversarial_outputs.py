@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,40 @@ def ws(tmp_path_factory) -> Path:
     (root / "spec.yaml").write_text("recipe: toy\ngrid: {loss: [dpo]}\nbase: {steps: 5}\nseeds: [0]\n")
     (root / "pool").mkdir()
     jsonl(root / "pool" / "judged.jsonl", judged)
+    # a reward model inside a folder a run could be pointed at; a LoRA adapter whose base sits in another
+    shutil.copytree(root / "model", root / "rm-holder" / "model")
+    shutil.copytree(root / "model", root / "base-holder" / "model")
+    save_tiny_adapter(root / "base-holder" / "model", root / "adapter")
+    # a sweep whose baseline model lies inside the folder it is asked to write
+    shutil.copytree(root / "model", root / "sweep-holder" / "model")
+    (root / "baseline-spec.yaml").write_text(
+        f"recipe: toy\ngrid: {{loss: [dpo]}}\nbase: {{steps: 5}}\nseeds: [0]\n"
+        f"baseline: {{model: {root / 'sweep-holder' / 'model'}}}\n"
+        "evaluate: {command: python -c pass, output: e.json}\n"
+    )
+    # a config written by hand into the folder it names as output_dir
+    (root / "cfg").mkdir()
+    (root / "cfg" / "config.yaml").write_text(
+        f"# my settings\nmodel: {root / 'model'}\ndata: {root / 'pairs.jsonl'}\noutput_dir: {root / 'cfg'}\n"
+    )
+    # folders that hold someone's files of the names a command writes
+    shutil.copytree(root / "model", root / "model-copy")
+    (root / "proj").mkdir()
+    (root / "proj" / "utils.py").write_text("# mine\n")
+    (root / "proj" / "notes.txt").write_text("mine\n")
     words = ["train", "--model", root / "model", "--data", root / "pairs.jsonl", "--output_dir", root / "run"]
     words += ["--max_steps", "1", "--batch_size", "2", "--progress", "false", "--tensorboard", "false"]
     assert main([*map(str, words), "--cache_dir", str(root / "cache")]) == 0
     return root
+
+
+def save_tiny_adapter(base: Path, out: Path) -> None:
+    """A LoRA adapter on ``base``, saved by peft (its adapter_config.json names ``base``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(out)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -299,7 +330,26 @@ CASES = [
         training("ppo", "{root}/prompts.jsonl", "{run}/checkpoints"),
         "which the training run",
     ),
-]
+    # from the second trial: inputs named in nested settings, adapters' bases, folders holding someone's files
+    ("ppo output_dir holds the reward model",
+     [*training("ppo", "{root}/prompts.jsonl", "{root}/rm-holder"), "--ppo.reward.model", "{root}/rm-holder/model",
+      "--overwrite"], "contains the ppo.reward.model"),
+    ("train output_dir holds the adapter's base",
+     [*training("train", "{root}/pairs.jsonl", "{root}/base-holder"), "--model", "{root}/adapter", "--overwrite"],
+     "contains the base model of the model"),
+    ("eval out inside the adapter's base",
+     ["eval", "math", "{root}/gsm8k.jsonl", "--model", "{root}/adapter", "--out", "{root}/base-holder/model/config.json"],
+     "is inside the base model of the model"),
+    ("sweep out holds the baseline model", ["sweep", "{root}/baseline-spec.yaml", "--out", "{root}/sweep-holder"],
+     "contains the baseline.model"),
+    ("config written by hand in output_dir", ["train", "{root}/cfg/config.yaml", "--max_steps", "1"],
+     "is output_dir/config.yaml, which the run writes its resolved config over"),
+    ("toy run into a model folder", ["toy", "run", "--steps", "2", "--out", "{root}/model-copy"],
+     "would replace its config.json"),
+    ("harness task-dir over someone's utils.py",
+     ["eval", "harness", "--model", "{model}", "--tasks", "gsm8k", "--data", "gsm8k={root}/gsm8k.jsonl",
+      "--task-dir", "{root}/proj"], "would replace its utils.py"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("words, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -419,3 +419,138 @@ def test_a_damaged_checkpoint_names_the_missing_or_truncated_file_before_the_dat
     assert main(["train", str(config), "--resume", str(first)]) == 2
     error = capsys.readouterr().err
     assert f"optimizer.bin cannot be read (1000 bytes, written with {size})" in error, error
+
+
+# --- from the second trial --------------------------------------------------------------------------------
+
+
+def test_builders_on_the_rows_that_used_to_give_bad_pairs_write_only_what_training_reads(tmp_path, capsys):
+    """Empty questions, empty or null choices, rows repeated, candidates empty, an annotation whose value is
+    written with decimals and its result without: every builder's output passes data check."""
+    gsm8k_row = {"question": "How many?", "answer": "He has <<10/2=5.00>>5 apples, <<5*2=10>>10 in all.\n#### 10"}
+    gsm8k = jsonl(tmp_path / "gsm8k.jsonl", [gsm8k_row, gsm8k_row, {**gsm8k_row, "question": " "}])
+    arc = {"question": "2+2?", "choices": {"text": ["4", "", None, "5"], "label": ["A", "B", "C", "D"]},
+           "answerKey": "A"}  # fmt: skip
+    hellaswag = [{"ctx": "", "endings": ["runs", "sits"], "label": 0}, {"ctx": "She", "endings": ["runs", "sits"],
+                                                                       "label": 0}]  # fmt: skip
+    solutions = json.loads(GSM8K_SOLUTIONS.read_text().splitlines()[0])
+    judged = [
+        {"prompt_id": 0, "prompt": "p", "candidates": ["x", ""], "scores": [1.0, 0.0]},
+        {"prompt_id": 1, "prompt": "", "candidates": ["x", "y"], "scores": [1.0, 0.0]},
+        {"prompt_id": 2, "prompt": "p", "candidates": ["x", "  "], "scores": [1.0, 0.0]},
+        {"prompt_id": 3, "prompt": "q", "candidates": ["x", "y"], "scores": [1.0, 0.0]},
+    ]
+    out = tmp_path / "out"
+    commands = {
+        "corrupt.jsonl": ["data", "corrupt-math", gsm8k, "--step", "0"],
+        "arc.jsonl": ["data", "from-choices", jsonl(tmp_path / "arc.jsonl", [arc, arc]), "--schema", "arc"],
+        "hellaswag.jsonl": ["data", "from-choices", jsonl(tmp_path / "h.jsonl", hellaswag), "--schema", "hellaswag"],
+        "scenarios": ["data", "gsm8k-scenarios",
+                      jsonl(tmp_path / "s.jsonl", [solutions, solutions, {**solutions, "question": ""}])],
+        "pairs.jsonl": ["data", "pairs", jsonl(tmp_path / "judged.jsonl", judged)],
+    }  # fmt: skip
+    for name, words in commands.items():
+        assert main([*map(str, words), "--out", str(out / name)]) == 0, capsys.readouterr().err
+    listed = capsys.readouterr().out
+    assert "choice 1 is empty; no pair" in listed and "choice 2 is not text (null); no pair" in listed
+    assert "the same prompt, chosen and rejected as an earlier pair" in listed
+    written = [path for path in out.rglob("*.jsonl")]
+    for file in written:
+        assert main(["data", "check", str(file), "--allow-extra"]) == 0, (file, capsys.readouterr().out[-2000:])
+    corrupted = [json.loads(line) for line in (out / "corrupt.jsonl").read_text().splitlines()]
+    assert [pair["source_row"] for pair in corrupted] == [0, 1]  # the empty question gives none
+    for pair in corrupted:
+        value, written_value = pair["rejected"].split(" apples")[0].split("=")[1].split(">>")
+        assert float(value) == float(written_value) and "." not in written_value  # both copies: one number
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [pair["prompt_id"] for pair in pairs] == [3]
+
+
+def test_a_builder_with_nothing_to_write_says_so_and_writes_nothing(tmp_path, capsys):
+    rows = [{"prompt_id": 0, "prompt": "p", "candidates": ["x", "y"], "scores": [1.0, 1.0]}]
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "pairs", str(jsonl(tmp_path / "j.jsonl", rows)), "--out", str(out)]) == 2
+    assert "no pair to write (1 prompts: 1 all candidates scored the same)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("field, value", [("question", 123), ("ground_truth", 18)])
+def test_gsm8k_scenarios_names_a_field_of_the_wrong_type(tmp_path, capsys, field, value):
+    solutions = json.loads(GSM8K_SOLUTIONS.read_text().splitlines()[0])
+    source = jsonl(tmp_path / "s.jsonl", [{**solutions, field: value}])
+    assert main(["data", "gsm8k-scenarios", str(source), "--out", str(tmp_path / "out")]) == 2
+    assert f"line 1 (row 0): {field} must be a string, got int" in capsys.readouterr().err
+
+
+def test_names_from_files_and_arguments_never_drive_the_terminal_nor_rich_markup(inputs, tmp_path, capsys):
+    """File names in the result lines, a scenario's name in the toy's table (which rich would read as markup:
+    "[/oops]" used to be an internal error), a sweep point's name."""
+    from tests.paths import GSM8K_TRAIN
+
+    gsm8k = tmp_path / "g.jsonl"
+    gsm8k.write_text("".join(GSM8K_TRAIN.read_text().splitlines(keepends=True)[:5]))
+    assert main(["data", "corrupt-math", str(gsm8k), "--out", str(tmp_path / f"o{ESCAPES}.jsonl")]) == 0
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text('name: "[/oops] \\e]0;pwned\\a"\nchosen: 0.5\nrejected_each: 0.1\n')
+    assert main(["toy", "run", "--scenario", str(scenario), "--steps", "3", "--out", str(tmp_path / "toy")]) == 0
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('recipe: toy\npoints: [{name: "[/oops]", loss: dpo}]\nbase: {steps: 3}\nseeds: [0]\n')
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    shown = "".join(capsys.readouterr())
+    assert "\x1b" not in shown and "\x07" not in shown and "internal error" not in shown
+    assert "o\\x1b]0;pwned\\x07" in shown and "[/oops]" in shown
+
+
+def test_the_harness_in_a_pipe_prints_no_bars_and_no_git_errors(inputs, tmp_path):
+    """lm-evaluation-harness draws tqdm bars with disable=False and asks git for the working directory's commit
+    (git prints "fatal: not a git repository" outside one): neither reaches a pipe."""
+    from tests.eval.test_harness import FIXTURES
+
+    words = ["eval", "harness", "--model", inputs / "model", "--tasks", "arc", "--data",
+             f"arc={FIXTURES / 'arc' / 'test.jsonl'}", "--limit", "2"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "dpolab", *map(str, words)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "fatal:" not in result.stderr, result.stderr[-2000:]
+
+
+def test_messages_from_the_second_trial_name_the_file_line_and_row(inputs, tmp_path, capsys):
+    sample = jsonl(tmp_path / "sample.jsonl", [{"prompt_id": 0, "prompt": "p", "candidates": ["a"]}])
+    assert main(["data", "judge", str(sample), "--judge", "math", "--out", str(tmp_path / "j.jsonl")]) == 2
+    assert f"{sample}: line 1 (row 0) (prompt_id 0): the math judge needs a 'reference'" in capsys.readouterr().err
+    texts = jsonl(tmp_path / "texts.jsonl", [{"text": "a text long enough"}, {"text": "a"}])
+    words = ["eval", "contamination", "--model", str(inputs / "model"), "--data", str(texts), "--no-progress"]
+    assert main(words) == 2
+    assert f"{texts}: line 2 (row 1): the text is 1 token long" in capsys.readouterr().err
+    chat = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]  # fmt: skip
+    data = jsonl(tmp_path / "chat.jsonl", [PAIRS[0], *chat])
+    assert main([str(w) for w in train(inputs, "--data", data)]) == 2  # the tiny tokenizer has no chat template
+    error = capsys.readouterr().err
+    assert f"{data}: line 2 (row 1): the tokenizer's chat template fails" in error
+    with pytest.raises(SystemExit) as stop:  # argparse's error: one line too, exit 2
+        main(["data", "corrupt-math", str(data), "--out"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "argument --out: expected one argument" in error
+    assert main([str(w) for w in train(inputs, "--loss", "[dpo, ipo]", "--loss_weights", "[1, -1e-9]")]) == 2
+    assert "weight of loss 'ipo' must be >= 0" in capsys.readouterr().err  # YAML's "-1e-9" is a float here
+
+
+def test_a_checkpoint_without_its_state_or_with_changed_bytes_is_named(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main([str(w) for w in train(inputs, "--output_dir", out, "--max_steps", "2", "--checkpoint_steps", "1")]) == 0
+    )
+    first, second = sorted((out / "checkpoints").iterdir())
+    (second / "state.json").unlink()
+    capsys.readouterr()
+    assert main(["train", str(out / "config.yaml"), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {second} is damaged: state.json cannot be read (the file is missing)" in error, error
+    optimizer = first / "optimizer.bin"
+    data = bytearray(optimizer.read_bytes())
+    data[5000:9000] = bytes(4000)  # the same size, other bytes
+    optimizer.write_bytes(bytes(data))
+    assert main(["train", str(out / "config.yaml"), "--resume", str(first)]) == 2
+    assert "optimizer.bin cannot be read" in capsys.readouterr().err

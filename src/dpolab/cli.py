@@ -12,8 +12,19 @@ from dpolab.commands import eval as evaluate  # not `eval`: the builtin
 from dpolab.commands.train import processes_asked_of_accelerate, relaunch_with_torchrun, train_command
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other dpolab error: ``dpolab data corrupt-math: error:
+    argument --out: expected one argument (dpolab data corrupt-math --help lists the options)``, exit 2, instead
+    of the whole usage block."""
+
+    def error(self, message: str):
+        from dpolab.console import printable
+
+        self.exit(2, printable(f"{self.prog}: error: {message} ({self.prog} --help lists the options)") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dpolab",
         description="Preference optimisation for language models: the DPO family, DPO-Positive, "
         "flexible-β, and the diagnostics of the 3D-properties and Smaug papers.",

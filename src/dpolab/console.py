@@ -260,7 +260,8 @@ def progress_bar(
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """For the duration: transformers' (and the Hub's) and datasets' progress bars off — a bar per weight load
-    and save, or per file read, would bury ours — transformers' load report dropped (a table with colour codes even in a pipe; dpolab's
+    and save, or per file read, would bury ours — every other tqdm bar too off a terminal (lm-evaluation-
+    harness's), the hub client's retry messages quiet, transformers' load report dropped (a table with colour codes even in a pipe; dpolab's
     loader refuses or names what it would say, :mod:`dpolab.engine.loading`), and the FutureWarning that peft
     triggers in transformers by reading the deprecated ``is_gradient_checkpointing`` (only that one) filtered.
     All are restored afterwards."""
@@ -280,6 +281,12 @@ def quiet_libraries() -> Iterator[None]:
     report_logger = logging.getLogger("transformers.modeling_utils")
     no_report = _NoLoadReport()  # one per call: a nested call removes only its own
     report_logger.addFilter(no_report)
+    # The hub client logs each retry of an unreachable host ("Retrying in 8s [Retry 3/5]"): the error that
+    # follows says what failed, in one line
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    restore_tqdm = _tqdm_off() if not live_terminal() else None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -291,10 +298,34 @@ def quiet_libraries() -> Iterator[None]:
             yield
     finally:
         report_logger.removeFilter(no_report)
+        hub_logger.setLevel(hub_level)
+        if restore_tqdm is not None:
+            restore_tqdm()
         if bars_were_on:
             transformers_logging.enable_progress_bar()
         if datasets_bars_were_on:
             datasets.enable_progress_bars()
+
+
+def _tqdm_off():
+    """Every tqdm bar disabled (lm-evaluation-harness draws its own, with ``disable=False``, and a bar is lines
+    of carriage returns in a pipe or a file); returns what restores tqdm."""
+    try:
+        import tqdm.std
+    except ImportError:
+        return lambda: None
+    original = tqdm.std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = quiet_init
+
+    def restore() -> None:
+        tqdm.std.tqdm.__init__ = original
+
+    return restore
 
 
 class _NoLoadReport(logging.Filter):
@@ -364,3 +395,9 @@ def _unsafe(character: str, keep_newlines: bool) -> bool:
         return False
     code = ord(character)
     return code < 0x20 or 0x7F <= code <= 0x9F or character in _BIDI
+
+
+def say(*values: object, sep: str = " ", end: str = "\n", file=None, flush: bool = False) -> None:
+    """``print`` for the commands' result lines: the text escaped by :func:`printable` (newlines and tabs
+    kept), since those lines name files and values that came from the user's data or arguments."""
+    print(printable(sep.join(str(value) for value in values), keep_newlines=True), end=end, file=file, flush=flush)

@@ -119,6 +119,26 @@ def _paths(value) -> list[Path]:
     return [path for item in value for path in _paths(item)]
 
 
+def _with_adapter_bases(inputs: Mapping[str, object]) -> list[tuple[str, Path]]:
+    """(name, path) of every input, and of the base model of every LoRA adapter folder among them (its
+    ``adapter_config.json``'s ``base_model_name_or_path``, followed through adapters on adapters): the loader
+    reads those too."""
+    pairs = [(name, path) for name, value in inputs.items() for path in _paths(value)]
+    seen: set[Path] = set()
+    for name, path in pairs:  # grows while it runs: a base that is itself an adapter is followed
+        config = path / "adapter_config.json"
+        if path in seen or not config.is_file() or (path / "config.json").is_file():
+            continue
+        seen.add(path)
+        try:
+            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and base:
+            pairs.append((f"base model of the {name}", Path(base).expanduser()))
+    return pairs
+
+
 def _same(a: Path, b: Path) -> bool:
     if a == b:
         return True
@@ -133,36 +153,54 @@ def check_output(
     kind: OutputKind,
     inputs: Mapping[str, object] | None = None,
     option: str = "--out",
+    file: bool = False,
+    writes: Iterable[str] = (),
 ) -> Path:
     """``out`` as a Path, once it is known to be a safe place for an output of ``kind`` (module docstring).
 
     ``inputs``: name → path (or a list of paths, or None) of everything the command reads; names appear in the
     error (``--model``, ``the data``). Inputs that do not exist here (hub ids) are not compared. ``option``
-    names the output in errors (``--out``, ``output_dir``). ``ValueError`` with one line otherwise.
+    names the output in errors (``--out``, ``output_dir``); ``file``: the output is a file, so an existing
+    folder there is refused at once, before any work. ``writes``: the names a folder output writes at its
+    top level; in an existing folder that is not this command's (a run folder of another kind, or one holding
+    other files), a file or folder of those names is the user's, and is not replaced. Returns the output
+    with ``~`` expanded: the path to write to. ``ValueError`` with one line otherwise.
     """
     given = Path(out).expanduser()
     resolved = given.resolve()
-    for name, value in (inputs or {}).items():
-        for path in _paths(value):
-            if not path.exists():
-                continue
-            source = path.resolve()
-            if _same(source, resolved):
-                raise ValueError(
-                    f"{option} {out} is the {name} ({path}): writing there would replace the input; "
-                    f"choose another {option}"
-                )
-            if resolved in source.parents:
-                raise ValueError(
-                    f"{option} {out} contains the {name} ({path}): writing there could overwrite or delete it; "
-                    f"choose an {option} outside every input"
-                )
-            if source in resolved.parents and run_kind(source) is None:  # inside a run folder: its own rule below
-                raise ValueError(
-                    f"{option} {out} is inside the {name} ({path}); choose an {option} outside every input"
-                )
+    if file and given.is_dir():
+        raise ValueError(f"{option} {out}: is a folder; name the file to write")
+    for name, path in _with_adapter_bases(inputs or {}):
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if _same(source, resolved):
+            raise ValueError(
+                f"{option} {out} is the {name} ({path}): writing there would replace the input; choose another {option}"
+            )
+        if resolved in source.parents:
+            raise ValueError(
+                f"{option} {out} contains the {name} ({path}): writing there could overwrite or delete it; "
+                f"choose an {option} outside every input"
+            )
+        if source in resolved.parents and run_kind(source) is None:  # inside a run folder: its own rule below
+            raise ValueError(f"{option} {out} is inside the {name} ({path}); choose an {option} outside every input")
     _check_run_folders(given, resolved, kind, option)
+    _check_folder_contents(given, kind, option, frozenset(writes))
     return given
+
+
+def _check_folder_contents(folder: Path, kind: str, option: str, writes: frozenset[str]) -> None:
+    if not writes or not folder.is_dir() or run_kind(folder) == kind:
+        return
+    present = {entry.name for entry in folder.iterdir() if not entry.name.startswith(".")}
+    replaced = sorted(present & writes)
+    if replaced and not present <= writes:  # not this command's earlier output: the files are someone's
+        shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if len(replaced) > 4 else "")
+        raise ValueError(
+            f"{option} {folder} holds other files, and this command would replace its {shown}: choose a new or "
+            "empty folder"
+        )
 
 
 def _check_run_folders(given: Path, resolved: Path, kind: str, option: str) -> None:
@@ -191,18 +229,21 @@ def _check_run_folders(given: Path, resolved: Path, kind: str, option: str) -> N
 
 def check_outputs(
     outputs: Mapping[str, str | os.PathLike | None], kind: OutputKind, inputs: Mapping[str, object] | None = None
-) -> None:
-    """:func:`check_output` for each of a command's outputs (option → path, None when not asked for), and no
-    two of them the same file (the second would replace the first)."""
+) -> dict[str, Path | None]:
+    """:func:`check_output` for each of a command's file outputs (option → path, None when not asked for), and
+    no two of them the same file (the second would replace the first). Returns option → the path to write."""
     seen: dict[Path, str] = {}
+    checked = {}
     for option, out in outputs.items():
         if out is None or out == "":
+            checked[option] = out
             continue
-        check_output(out, kind, inputs, option)
-        resolved = Path(out).expanduser().resolve()
+        checked[option] = check_output(out, kind, inputs, option, file=True)
+        resolved = checked[option].resolve()
         if resolved in seen:
             raise ValueError(f"{option} and {seen[resolved]} are the same file ({out}); give each its own")
         seen[resolved] = option
+    return checked
 
 
 # --- writing ---------------------------------------------------------------------------------------------

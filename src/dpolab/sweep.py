@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from dpolab import safe_yaml
-from dpolab.outputs import atomic_path, check_output, write_json, write_text
+from dpolab.outputs import RUN_FILES, atomic_path, check_output, write_json, write_text
 from dpolab.report.sweep import CHANGE_SUFFIX, value_text
 from dpolab.train.config import dotted_keys, nested_settings
 
@@ -371,16 +371,23 @@ def read_result(run_dir: Path) -> dict | None:
         return None
 
 
-INPUT_KEYS = ("model", "tokenizer", "reference", "data", "eval_data", "scenario")
-
-
 def sweep_inputs(spec_path: str | Path, jobs: list[Job]) -> dict[str, list[str]]:
     """Everything the sweep's runs read (the spec, each run's model, data…), for :func:`check_output`."""
     inputs: dict[str, list[str]] = {"spec": [str(spec_path)]}
     for job in jobs:
-        for key in INPUT_KEYS:
-            value = job.config.get(key)
-            if isinstance(value, str) and value not in ("auto", "none"):
+        # every setting that names an existing file or folder: model, data, ppo.reward.model, monitor.pairs…
+        settings = (
+            dotted_keys(job.config)
+            if not job.baseline
+            else {"baseline.model": _with_seed(job.point.settings["model"], job.seed)}
+        )
+        for key, value in settings.items():
+            if (
+                key not in ("output_dir", "cache_dir")
+                and isinstance(value, str)
+                and value
+                and Path(value).expanduser().exists()
+            ):
                 inputs.setdefault(key, []).append(value)
     return inputs
 
@@ -576,7 +583,10 @@ def run_sweep(spec_path: str | Path, out: str | None = None, progress: bool = Tr
 
     spec, folder = load_spec(spec_path, out)
     jobs = plan_jobs(spec, folder)
-    check_output(folder, "sweep", sweep_inputs(spec_path, jobs), "--out" if out else "sweep.out")
+    writes = RUN_FILES["sweep"] | {"runs", "reports"}
+    folder = check_output(
+        folder, "sweep", sweep_inputs(spec_path, jobs), "--out" if out else "sweep.out", writes=writes
+    )
     pending = [job for job in jobs if not finished(spec, job)]
     if dry_run:
         return {

@@ -171,7 +171,7 @@ def test_math_judge_scores_final_numbers_and_records_what_it_cannot_score(tmp_pa
     assert out[0]["scores"] == [1.0, 0.0, None, 0.0] and out[0]["notes"][2] == "empty generation"
     assert out[1]["scores"] == [1.0, 0.0]
     assert result["unscored"] == 1 and out[0]["judge"] == {"kind": "math", "checker": "math-verify"}
-    with pytest.raises(ValueError, match=r"row 0 \(prompt_id 7\).*needs a 'reference'"):
+    with pytest.raises(ValueError, match=r"line 1 \(row 0\) \(prompt_id 7\).*needs a .reference."):
         judge_file(write_jsonl(tmp_path / "n.jsonl", [{"prompt_id": 7, "prompt": "q", "candidates": ["1"]}]),
                    tmp_path / "x.jsonl", MathJudge())  # fmt: skip
 
@@ -364,7 +364,7 @@ def test_pairs_best_vs_worst_and_dropped_prompts_are_counted(tmp_path):
     assert result["dropped"] == {
         "all candidates scored the same": [1],
         "fewer than two scored candidates": [2],
-        "chosen and rejected are the same text": [4],
+        "chosen and rejected are identical": [4],
         "the same prompt, chosen and rejected as an earlier pair": [5],
     }
     pairs = judged_rows(tmp_path / "pairs.jsonl")
@@ -402,9 +402,7 @@ def test_four_scenarios_from_two_pools(tmp_path):
     s3 = judged_rows(tmp_path / "out" / "scenario3.jsonl")
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in s3] == [(0, "good", "o-bad"), (1, "good", "o-bad")]
     assert summary["scenarios"][1]["dropped"] == {"no good chosen": 1, "no bad rejected": 1,
-                                                  "prompt missing from a pool": 0,
-                                                  "chosen and rejected are the same text": 0,
-                                                  "the same prompt, chosen and rejected as an earlier pair": 0}  # fmt: skip
+                                                  "prompt missing from a pool": 0}  # fmt: skip
     # Only prompt 0 has a pair in all four scenarios (1 lacks a bad policy candidate, 2 a good one)
     same = scenario_files(tmp_path / "p.jsonl", tmp_path / "o.jsonl", tmp_path / "same", same_prompts=True)
     assert {n: s["pairs"] for n, s in same["scenarios"].items()} == {1: 1, 2: 1, 3: 1, 4: 1}
@@ -432,8 +430,9 @@ def test_cli_sample_judge_pairs_on_synthetic_problems(policy, tmp_path):
                  "--no-progress")  # fmt: skip
     assert judged.returncode == 0, judged.stderr
     paired = run("pairs", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl"))
-    assert paired.returncode == 0 and "wrote 0 best-vs-worst pairs from 6 prompts" in paired.stdout
-    assert "dropped 6 prompts: all candidates scored the same (prompt_id 0, 1, 2, 3, 4, 5)" in paired.stdout
+    # no pair to train on is an error, and no empty file is left for training to fail on later
+    assert paired.returncode == 2 and "no pair to write (6 prompts: 6 all candidates scored the same)" in paired.stderr
+    assert not (tmp_path / "pairs.jsonl").exists()
     # Every candidate is wrong and the references are right: only the reference-chosen scenarios have pairs.
     scenario = run("scenario", "--policy", str(tmp_path / "j.jsonl"), "--other", str(tmp_path / "j.jsonl"),
                    "--out", str(tmp_path / "scen"), "--good-score", "1")  # fmt: skip

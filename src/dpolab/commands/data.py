@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from dpolab.console import say
+
 
 def print_skipped(reasons: list[str], show: int) -> None:
     """The first ``show`` reasons a builder skipped rows for, then how many more."""
-    from dpolab.console import printable
 
     for reason in reasons[:show]:
-        print(printable(f"skipped {reason}"))
+        say(f"skipped {reason}")
     if len(reasons) > show:
-        print(f"… {len(reasons) - show} more skipped rows")
+        say(f"… {len(reasons) - show} more skipped rows")
 
 
 def _progress(enabled: bool, description: str):
@@ -54,17 +55,17 @@ def data_corrupt_command(args: argparse.Namespace) -> int:
     from dpolab.data.corrupt import corrupt_file
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file})
+    args.out = str(check_output(args.out, "data", {"input file": args.file}, file=True))
     if args.step is not None and args.final != "keep":
         raise ValueError("--step picks an intermediate result; it cannot go with --final change")
     result = corrupt_file(args.file, args.out, args.solution_field, args.prompt_field, args.seed, args.final, args.step)
     print_skipped(result["skipped"], args.show)
-    print(
+    say(
         f"wrote {result['pairs']} pairs from {result['rows']} rows to {args.out}; "
         f"{len(result['skipped'])} rows could not be corrupted"
     )
     for reason, count in sorted(result["skipped_by_reason"].items(), key=lambda item: -item[1]):
-        print(f"  {count} rows: {reason}")
+        say(f"  {count} rows: {reason}")
     return 0
 
 
@@ -75,7 +76,8 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
     from dpolab.data.formats import load_examples
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file, "tokenizer": args.tokenizer})
+    inputs = {"input file": args.file, "tokenizer": args.tokenizer}
+    args.out = str(check_output(args.out, "data", inputs, writes={"summary.json", "histogram.png"}))
     start = time.perf_counter()
     examples, bad = load_examples(args.file, on_bad_rows="skip")
     if not examples:
@@ -89,16 +91,16 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
     stats = edit_stats([text(e.chosen) for e in examples], [text(e.rejected) for e in examples], tokenizer)
     summary = write_outputs(stats, args.out, Path(args.file).name)
     c = summary["char_distance"]
-    print(f"{summary['pairs']} pairs ({len(bad)} bad rows skipped) in {time.perf_counter() - start:.1f} s")
-    print(
+    say(f"{summary['pairs']} pairs ({len(bad)} bad rows skipped) in {time.perf_counter() - start:.1f} s")
+    say(
         f"normalised character edit distance: mean {c['mean']:.4f}, median {c['median']:.4f}, "
         f"p10 {c['p10']:.4f}, p90 {c['p90']:.4f}; below 0.1: {100 * c['share_below']['0.1']:.1f}%"
     )
     if "token_distance" in summary:
         t = summary["token_distance"]
-        print(f"normalised token edit distance: mean {t['mean']:.4f}, median {t['median']:.4f}")
+        say(f"normalised token edit distance: mean {t['mean']:.4f}, median {t['median']:.4f}")
     r = summary["first_difference_relative"]
-    print(
+    say(
         f"first difference at {100 * r['median']:.1f}% of the completion (median); "
         f"wrote {args.out}/summary.json and histogram.png"
     )
@@ -110,14 +112,14 @@ def data_from_choices_command(args: argparse.Namespace) -> int:
     from dpolab.data.formats import numbered_rows, write_jsonl
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file})
+    args.out = str(check_output(args.out, "data", {"input file": args.file}, file=True))
     numbered = numbered_rows(args.file, args.split)
     rows, lines = [row for _, row in numbered], [line for line, _ in numbered]
     schema = Schema(args.schema, args.question_field, args.choices_field, args.answer_field)
     pairs, skipped = pairs_from_choices(rows, schema, args.file, lines)
     write_jsonl(args.out, pairs)
     print_skipped(skipped, args.show)
-    print(
+    say(
         f"wrote {len(pairs)} pairs from {len(rows)} questions to {args.out}; "
         f"{len(skipped)} rows or choices gave no pair (listed above)"
     )
@@ -128,14 +130,17 @@ def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
     from dpolab.data.scenarios import write_scenarios
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file})
+    scenarios = {f"scenario{number}.jsonl" for number in (1, 2, 3, 4)}
+    args.out = str(check_output(args.out, "data", {"input file": args.file}, writes=scenarios))
     counts = write_scenarios(args.file, args.out, args.policy, args.other)
-    print(
+    say(
         f"{counts['questions']} questions, {counts['solutions']} model solutions judged "
         f"({counts['judge_unparsable']} unparsable, {counts['judge_disagrees_with_is_correct']} disagree with is_correct)"
     )
     for scenario, size in counts["pairs"].items():
-        print(f"  scenario {scenario}: {size} pairs → {Path(args.out) / f'scenario{scenario}.jsonl'}")
+        target = f"→ {Path(args.out) / f'scenario{scenario}.jsonl'}" if size else "(no file written)"
+        say(f"  scenario {scenario}: {size} pairs {target}")
+        print_skipped(counts["dropped"][scenario], args.show)
     return 0
 
 
@@ -143,7 +148,7 @@ def data_sample_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import sample_file
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"prompts file": args.prompts, "model": args.model})
+    args.out = str(check_output(args.out, "data", {"prompts file": args.prompts, "model": args.model}, file=True))
     progress, stack = _progress(not args.no_progress, f"sampling {args.n} per prompt")
     with stack:
         result = sample_file(
@@ -163,7 +168,7 @@ def data_sample_command(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,
             progress=progress,
         )
-    print(
+    say(
         f"{result['prompts']} prompts: sampled {result['sampled']} now, {result['resumed']} already in {args.out}; "
         f"{result['empty_candidates']} empty generations (the judge records them as unscored)"
     )
@@ -184,8 +189,8 @@ def data_judge_command(args: argparse.Namespace) -> int:
     from dpolab.eval import judges
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file, "rule file": args.rules, "rubric": args.rubric,
-                                    "model": args.model})  # fmt: skip
+    inputs = {"input file": args.file, "rule file": args.rules, "rubric": args.rubric, "model": args.model}
+    args.out = str(check_output(args.out, "data", inputs, file=True))
     if args.judge != "rules" and args.rules:
         raise ValueError("--rules is read by --judge rules only")
     if args.judge != "llm" and args.llm_mode != "grade":
@@ -218,10 +223,10 @@ def data_judge_command(args: argparse.Namespace) -> int:
         with stack:
             result = judge_file(args.file, args.out, judge, restart=args.restart, progress=progress)
     except RuntimeError as error:
-        print(f"dpolab data judge: error: {error}\nthe prompts judged so far are in {args.out}; "
+        say(f"dpolab data judge: error: {error}\nthe prompts judged so far are in {args.out}; "
               "run the same command again to continue", file=sys.stderr)  # fmt: skip
         return 1
-    print(
+    say(
         f"{result['prompts']} prompts: judged {result['judged']} now, {result['resumed']} already in {args.out}; "
         f"{result['unscored']} candidates unscored (reasons in the 'notes' field)"
     )
@@ -234,12 +239,13 @@ def data_agreement_command(args: argparse.Namespace) -> int:
     from dpolab.outputs import check_output
 
     if args.out:
-        check_output(args.out, "eval", {"first file": args.first, "second file": args.second})
+        inputs = {"first file": args.first, "second file": args.second}
+        args.out = str(check_output(args.out, "eval", inputs, file=True))
     result = agreement(args.first, args.second, args.threshold_first, args.threshold_second)
-    print(table(result))
+    say(table(result))
     if args.out:
         write_result(result, args.out)
-        print(f"wrote {args.out}")
+        say(f"wrote {args.out}")
     return 0
 
 
@@ -247,13 +253,13 @@ def data_pairs_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import pairs_file
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"input file": args.file})
+    args.out = str(check_output(args.out, "data", {"input file": args.file}, file=True))
     result = pairs_file(args.file, args.out)
-    print(f"wrote {result['pairs']} best-vs-worst pairs from {result['prompts']} prompts to {args.out}")
+    say(f"wrote {result['pairs']} best-vs-worst pairs from {result['prompts']} prompts to {args.out}")
     for reason, prompt_ids in result["dropped"].items():
         if prompt_ids:
             shown = ", ".join(map(str, prompt_ids[:20])) + (" …" if len(prompt_ids) > 20 else "")
-            print(f"dropped {len(prompt_ids)} prompts: {reason} (prompt_id {shown})")
+            say(f"dropped {len(prompt_ids)} prompts: {reason} (prompt_id {shown})")
     return 0
 
 
@@ -261,13 +267,15 @@ def data_scenario_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import SCENARIOS, scenario_files
     from dpolab.outputs import check_output
 
-    check_output(args.out, "data", {"policy file": args.policy, "other file": args.other})
+    writes = {f"scenario{number}.jsonl" for number in SCENARIOS} | {"summary.json"}
+    inputs = {"policy file": args.policy, "other file": args.other}
+    args.out = str(check_output(args.out, "data", inputs, writes=writes))
     summary = scenario_files(args.policy, args.other, args.out, args.good_score, args.same_prompts)
-    print(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
+    say(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
     for number, counts in summary["scenarios"].items():
         chosen, rejected = SCENARIOS[number]
         dropped = ", ".join(f"{v} {k}" for k, v in counts["dropped"].items() if v) or "none dropped"
-        print(f"  scenario {number} (chosen: {chosen}, rejected: {rejected}): {counts['pairs']} pairs ({dropped})")
+        say(f"  scenario {number} (chosen: {chosen}, rejected: {rejected}): {counts['pairs']} pairs ({dropped})")
     return 0
 
 
@@ -361,6 +369,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scenarios.add_argument("--out", required=True, help="folder for scenario1..4.jsonl")
     scenarios.add_argument("--policy", choices=["6b", "175b"], default="6b")
     scenarios.add_argument("--other", choices=["6b", "175b"], default="175b")
+    scenarios.add_argument("--show", type=int, default=20, help="pairs left out to list per scenario (default 20)")
     scenarios.set_defaults(handler=data_gsm8k_scenarios_command)
     register_onpolicy(data_commands)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dpolab.console import say
+
 SUBCOMMANDS = ("math", "harness", "contamination", "tokens")
 
 
@@ -19,9 +21,8 @@ def math_command(args: argparse.Namespace) -> int:
     from dpolab.evaluate import evaluate_file, write_result
     from dpolab.outputs import check_outputs
 
-    check_outputs(
-        {"--out": args.out}, "eval", {"data": args.data, "model": args.model, "--fewshot-data": args.fewshot_data}
-    )
+    inputs = {"data": args.data, "model": args.model, "--fewshot-data": args.fewshot_data}
+    args.out = check_outputs({"--out": args.out}, "eval", inputs)["--out"]
     result = evaluate_file(
         args.model,
         args.data,
@@ -38,7 +39,7 @@ def math_command(args: argparse.Namespace) -> int:
     )
     if args.out:
         write_result(result, args.out)
-    print(
+    say(
         f"{args.model}: greedy accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['problems']}); "
         f"{result['no_final_answer']} without a final answer" + (f"; generations in {args.out}" if args.out else "")
     )
@@ -77,7 +78,7 @@ def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewsh
 def harness_command(args: argparse.Namespace) -> int:
     from dpolab.eval.harness import evaluate_directory, table
     from dpolab.evaluate import write_result
-    from dpolab.outputs import check_outputs
+    from dpolab.outputs import check_output, check_outputs
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -86,7 +87,14 @@ def harness_command(args: argparse.Namespace) -> int:
     files = harness_files(tasks, args.data_dir, args.data or [], args.fewshot_data or [])
     inputs = {"model": args.model, "tokenizer": args.tokenizer, "--data-dir": args.data_dir}
     inputs |= {f"{task} data": [found.evaluation, found.fewshot] for task, found in files.items()}
-    check_outputs({"--out": args.out, "--task-dir": args.task_dir}, "eval", inputs)
+    args.out = check_outputs({"--out": args.out}, "eval", inputs)["--out"]
+    if args.task_dir:
+        from dpolab.eval.tasks import PREFIX
+
+        writes = {"utils.py"} | {f"{PREFIX}{task}.yaml" for task in tasks}
+        args.task_dir = check_output(args.task_dir, "eval", inputs, "--task-dir", writes=writes)
+        if args.out is not None and args.out.resolve().parent == args.task_dir.resolve() and args.out.name in writes:
+            raise ValueError(f"--out {args.out} is one of the files --task-dir writes; give it another name")
     result = evaluate_directory(
         args.model,
         files,
@@ -101,9 +109,9 @@ def harness_command(args: argparse.Namespace) -> int:
     )
     if args.out:
         write_result(result, args.out)
-    print(table(result, title=f"{args.model} (lm-evaluation-harness {result['lm_eval_version']})"))
+    say(table(result, title=f"{args.model} (lm-evaluation-harness {result['lm_eval_version']})"))
     if args.out:
-        print(f"results in {args.out}")
+        say(f"results in {args.out}")
     return 0
 
 
@@ -112,7 +120,8 @@ def contamination_command(args: argparse.Namespace) -> int:
     from dpolab.evaluate import write_result
     from dpolab.outputs import check_outputs
 
-    check_outputs({"--out": args.out}, "eval", {"data": args.data, "model": args.model, "reference": args.reference})
+    inputs = {"data": args.data, "model": args.model, "reference": args.reference}
+    args.out = check_outputs({"--out": args.out}, "eval", inputs)["--out"]
     result = check(
         args.model,
         args.data,
@@ -127,9 +136,9 @@ def contamination_command(args: argparse.Namespace) -> int:
     )
     if args.out:
         write_result(result, args.out)
-    print(table(result))
+    say(table(result))
     if args.out:
-        print(f"scores of every text in {args.out}")
+        say(f"scores of every text in {args.out}")
     return 0
 
 
@@ -223,7 +232,8 @@ def tokens_command(args: argparse.Namespace) -> int:
     from dpolab.outputs import check_outputs, write_jsonl
 
     outputs = {"--out": args.out, "--tokens": args.tokens, "--plot": args.plot}
-    check_outputs(outputs, "eval", {"data": args.data, "model": args.model, "reference": args.reference})
+    inputs = {"data": args.data, "model": args.model, "reference": args.reference}
+    args.out, args.tokens, args.plot = check_outputs(outputs, "eval", inputs).values()
     summary, rows = token_report(
         args.model,
         args.data,
@@ -237,16 +247,16 @@ def tokens_command(args: argparse.Namespace) -> int:
         max_prompt_length=args.max_prompt_length,
         truncation_mode=args.truncation_mode,
     )
-    print(table(summary))
+    say(table(summary))
     if args.out:
         write_result(summary, args.out)
-        print(f"summary in {args.out}")
+        say(f"summary in {args.out}")
     if args.tokens:
         write_jsonl(args.tokens, rows)
-        print(f"every token's log-prob in {args.tokens}")
+        say(f"every token's log-prob in {args.tokens}")
     if args.plot:
         plot_positions({"/".join(Path(args.model).parts[-2:]): summary}, args.plot)
-        print(f"figure in {args.plot}")
+        say(f"figure in {args.plot}")
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.console import say
+
 
 def report_command(args: argparse.Namespace) -> int:
     import time
@@ -12,7 +14,7 @@ def report_command(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = write_report(args.runs, args.out, args.title)
-    print(
+    say(
         f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {len(args.runs)} run(s)) in {time.perf_counter() - start:.1f} s"
     )
     return 0

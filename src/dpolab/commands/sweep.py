@@ -4,41 +4,46 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.console import say
+
 
 def sweep_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from dpolab.console import printable
     from dpolab.report.sweep import cell, comparison_table, table_columns
     from dpolab.sweep import run_sweep
 
     results = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run or args.metrics)
     if args.dry_run or args.metrics:
-        print(f"{results['runs']} runs ({results['pending']} not finished) of {len(results['points'])} points "
+        say(f"{results['runs']} runs ({results['pending']} not finished) of {len(results['points'])} points "
               f"into {results['folder']}:")  # fmt: skip
         for name in results["points"]:
-            print(f"  {name}")
+            say(f"  {printable(name)}")  # the spec's names: text from a file, shown, never executed
         if args.metrics:
             available = results["available_metrics"]
-            print("metrics of the finished runs:" if available else "no finished run yet: no metrics to list")
+            say("metrics of the finished runs:" if available else "no finished run yet: no metrics to list")
             for name in available:
-                print(f"  {name}")
+                say(f"  {name}")
         return 0
     columns = table_columns(results)
-    table = Table(title=f"sweep: mean ± 95% interval over seeds ({results['folder']})")
+    # Text, not str: rich would read "[…]" in a point or metric name as markup (and fail on "[/x]")
+    table = Table(title=Text(printable(f"sweep: mean ± 95% interval over seeds ({results['folder']})")))
     for column in ["point", *columns]:
-        table.add_column(column, justify="left" if column == "point" else "right")
+        table.add_column(Text(printable(column)), justify="left" if column == "point" else "right")
     for row in results["points"]:
-        table.add_row(row["point"], *[cell(row["metrics"].get(c)) for c in columns])
+        table.add_row(Text(printable(row["point"])), *[Text(cell(row["metrics"].get(c))) for c in columns])
     Console(width=max(120, 24 * (len(columns) + 1))).print(table)
     if results.get("comparisons"):
-        print("paired by seed (a − b, mean ± 95% interval, seeds with a − b > 0):")
-        print(comparison_table(results))
+        say("paired by seed (a − b, mean ± 95% interval, seeds with a − b > 0):")
+        say(comparison_table(results))
     if results["missing_metrics"]:
-        print(f"metrics no run has: {', '.join(results['missing_metrics'])} (dpolab sweep SPEC --metrics lists them)")
-    print(f"table: {results['folder']}/results.csv; page: {results['folder']}/index.html")
+        say(f"metrics no run has: {', '.join(results['missing_metrics'])} (dpolab sweep SPEC --metrics lists them)")
+    say(f"table: {results['folder']}/results.csv; page: {results['folder']}/index.html")
     if results["failures"]:
-        print(f"{len(results['failures'])} run(s) failed (listed in results.json and index.html; logs of training runs in {results['folder']}/logs); "
+        say(f"{len(results['failures'])} run(s) failed (listed in results.json and index.html; logs of training runs in {results['folder']}/logs); "
               "run the sweep again to retry them")  # fmt: skip
         return 1
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.console import say
+
 
 def _parse_params(items: list[str]) -> dict:
     """``key=value`` pairs; values are read as YAML scalars (numbers, true/false, strings)."""
@@ -19,7 +21,7 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def toy_run_command(args: argparse.Namespace) -> int:
-    from dpolab.outputs import check_output
+    from dpolab.outputs import RUN_FILES, check_output
     from dpolab.toy.lab import ToyConfig, run_toy
     from dpolab.toy.scenarios import PRESETS
 
@@ -35,14 +37,19 @@ def toy_run_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         kl_beta=args.kl_beta,
     )
-    check_output(args.out, "toy", {"scenario file": args.scenario if args.scenario not in PRESETS else None})
+    inputs = {"scenario file": args.scenario if args.scenario not in PRESETS else None}
+    args.out = check_output(args.out, "toy", inputs, writes=RUN_FILES["toy"])
     run = run_toy(config)
     directory = run.save(args.out)
     summary = run.summary()
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"toy run: {config.label}, scenario {run.scenario.name}")
+    from dpolab.console import printable
+
+    # Text, not str: the scenario's name comes from a file; rich would read "[…]" in it as markup
+    table = Table(title=Text(printable(f"toy run: {config.label}, scenario {run.scenario.name}")))
     table.add_column("quantity")
     table.add_column("start", justify="right")
     table.add_column("end", justify="right")
@@ -56,7 +63,7 @@ def toy_run_command(args: argparse.Namespace) -> int:
     )
     table.add_row("|∂L/∂π_l| / |∂L/∂π_w|", f"{summary['initial_grad_ratio']:.3g}", f"{summary['final_grad_ratio']:.3g}")
     Console().print(table)
-    print(f"peak π(chosen) {summary['peak_chosen_prob']:.4f} at step {summary['peak_step']}; run folder: {directory}")
+    say(f"peak π(chosen) {summary['peak_chosen_prob']:.4f} at step {summary['peak_step']}; run folder: {directory}")
     return 0
 
 
@@ -65,11 +72,12 @@ def toy_figures_command(args: argparse.Namespace) -> int:
     import time
 
     from dpolab.console import progress_bar
-    from dpolab.outputs import check_output
+    from dpolab.outputs import RUN_FILES, check_output
     from dpolab.toy.figures import make_figures
     from dpolab.toy.scenarios import PRESETS
 
-    check_output(args.out, "toy-figures", {"scenario file": args.scenario if args.scenario not in PRESETS else None})
+    inputs = {"scenario file": args.scenario if args.scenario not in PRESETS else None}
+    args.out = check_output(args.out, "toy-figures", inputs, writes=RUN_FILES["toy-figures"])
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:  # the one progress module: a live bar, or plain lines in a pipe
         bar = []
@@ -81,12 +89,12 @@ def toy_figures_command(args: argparse.Namespace) -> int:
 
         summary = make_figures(args.out, scenario=args.scenario, steps=args.steps, seed=args.seed, progress=report)
     elapsed = time.perf_counter() - start
-    print(
+    say(
         f"wrote {len(summary['figures'])} figures, summary.json and {len(summary['runs'])} run folders "
         f"to {args.out} in {elapsed:.1f} s"
     )
     for name in summary["figures"].values():
-        print(f"  {name}")
+        say(f"  {name}")
     return 0
 
 

@@ -15,9 +15,10 @@ lengths, fewer than two choices) are reported with their row numbers, never drop
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from dpolab.data.formats import BadLine, where
+from dpolab.data.formats import BadLine, trainable_pairs, where
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def _arc(row: dict) -> tuple[str, list[str], int]:
         raise ValueError(f"answerKey {key!r} is not among the labels {labels}")
     if not isinstance(row.get("question"), str):
         raise ValueError("missing question")
-    return f"{row['question']}\nAnswer:", [str(t) for t in texts], labels.index(key)
+    return f"{row['question']}\nAnswer:", texts, labels.index(key)
 
 
 def _hellaswag(row: dict) -> tuple[str, list[str], int]:
@@ -69,7 +70,7 @@ def _hellaswag(row: dict) -> tuple[str, list[str], int]:
         raise ValueError(f"missing or non-integer label ({label!r})")
     if not 0 <= label < len(endings):
         raise ValueError(f"label {label} is out of range for {len(endings)} endings")
-    return context, [str(e) for e in endings], label
+    return context, endings, label
 
 
 def _generic(row: dict, schema: Schema) -> tuple[str, list[str], int]:
@@ -78,7 +79,7 @@ def _generic(row: dict, schema: Schema) -> tuple[str, list[str], int]:
         raise ValueError(f"missing {schema.question!r}")
     if not isinstance(choices, list):
         raise ValueError(f"{schema.choices!r} must be a list")
-    choices = [str(c) for c in choices]
+    choices = [_choice_text(c) or c for c in choices]
     if isinstance(answer, str) and answer in choices:
         return question, choices, choices.index(answer)
     if isinstance(answer, str) and answer.strip().isdigit():
@@ -86,6 +87,16 @@ def _generic(row: dict, schema: Schema) -> tuple[str, list[str], int]:
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise ValueError(f"{schema.answer!r} = {answer!r} is neither a choice nor an index in range")
     return question, choices, answer
+
+
+def _choice_text(value: object) -> str | None:
+    """A choice as text: a string, or a number written as one; None for null, true/false, an object or a list,
+    which would be written as "None", "True" or a Python repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def pairs_from_choices(
@@ -96,7 +107,7 @@ def pairs_from_choices(
     Every row that gives no pair and every wrong choice that gives none is listed with its reason: an unusable
     row, a wrong choice with the correct choice's text (chosen would equal rejected), a wrong choice whose text
     an earlier wrong choice of the row already has (a duplicate pair)."""
-    pairs, skipped = [], []
+    pairs, skipped, origins = [], [], []
     for index, row in enumerate(rows):
         at = where(source, index, lines[index] if lines else getattr(row, "line", None))
         if isinstance(row, BadLine):
@@ -116,24 +127,37 @@ def pairs_from_choices(
         except ValueError as error:
             skipped.append(f"{at}: {error}")
             continue
+        answer = _choice_text(choices[correct])
+        if answer is None or not answer.strip():
+            skipped.append(f"{at}: the correct choice ({correct}) is {'empty' if answer is not None else 'not text'}")
+            continue
         seen: set[str] = set()
-        for wrong, text in enumerate(choices):
+        for wrong, value in enumerate(choices):
             if wrong == correct:
                 continue
-            if text.strip() == choices[correct].strip():
+            text = _choice_text(value)
+            if text is None or not text.strip():
+                what = "empty" if text is not None else f"not text ({json.dumps(value)[:40]})"
+                skipped.append(f"{at}: choice {wrong} is {what}; no pair")
+                continue
+            if text.strip() == answer.strip():
                 skipped.append(f"{at}: choice {wrong} has the correct choice's text; no pair (chosen = rejected)")
                 continue
             if text.strip() in seen:
                 skipped.append(f"{at}: choice {wrong} repeats an earlier wrong choice's text; no second pair")
                 continue
             seen.add(text.strip())
+            origins.append(f"{at}: choice {wrong}")
             pairs.append(
                 {
                     "prompt": prompt,
-                    "chosen": " " + choices[correct].strip(),
+                    "chosen": " " + answer.strip(),
                     "rejected": " " + text.strip(),
                     "source_row": index,
                     "wrong_choice": wrong,
                 }
             )
+    # an empty question or context, or a question repeated in the file: refused here, as training would
+    pairs, dropped = trainable_pairs(pairs)
+    skipped += [f"{origins[index]}: {reason}; no pair" for index, reason in dropped]
     return pairs, skipped

@@ -93,15 +93,18 @@ def _write(number: Decimal, like: str, places: int | None = None) -> str:
     return sign + body + parts.group("percent")
 
 
-def _new_value(value: str, rng: random.Random) -> str:
-    """A new value for the plain number ``value``, in the same format (decimals, leading zero or not)."""
-    if "." in value:
+def _new_value(value: str, rng: random.Random, whole: bool = False) -> str:
+    """A new value for the plain number ``value``, in the same format (decimals, leading zero or not).
+
+    ``whole``: a copy of the number is written without decimals (``<<10/2=5.00>>5``), so the new value must
+    be whole too, or the copies would show different numbers (4.50 and 4)."""
+    if "." in value and not whole:
         number = Decimal(value)
         offset = rng.choice([-1, 1]) * Decimal(str(rng.choice([0.5, 1.0, 1.5, 2.0])))
         if number >= 0 > number + offset:
             offset = -offset  # stay non-negative: the same draw, the other way, so the edit keeps its size
         return _write(number + offset, value)
-    number = int(value)
+    number = int(Decimal(value))
     # Stay non-negative for non-negative results (counts, prices); negative results may stay negative.
     offsets = [d for d in (-3, -2, -1, 1, 2, 3, 10, -10) if number + d >= 0 or number < 0]
     return str(number + rng.choice(offsets))
@@ -159,7 +162,8 @@ def _corrupt(solution: str, rng: random.Random, final: str, step: int | None) ->
         index = rng.choice(candidates)
     copies = results[index]
     old = _plain(solution[slice(*copies[0])])
-    new = _new_value(old, rng)
+    whole = any(not _PARTS.fullmatch(solution[start:end]).group("decimals") for start, end in copies)
+    new = _new_value(old, rng, whole)
     text = solution
     for start, end in reversed(copies):
         text = text[:start] + _write(Decimal(new), text[start:end]) + text[end:]
@@ -208,16 +212,16 @@ def corrupt_file(
     """
     from pathlib import Path
 
-    from dpolab.data.formats import BadLine, read_jsonl_lines, read_rows, write_jsonl
+    from dpolab.data.formats import BadLine, numbered_rows, trainable_pairs, where, write_jsonl
 
     path = Path(source)
     if Path(out).is_dir():
         raise ValueError(f"{out}: is a folder; --out must be a file path")
-    numbered = read_jsonl_lines(path) if path.suffix == ".jsonl" else list(enumerate(read_rows(source), start=1))
+    numbered = numbered_rows(str(path))
     rng = random.Random(seed)
-    pairs, skipped, by_reason = [], [], Counter()
+    pairs, origins, skipped, by_reason = [], [], [], Counter()
     for row_number, (line, row) in enumerate(numbered):
-        where = f"{source}: line {line} (row {row_number})"
+        at = where(source, row_number, line)
         if isinstance(row, BadLine):
             outcome = Skip(row.reason.split(" (")[0], row.reason)  # "invalid JSON (…, column 3)": count the kind
         elif (
@@ -230,7 +234,7 @@ def corrupt_file(
             outcome = _corrupt(row[solution_field], rng, final, step)
         if isinstance(outcome, Skip):
             by_reason[outcome.reason] += 1
-            skipped.append(f"{where}: {outcome}")
+            skipped.append(f"{at}: {outcome}")
             continue
         corruption = outcome
         pair = {
@@ -243,5 +247,14 @@ def corrupt_file(
             "new_value": corruption.new_value,
         }
         pairs.append(pair)
+        origins.append(at)
+    # Only what training reads without a bad row: an empty question, or a row repeated in the file, gives none
+    pairs, dropped = trainable_pairs(pairs)
+    for index, reason in dropped:
+        by_reason[reason] += 1
+        skipped.append(f"{origins[index]}: {reason}")
+    if not pairs:
+        shown = "; ".join(f"{count} {reason}" for reason, count in by_reason.most_common(3))
+        raise ValueError(f"{source}: no pair to write ({len(numbered)} rows: {shown}); nothing written to {out}")
     write_jsonl(out, pairs)  # to a temporary name, renamed when complete
     return {"rows": len(numbered), "pairs": len(pairs), "skipped": skipped, "skipped_by_reason": dict(by_reason)}

@@ -47,6 +47,7 @@ class PreferenceExample:
     row: int
     conversational: bool = False
     margin: float | None = None  # the optional ``margin`` column: reward-model training's m (dpolab rm)
+    line: int | None = None  # the row's line in a .jsonl file (1-based), for messages
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SFTExample:
     completion: str | Messages
     row: int
     conversational: bool = False
+    line: int | None = None  # the row's line in a .jsonl file (1-based), for messages
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class PromptExample:
     prompt: str | Messages
     answer: str | None
     row: int
+    line: int | None = None  # the row's line in a .jsonl file (1-based), for messages
 
 
 class DataError(ValueError):
@@ -237,7 +240,7 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 def example_from_row(row: dict, index: int, source: str = "data", line: int | None = None) -> PreferenceExample:
     """Validate one row and turn it into a :class:`PreferenceExample` (the one validator of the loaders and
     ``dpolab data check``). An optional ``margin`` column (a finite number, or null) is kept for reward models."""
-    example = _example_from_row(row, index, where(source, index, line))
+    example = dataclasses.replace(_example_from_row(row, index, where(source, index, line)), line=line)
     margin = row.get("margin")
     if margin is None:
         return example
@@ -383,8 +386,9 @@ def _empty(path: Path):
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The message on one line, at most ``limit`` characters, cut at a word boundary with "…"."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + " …"
 
 
 def _require_file(path: Path) -> None:
@@ -454,7 +458,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data", line: int 
             raise DataError(f"{at}: 'messages' must be a list of role/content messages ending with an assistant turn")
         if not messages[-1]["content"].strip():
             raise DataError(f"{at}: empty completion (last assistant message)")
-        return SFTExample(messages[:-1], messages[-1:], index, conversational=True)
+        return SFTExample(messages[:-1], messages[-1:], index, conversational=True, line=line)
     for key in ("prompt", "completion"):
         if key not in row:
             raise DataError(f"{at}: missing field {key!r} (SFT rows need prompt + completion, or messages)")
@@ -465,7 +469,7 @@ def sft_example_from_row(row: dict, index: int, source: str = "data", line: int 
             raise DataError(f"{at}: {problem}")
         if not row[key].strip():
             raise DataError(f"{at}: empty {key}")
-    return SFTExample(row["prompt"], row["completion"], index)
+    return SFTExample(row["prompt"], row["completion"], index, line=line)
 
 
 def prompt_example_from_row(row: dict, index: int, source: str = "data", line: int | None = None) -> PromptExample:
@@ -489,7 +493,7 @@ def prompt_example_from_row(row: dict, index: int, source: str = "data", line: i
         problem = text_problem(answer, "field 'answer'")
         if problem:
             raise DataError(f"{at}: {problem}")
-    return PromptExample(prompt, answer, index)
+    return PromptExample(prompt, answer, index, line=line)
 
 
 def load_prompt_examples(
@@ -509,6 +513,33 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     from dpolab import outputs
 
     return outputs.write_jsonl(path, rows)
+
+
+REPEATED_PAIR = "the same prompt, chosen and rejected as an earlier pair"
+
+
+def trainable_pairs(pairs: Iterable[dict]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The pairs a builder may write, and (index, reason) for the others.
+
+    A pair is kept when it passes the loaders' own validator (:func:`example_from_row`: no empty prompt or
+    completion, chosen differs from rejected, valid messages and text) and does not repeat an earlier pair
+    (:data:`REPEATED_PAIR`). A builder that writes only these writes what ``dpolab data check --allow-extra``
+    passes and what ``dpolab train`` trains on without a bad row."""
+    kept, dropped = [], []
+    seen: set[str] = set()
+    for index, pair in enumerate(pairs):
+        try:
+            example = example_from_row(pair, index, "pair")
+        except DataError as error:
+            dropped.append((index, str(error).split(": ", 2)[-1]))
+            continue
+        key = pair_key(example)
+        if key in seen:
+            dropped.append((index, REPEATED_PAIR))
+            continue
+        seen.add(key)
+        kept.append(pair)
+    return kept, dropped
 
 
 def _bounded_lines(handle, limit: int):
@@ -559,7 +590,9 @@ def read_jsonl_lines(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> list[tup
             try:
                 rows.append((number, _parse_json(text)))
             except json.JSONDecodeError as error:
-                rows.append((number, BadLine(number, f"invalid JSON ({error.msg}, column {error.colno})")))
+                rows.append(
+                    (number, BadLine(number, f"invalid JSON ({error.msg.removesuffix(' at')}, column {error.colno})"))
+                )
             except ValueError as error:  # nested too deeply
                 rows.append((number, BadLine(number, str(error))))
     return rows

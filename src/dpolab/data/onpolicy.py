@@ -29,8 +29,10 @@ from dpolab.data.formats import (
     messages_problem,
     read_jsonl_lines,
     text_problem,
+    trainable_pairs,
     write_jsonl,
 )
+from dpolab.data.formats import where as place
 from dpolab.outputs import dumps, write_json
 
 
@@ -47,7 +49,7 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt", reference_field
     """The rows of a JSONL prompts file; a bad row is a ``ValueError`` naming the file, line and field."""
     rows, problems = [], []
     for number, (line, row) in enumerate(read_jsonl_lines(Path(path))):
-        where = f"{path}: line {line} (row {number})"
+        where = place(path, number, line)
         if isinstance(row, BadLine):
             problems.append(f"{where}: {row.reason}")
             continue
@@ -205,11 +207,18 @@ class AppendLog:
 def read_records(path: str | Path, need: Iterable[str]) -> list[dict]:
     """The records of a ``sample`` / ``judge`` output, checked for the fields the next step needs: an integer
     ``prompt_id``, a text or message-list ``prompt``, ``candidates`` as strings and ``scores`` as finite
-    numbers or null (one per candidate); a bad record is a ``ValueError`` naming the file, line and key."""
-    records = []
+    numbers or null (one per candidate); a bad record is a ``ValueError`` naming the file, line and key, and so
+    is a ``prompt_id`` given twice (one of the two would be dropped silently)."""
+    return numbered_records(path, need)[0]
+
+
+def numbered_records(path: str | Path, need: Iterable[str]) -> tuple[list[dict], list[str]]:
+    """:func:`read_records`, and where each record is (``FILE: line L (row R)``), for messages."""
+    records, places = [], []
     need = list(need)
+    first: dict[object, str] = {}
     for number, (line, row) in enumerate(read_jsonl_lines(Path(path))):
-        where = f"{path}: line {line} (row {number})"
+        where = place(path, number, line)
         if isinstance(row, BadLine):
             raise ValueError(f"{where}: {row.reason}")
         missing = [key for key in need if not isinstance(row, dict) or key not in row]
@@ -218,8 +227,13 @@ def read_records(path: str | Path, need: Iterable[str]) -> list[dict]:
         problem = _record_problem(row, need)
         if problem:
             raise ValueError(f"{where}: {problem}")
+        if "prompt_id" in need:
+            if row["prompt_id"] in first:
+                raise ValueError(f"{where}: prompt_id {row['prompt_id']} again (first at {first[row['prompt_id']]})")
+            first[row["prompt_id"]] = where.split(": ", 1)[1]
         records.append(row)
-    return records
+        places.append(where)
+    return records, places
 
 
 def _record_problem(row: dict, need: list[str]) -> str | None:
@@ -436,12 +450,12 @@ def judge_file(
     A score is ``None`` when the judge could not give one (an empty generation, an unparsable reply);
     the note says why. Resumable like ``sample``.
     """
-    records = read_records(source, ["prompt_id", "prompt", "candidates"])
-    for number, record in enumerate(records):
+    records, places = numbered_records(source, ["prompt_id", "prompt", "candidates"])
+    for at, record in zip(places, records, strict=True):
         if judge.needs_reference and record.get("reference") is None:
             raise ValueError(
-                f"{source}: row {number} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a "
-                "'reference' (sample with --reference-field)"
+                f"{at} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a 'reference' "
+                "(sample with --reference-field)"
             )
     if hasattr(judge, "check_prompts"):  # rules per prompt: every prompt has some, every id named exists
         judge.check_prompts([record["prompt_id"] for record in records], source)
@@ -477,29 +491,25 @@ def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
     return min(i for s, i in scored if s == top), min(i for s, i in scored if s == bottom)
 
 
-IDENTICAL = "chosen and rejected are the same text"
-DUPLICATE = "the same prompt, chosen and rejected as an earlier pair"
-
-
-def _pair_key(pair: dict) -> str:
-    return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+def _keep_trainable(pairs: list[dict], count) -> list[dict]:
+    """The pairs training reads without a bad row (:func:`dpolab.data.formats.trainable_pairs`); ``count(pair,
+    reason)`` is told of each other one (chosen = rejected, an empty candidate or prompt, a repeated pair)."""
+    kept, dropped = trainable_pairs(pairs)
+    for index, reason in dropped:
+        count(pairs[index], reason)
+    return kept
 
 
 def pairs_file(source: str | Path, out: str | Path) -> dict:
     """Best vs worst candidate per prompt of a ``judge`` output; writes preference JSONL with provenance.
 
     Only valid training input is written: a prompt whose best and worst candidates are the same text (two
-    samples alike, scored differently by a noisy judge) or whose pair repeats an earlier prompt's is dropped
-    and counted, like prompts without two differently scored candidates."""
+    samples alike, scored differently by a noisy judge), whose pair has an empty side, or whose pair repeats
+    an earlier prompt's is dropped and counted by its reason, like prompts without two differently scored
+    candidates. No pair at all is an error: nothing is written."""
     records = read_records(source, ["prompt_id", "prompt", "candidates", "scores"])
     pairs: list[dict] = []
-    dropped: dict[str, list[int]] = {
-        "all candidates scored the same": [],
-        "fewer than two scored candidates": [],
-        IDENTICAL: [],
-        DUPLICATE: [],
-    }
-    seen: set[str] = set()
+    dropped: dict[str, list[int]] = {"all candidates scored the same": [], "fewer than two scored candidates": []}
     for record in records:
         scores = record["scores"]
         if len(scores) != len(record["candidates"]):
@@ -512,9 +522,6 @@ def pairs_file(source: str | Path, out: str | Path) -> dict:
             dropped[reason].append(record["prompt_id"])
             continue
         best, worst = chosen
-        if record["candidates"][best] == record["candidates"][worst]:
-            dropped[IDENTICAL].append(record["prompt_id"])
-            continue
         pair = {
             **preference_row(record, record["candidates"][best], record["candidates"][worst]),
             "prompt_id": record["prompt_id"],
@@ -524,12 +531,11 @@ def pairs_file(source: str | Path, out: str | Path) -> dict:
             "rejected_score": scores[worst],
             "judge": record.get("judge"),
         }
-        key = _pair_key(pair)
-        if key in seen:
-            dropped[DUPLICATE].append(record["prompt_id"])
-            continue
-        seen.add(key)
         pairs.append(pair)
+    pairs = _keep_trainable(pairs, lambda pair, reason: dropped.setdefault(reason, []).append(pair["prompt_id"]))
+    if not pairs:
+        reasons = "; ".join(f"{len(ids)} {reason}" for reason, ids in dropped.items() if ids)
+        raise ValueError(f"{source}: no pair to write ({len(records)} prompts: {reasons}); nothing written to {out}")
     write_jsonl(out, pairs)
     return {"prompts": len(records), "pairs": len(pairs), "dropped": dropped}
 
@@ -582,9 +588,7 @@ def scenario_files(
     counts: dict[int, dict] = {}
     scenario_pairs: dict[int, list[dict]] = {}
     for number, (chosen_from, rejected_from) in SCENARIOS.items():
-        pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0,
-                              IDENTICAL: 0, DUPLICATE: 0}  # fmt: skip
-        seen: set[str] = set()
+        pairs, dropped = [], {"no good chosen": 0, "no bad rejected": 0, "prompt missing from a pool": 0}
         for prompt_id, record in sorted(pools["policy"].items()):
             sources = {"policy": record, "other": pools["other"].get(prompt_id)}
             if sources["other"] is None and "other" in (chosen_from, rejected_from):
@@ -609,14 +613,6 @@ def scenario_files(
                 continue
             low = min(bad)[0]
             rejected_index = min(i for s, i in bad if s == low)
-            if chosen == pool["candidates"][rejected_index]:
-                dropped[IDENTICAL] += 1
-                continue
-            pair = preference_row(record, chosen, pool["candidates"][rejected_index])
-            if _pair_key(pair) in seen:
-                dropped[DUPLICATE] += 1
-                continue
-            seen.add(_pair_key(pair))
             pairs.append(
                 {
                     **preference_row(record, chosen, pool["candidates"][rejected_index]),
@@ -630,7 +626,11 @@ def scenario_files(
                     "rejected_index": rejected_index,
                 }
             )
-        scenario_pairs[number] = pairs
+
+        def count(pair, reason, dropped=dropped):
+            dropped[reason] = dropped.get(reason, 0) + 1
+
+        scenario_pairs[number] = pairs = _keep_trainable(pairs, count)
         counts[number] = {"pairs": len(pairs), "dropped": dropped}
     if same_prompts:
         shared = set.intersection(*({p["prompt_id"] for p in pairs} for pairs in scenario_pairs.values()))
@@ -639,7 +639,11 @@ def scenario_files(
             counts[number]["dropped"]["not in every scenario"] = len(pairs) - len(scenario_pairs[number])
             counts[number]["pairs"] = len(scenario_pairs[number])
     for number, pairs in scenario_pairs.items():
-        write_jsonl(out / f"scenario{number}.jsonl", pairs)
+        target = out / f"scenario{number}.jsonl"
+        if pairs:  # a scenario without pairs gets no file: an empty file is no training data
+            write_jsonl(target, pairs)
+        elif target.exists():
+            target.unlink()  # an earlier run's file would pass for this run's
     summary = {
         "good_score": threshold,
         "prompts": len(pools["policy"]),

@@ -48,6 +48,9 @@ def gsm8k_scenarios(
         missing = [key for key in needed if key not in row] if isinstance(row, dict) else needed
         if missing:
             raise ValueError(f"{at}: missing field {missing[0]!r} (model_solutions.jsonl format)")
+        for key in ("question", "ground_truth"):
+            if not isinstance(row[key], str):
+                raise ValueError(f"{at}: {key} must be a string, got {type(row[key]).__name__}")
         for solver in (*SOLVERS[policy], *SOLVERS[other]):
             entry = row[solver]
             if not isinstance(entry, dict) or not isinstance(entry.get("solution"), str) or "is_correct" not in entry:
@@ -93,7 +96,7 @@ def gsm8k_scenarios(
 
 
 def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b", other: str = "175b") -> dict:
-    from dpolab.data.formats import BadLine, read_jsonl_lines, where, write_jsonl
+    from dpolab.data.formats import BadLine, read_jsonl_lines, trainable_pairs, where, write_jsonl
 
     if policy == other:
         raise ValueError("--policy and --other must be different models")
@@ -106,7 +109,18 @@ def write_scenarios(source: str | Path, out_dir: str | Path, policy: str = "6b",
             raise ValueError(f"{where(source, index, line)}: {row.reason}")
     rows, lines = [row for _, row in numbered], [line for line, _ in numbered]
     scenarios, counts = gsm8k_scenarios(rows, policy, other, str(source), lines)
+    counts["dropped"] = {}
     for scenario, pairs in scenarios.items():
-        write_jsonl(Path(out_dir) / f"scenario{scenario}.jsonl", pairs)
+        # an empty question, or a question repeated in the file: refused here, as training would refuse them
+        scenarios[scenario], dropped = trainable_pairs(pairs)
+        counts["dropped"][scenario] = [
+            f"{where(source, pairs[index]['source_row'], lines[pairs[index]['source_row']])}: {reason}"
+            for index, reason in dropped
+        ]
+        target = Path(out_dir) / f"scenario{scenario}.jsonl"
+        if scenarios[scenario]:  # a scenario without pairs gets no file (an empty file is no training data)
+            write_jsonl(target, scenarios[scenario])
+        elif target.exists():
+            target.unlink()  # an earlier run's file would pass for this run's
     counts["pairs"] = {scenario: len(pairs) for scenario, pairs in scenarios.items()}
     return counts

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpolab.data.formats import DataError, PreferenceExample, PromptExample, SFTExample
+from dpolab.data.formats import DataError, PreferenceExample, PromptExample, SFTExample, _one_line
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _split(tokenizer, prompt, completions: list, limits: dict, report: TokenizeR
     except Exception as error:  # noqa: BLE001 - a chat template is user code (jinja): any failure is the row's
         if not isinstance(prompt, list):
             raise
-        detail = " ".join(str(error).split())[:200]
+        detail = _one_line(error, 200)
         raise DataError(
             f"row {row}: the tokenizer's chat template fails: {type(error).__name__}: {detail}", row=row
         ) from None
@@ -352,7 +352,7 @@ def tokenize_prompts(
         except Exception as error:  # noqa: BLE001 - a chat template is user code (jinja): any failure is the row's
             if not isinstance(example.prompt, list):
                 raise
-            detail = " ".join(str(error).split())[:200]
+            detail = _one_line(error, 200)
             raise DataError(
                 f"row {example.row}: the tokenizer's chat template fails: {type(error).__name__}: {detail}",
                 row=example.row,

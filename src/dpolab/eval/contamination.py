@@ -119,7 +119,7 @@ def token_statistics(model, tokenizer, texts: list[str], max_tokens: int, batch_
     for number, text in enumerate(texts, start=1):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
         if len(ids) < 2:
-            raise DataError(f"row {number}: the text is {len(ids)} token long; at least 2 are needed to score one")
+            raise DataError(f"the text is {len(ids)} token long; at least 2 are needed to score one", row=number - 1)
         items.append(TokenizedSequence(tuple(ids[:1]), tuple(ids[1:]), number - 1))
     engine = LogpEngine(row_tokens=max_tokens, pad_token_id=pad, device=device)
     per_item = item_token_logps(model, items, engine, batch_size, with_moments=True, progress=progress)
@@ -201,8 +201,14 @@ def check(
             model = load_model(directory, allow_pickle=allow_pickle, device=default_device(), what=role)
             tokenizer = load_tokenizer(directory)
         check_vocabulary(model, tokenizer, directory)
-        with progress_bar(progress, f"contamination scores ({role})", len(texts)) as advance:
-            per_model[role], counts = score_texts(model, tokenizer, texts, k, max_tokens, batch_size, advance)
+        try:
+            with progress_bar(progress, f"contamination scores ({role})", len(texts)) as advance:
+                per_model[role], counts = score_texts(model, tokenizer, texts, k, max_tokens, batch_size, advance)
+        except DataError as error:  # a text too short to score: named where it is in the file
+            if error.row is None:
+                raise
+            line = numbered_rows(str(data))[error.row][0]
+            raise DataError(f"{where(data, error.row, line)}: {error}") from None
         if role == "model":  # the reference may tokenise differently: the counts are the model's
             tokens = counts
         result["models"][role] = {"path": str(directory), "summary": summarise(per_model[role], labels)}
@@ -210,7 +216,7 @@ def check(
     if reference_dir is not None:
         result["comparison"] = compare(per_model["model"], per_model["reference"], labels)
     result["per_text"] = [
-        {"row": i + 1, **({"seen": labels[i]} if labels is not None else {}), "tokens": tokens[i],
+        {"row": i, **({"seen": labels[i]} if labels is not None else {}), "tokens": tokens[i],
          **{f"{role}_{method}": per_model[role][method][i] for role in per_model for method in METHODS}}
         for i in range(len(texts))
     ]  # fmt: skip

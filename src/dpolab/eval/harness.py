@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,28 @@ def evaluate_model(
     return evaluate_checked(model, tokenizer, files, check_request(files, num_fewshot, limit), limit=limit, **options)
 
 
+@contextmanager
+def _quiet_git_hash():
+    """lm-evaluation-harness records the working directory's git commit with ``git describe``, whose "fatal: not a
+    git repository" reaches the terminal outside a repository: asked the same way here, git's errors kept."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+
+    def quiet() -> str | None:
+        try:
+            described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return described.stdout.strip() or None
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def evaluate_checked(
     model,
     tokenizer,
@@ -150,18 +174,19 @@ def evaluate_checked(
         try:
             device = next(model.parameters()).device
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(names.values()),
-                limit=limit,
-                task_manager=TaskManager(include_path=str(folder), include_defaults=False, verbosity="ERROR"),
-                log_samples=True,
-                random_seed=seed,
-                numpy_random_seed=seed + 1234,
-                torch_random_seed=seed + 1234,
-                fewshot_random_seed=seed + 1234,
-                verbosity="ERROR",
-            )
+            with _quiet_git_hash():
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=list(names.values()),
+                    limit=limit,
+                    task_manager=TaskManager(include_path=str(folder), include_defaults=False, verbosity="ERROR"),
+                    log_samples=True,
+                    random_seed=seed,
+                    numpy_random_seed=seed + 1234,
+                    torch_random_seed=seed + 1234,
+                    fewshot_random_seed=seed + 1234,
+                    verbosity="ERROR",
+                )
         finally:
             model.train(was_training)
             harness_log.setLevel(level)
@@ -252,5 +277,6 @@ def evaluate_directory(
         model = load_model(model_dir, allow_pickle=allow_pickle, device=default_device())
         tokenizer = load_tokenizer(source)
     check_vocabulary(model, tokenizer, model_dir, source)
-    result = evaluate_checked(model, tokenizer, files, shots, **options)
+    with quiet_libraries():  # the harness's own request bars: lines of carriage returns in a pipe
+        result = evaluate_checked(model, tokenizer, files, shots, **options)
     return {"model": str(model_dir), **result}

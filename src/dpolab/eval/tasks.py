@@ -449,22 +449,25 @@ def write_task_dir(
 
     The files are those :func:`check_files` passed (the harness checks them before any model loads).
     """
+    from dpolab.outputs import write_text
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "utils.py").write_text(
+    write_text(
+        directory / "utils.py",
         '"""Written by dpolab: the functions its task YAMLs name (dpolab.eval.task_functions)."""\n'
-        "from dpolab.eval.task_functions import *  # noqa: F403\n"
+        "from dpolab.eval.task_functions import *  # noqa: F403\n",
     )
     names = {}
     for task, task_files in files.items():
         names[task] = PREFIX + task
-        (directory / f"{names[task]}.yaml").write_text(
+        write_text(
+            directory / f"{names[task]}.yaml",
             yaml.dump(
                 task_config(task, task_files, (shots or {}).get(task, 0), max_new_tokens),
                 Dumper=_Dumper,
                 sort_keys=False,
                 allow_unicode=True,
-            )
+            ),
         )
     return names
 

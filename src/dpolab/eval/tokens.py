@@ -234,8 +234,10 @@ def plot_positions(summaries: dict[str, dict], out: str | Path, title: str = "")
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    from dpolab.outputs import atomic_path
+
+    with atomic_path(out) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)
 
 

@@ -421,18 +421,18 @@ class ToyDiverged(ValueError):
 
 
 # ∂L/∂π = (∂L/∂log π) / π is infinite once a rejected probability underflows to 0 in float64, which is the 3D
-# paper's unbounded ratio at its limit, not a divergence: these three are recorded as they are (null in JSON).
+# paper's unbounded ratio at its limit, not a divergence: these three may be ±inf (null in JSON), never NaN.
 UNBOUNDED = frozenset({"grad_chosen", "grad_rejected", "grad_ratio"})
 
 
 def _non_finite(entry: dict) -> list[str]:
-    """The recorded quantities of one step that are NaN or ±inf (lists included), :data:`UNBOUNDED` aside."""
+    """The recorded quantities of one step that are NaN or ±inf (lists included); ±inf is allowed in
+    :data:`UNBOUNDED`."""
     bad = []
     for key, value in entry.items():
-        if key in UNBOUNDED:
-            continue
         values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        floats = [v for v in values if isinstance(v, float)]
+        if any(math.isnan(v) for v in floats) or (key not in UNBOUNDED and any(math.isinf(v) for v in floats)):
             bad.append(key)
     return bad
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch
 import yaml
 
 from dpolab.console import progress_bar
+from dpolab.data.formats import DataError, where
 from dpolab.data.packing import Item
 from dpolab.engine import attention
 from dpolab.engine.attention import Kernel
@@ -219,9 +222,12 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
     examples, eval_examples = split_eval(examples, config, load)
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     limits = dict(max_prompt_length=config.max_prompt_length, truncation_mode=config.truncation_mode)
-    items, report = tokenize(tokenizer, examples, config.max_length, **limits)
+    items, report = _tokenize_named(tokenize, tokenizer, examples, config.data, config.max_length, limits)
+    eval_source = config.eval_data or config.data
     eval_items, eval_report = (
-        tokenize(tokenizer, eval_examples, config.max_length, **limits) if eval_examples else ([], None)
+        _tokenize_named(tokenize, tokenizer, eval_examples, eval_source, config.max_length, limits)
+        if eval_examples
+        else ([], None)
     )
     for line in report.lines():
         log.info(f"data: {line}")
@@ -235,6 +241,18 @@ def prepare_data(config: TrainConfig, accelerator, folder: RunFolder, load, toke
     write_run_inputs(folder, accelerator, config, {**report.as_dict(), "bad_rows": bad_rows})
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Data(items, eval_items, {**report.as_dict(), "bad_rows_skipped": len(bad_rows)}, tokenizer, pad_token_id)
+
+
+def _tokenize_named(tokenize, tokenizer, examples: list, source: str, max_length, limits: dict):
+    """``tokenize``, with a row it refuses (a chat template that fails on it) named by file, line and row."""
+    try:
+        return tokenize(tokenizer, examples, max_length, **limits)
+    except DataError as error:
+        if error.row is None:
+            raise
+        line = next((example.line for example in examples if example.row == error.row), None)
+        detail = str(error).removeprefix(f"row {error.row}: ")
+        raise DataError(f"{where(source, error.row, line)}: {detail}", row=error.row) from None
 
 
 def split_eval(examples: list, config: TrainConfig, load) -> tuple[list, list]:
@@ -434,8 +452,13 @@ def save_final_model(accelerator, model, tokenizer, directory: Path) -> None:
         # A LoRA run never resizes the embeddings (a tokenizer larger than them is refused): peft's "auto" would
         # look for the base's config to find out, and warn when the base is itself an adapter folder.
         extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
-        unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(directory)
+        # Written beside, then renamed into place: a failure half-way leaves no half-written model folder.
+        temporary = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        unwrapped.save_pretrained(temporary, state_dict=state, safe_serialization=True, **extra)
+        tokenizer.save_pretrained(temporary)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(temporary, directory)
     accelerator.wait_for_everyone()
 
 

@@ -44,7 +44,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.exists():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    # A checkpoint folder appears under its step name only once complete (written as .tmp-…, then renamed): a
+    # step folder without its state.json is a damaged checkpoint, named as such when it is resumed, not skipped.
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -59,6 +61,8 @@ def read_state(path: Path) -> dict:
     try:
         state = exact_loads(file.read_text())
     except FileNotFoundError:
+        if path.parent.name == "checkpoints" and path.name.startswith(PREFIX):
+            raise DamagedCheckpoint(path, file, "the file is missing") from None
         raise ValueError(f"{path} is not a dpolab checkpoint (no state.json)") from None
     except (OSError, ValueError) as error:
         raise DamagedCheckpoint(path, file, error) from None
@@ -121,6 +125,24 @@ def verify_checkpoint(path: Path) -> dict:
         except Exception as error:  # noqa: BLE001 - any failure to open means the same to the user
             raise DamagedCheckpoint(path, file, error) from None
     return state
+
+
+def _corrupt_file(path: Path) -> Path | None:
+    """The file of the checkpoint ``path`` whose bytes changed after it was written (same size, other content),
+    found when a restore has failed: each torch file's zip entries are read against their CRC-32. Read only
+    on failure, since it reads every byte."""
+    import zipfile
+
+    for file in sorted(path.rglob("*")):
+        if file.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            with zipfile.ZipFile(file) as archive:
+                if archive.testzip() is not None:
+                    return file
+        except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+            return file
+    return None
 
 
 def _fsync(path: Path) -> None:
@@ -271,8 +293,8 @@ class Checkpointer:
             component.load_state_dict(state["components"][name])
         try:
             self.accelerator.load_state(str(path), strict=not self.trainable_only)
-        except (OSError, RuntimeError, ValueError) as error:  # e.g. a damaged FSDP shard
-            raise DamagedCheckpoint(path, path, error) from None
+        except (OSError, RuntimeError, ValueError, EOFError) as error:  # e.g. a damaged FSDP shard
+            raise DamagedCheckpoint(path, _corrupt_file(path) or path, error) from None
         return state
 
     def _check_trainable_saved(self, path: Path) -> None:

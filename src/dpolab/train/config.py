@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,13 +329,20 @@ class TrainConfig:
     def _check_output_apart_from_inputs(self) -> None:
         """``output_dir`` may neither be, contain, nor lie inside an input: ``--overwrite`` or a new run
         would then delete or overwrite the model, the data or the cache it reads."""
-        from dpolab.outputs import check_output
+        from dpolab.outputs import RUN_FILES, check_output
 
         inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
         if self.reference not in ("auto", "none"):
             inputs["reference"] = self.reference
         inputs["cache_dir"] = self.cache_dir
-        check_output(self.output_dir, "train", inputs, "output_dir")
+        # the nested settings' files too: ppo.reward.model, ppo.value_model, monitor.pairs, eval_harness.data…
+        for key, value in dotted_keys(
+            {"ppo": self.ppo, "monitor": self.monitor, "eval_harness": self.eval_harness}
+        ).items():
+            if isinstance(value, str) and value and Path(value).expanduser().exists():
+                inputs[key] = value
+        writes = RUN_FILES["train"] | {"samples.jsonl", "harness.jsonl"}
+        check_output(self.output_dir, "train", inputs, "output_dir", writes=writes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -454,6 +462,21 @@ def nested_settings(cls, values: object, key: str, noun: str, docs: str):
     return cls(**values)
 
 
+def _yaml_floats(value: object, hint) -> object:
+    """``value`` with the numbers YAML 1.1 reads as strings ("1e-5", "-1e-9": no dot) made floats wherever
+    ``hint`` expects a float, list elements included (``loss_weights: [1, 1e-9]``)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, str) and float in options:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    lists = [typing.get_args(o)[0] for o in options if typing.get_origin(o) is list and typing.get_args(o)]
+    if isinstance(value, list) and lists:
+        return [_yaml_floats(item, lists[0]) for item in value]
+    return value
+
+
 def _check_type(key: str, value: object, hint) -> None:
     """A small runtime check of the annotated type: str, int, float, bool, list[...], dict, Optional, unions.
 
@@ -566,12 +589,7 @@ def load_config(
         raise ValueError(f"unknown config key {key!r}" + (f" ({hint})" if hint else "") + "; see dpolab train --keys")
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
-        # YAML 1.1 reads "1e-5" (no dot) as a string; accept it where a float is expected.
-        if isinstance(value, str) and float in (typing.get_args(hints[key]) or (hints[key],)):
-            try:
-                data[key] = float(value)
-            except ValueError:
-                pass
+        data[key] = _yaml_floats(value, hints[key])
     config = TrainConfig(**data)
     config.validate()
     return config

@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dpolab.data.onpolicy import judge_file
 from dpolab.eval.agreement import agreement, table
 from dpolab.eval.judges import MathJudge
+from dpolab.pipeline.judge import judge_file
 
 SHARED = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "model_solutions.jsonl"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")

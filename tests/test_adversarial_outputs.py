@@ -66,6 +66,18 @@ def ws(tmp_path_factory) -> Path:
     (root / "proj").mkdir()
     (root / "proj" / "utils.py").write_text("# mine\n")
     (root / "proj" / "notes.txt").write_text("mine\n")
+    # from the third trial: folders holding only files of the names a command writes, and a linked checkpoints
+    (root / "mine").mkdir()
+    (root / "mine" / "summary.json").write_text('{"my": "precious results"}')
+    shutil.copytree(root / "model", root / "my-models" / "model")
+    (root / "elsewhere").mkdir()
+    (root / "linked-run").mkdir()
+    (root / "linked-run" / "checkpoints").symlink_to(root / "elsewhere")
+    for name, output in (("abs", str(root / "spec.yaml")), ("own", "summary.json")):
+        (root / f"eval-{name}.yaml").write_text(
+            f"recipe: toy\ngrid: {{loss: [dpo]}}\nbase: {{steps: 3}}\nseeds: [0]\n"
+            f"evaluate: {{command: python -c pass, output: {output}, baseline: false}}\n"
+        )
     words = ["train", "--model", root / "model", "--data", root / "pairs.jsonl", "--output_dir", root / "run"]
     words += ["--max_steps", "1", "--batch_size", "2", "--progress", "false", "--tensorboard", "false"]
     assert main([*map(str, words), "--cache_dir", str(root / "cache")]) == 0
@@ -343,12 +355,24 @@ CASES = [
     ("sweep out holds the baseline model", ["sweep", "{root}/baseline-spec.yaml", "--out", "{root}/sweep-holder"],
      "contains the baseline.model"),
     ("config written by hand in output_dir", ["train", "{root}/cfg/config.yaml", "--max_steps", "1"],
-     "is output_dir/config.yaml, which the run writes its resolved config over"),
+     "holds files this command did not write, and it would replace its config.yaml"),
     ("toy run into a model folder", ["toy", "run", "--steps", "2", "--out", "{root}/model-copy"],
      "would replace its config.json"),
     ("harness task-dir over someone's utils.py",
      ["eval", "harness", "--model", "{model}", "--tasks", "gsm8k", "--data", "gsm8k={root}/gsm8k.jsonl",
       "--task-dir", "{root}/proj"], "would replace its utils.py"),
+    ("edit-stats over a lone summary.json", ["data", "edit-stats", "{root}/pairs.jsonl", "--out", "{root}/mine"],
+     "holds files this command did not write, and it would replace its summary.json"),
+    ("toy run over a lone summary.json", ["toy", "run", "--steps", "2", "--out", "{root}/mine"],
+     "would replace its summary.json"),
+    ("train into a folder holding only someone's model", training("train", "{root}/pairs.jsonl", "{root}/my-models"),
+     "would replace its model"),
+    ("train with linked checkpoints", training("train", "{root}/pairs.jsonl", "{root}/linked-run"),
+     "checkpoints is a symbolic link"),
+    ("sweep evaluation writing outside its run", ["sweep", "{root}/eval-abs.yaml", "--out", "{root}/sw1"],
+     "a file name inside each run's folder"),
+    ("sweep evaluation over the run's summary", ["sweep", "{root}/eval-own.yaml", "--out", "{root}/sw2"],
+     "is a file the run writes itself"),
 ]  # fmt: skip
 
 

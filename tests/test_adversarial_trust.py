@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -554,3 +555,48 @@ def test_a_checkpoint_without_its_state_or_with_changed_bytes_is_named(inputs, t
     optimizer.write_bytes(bytes(data))
     assert main(["train", str(out / "config.yaml"), "--resume", str(first)]) == 2
     assert "optimizer.bin cannot be read" in capsys.readouterr().err
+
+
+# --- from the third trial ---------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_whose_ids_have_a_gap_past_the_vocabulary_is_refused(inputs, tmp_path, capsys):
+    """As many tokens as the model has rows, but one id moved past the end: counting tokens is not enough."""
+    shutil.copytree(inputs / "model", tmp_path / "model")
+    settings_file = tmp_path / "model" / "tokenizer.json"
+    settings = json.loads(settings_file.read_text())
+    vocabulary = settings["model"]["vocab"]
+    last = max(vocabulary, key=vocabulary.get)
+    vocabulary[last] = 5000
+    settings_file.write_text(json.dumps(settings))
+    assert main([str(w) for w in train(inputs, "--model", tmp_path / "model")]) == 2
+    assert "ids up to 5000" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_a_checkpoint_or_the_model_is_written_is_one_line(inputs, tmp_path):
+    """A file-size limit stands in for a full disk: the model's safetensors fail to write (a SafetensorError,
+    once an internal error)."""
+    words = train(inputs, "--output_dir", tmp_path / "run", "--checkpoint_steps", "1")
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    limit += "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))"
+    script = f"{limit}; from dpolab.cli import main; raise SystemExit(main({[str(w) for w in words]!r}))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "internal error" not in result.stderr, result.stderr[-2000:]
+    assert "is the disk full?" in result.stderr
+
+
+def test_a_note_naming_a_key_from_the_data_is_escaped(inputs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2+2?", "\\u001b]0;PWNED\\u0007k": NaN}\n')
+    words = ["data", "sample", prompts, "--model", inputs / "model", "--out", tmp_path / "s.jsonl", "--n", "1",
+             "--max-new-tokens", "2", "--no-progress"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "dpolab", *map(str, words)], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\x1b" not in result.stderr and "\\x1b]0;PWNED" in result.stderr
+
+
+def test_a_plot_that_cannot_be_an_image_is_refused_before_any_work(inputs, capsys):
+    words = ["eval", "tokens", str(inputs / "pairs.jsonl"), "--model", str(inputs / "model"), "--plot", "fig"]
+    assert main(words) == 2
+    assert "--plot fig: name an image file" in capsys.readouterr().err

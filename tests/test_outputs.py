@@ -127,3 +127,44 @@ def test_jsonl_rows_stay_one_line_for_readers_that_split_on_every_unicode_line_b
     outputs.write_jsonl(tmp_path / "rows.jsonl", rows)
     text = (tmp_path / "rows.jsonl").read_text(encoding="utf-8")
     assert [json.loads(line) for line in text.splitlines()] == rows and "é" in text
+
+
+def test_a_rerun_of_the_same_command_may_replace_its_own_folder_output_and_nothing_else(tmp_path):
+    from dpolab.outputs import claim_folder
+
+    folder = tmp_path / "stats"
+    writes = {"summary.json", "histogram.png"}
+    claim_folder(check_output(folder, "data", writes=writes, owner="dpolab data edit-stats"), "dpolab data edit-stats")
+    (folder / "summary.json").write_text("{}")
+    check_output(folder, "data", writes=writes, owner="dpolab data edit-stats")  # its own earlier output
+    with pytest.raises(ValueError, match="holds files this command did not write"):
+        check_output(folder, "data", writes=writes, owner="dpolab data scenario")
+
+
+def test_temporary_names_are_short_keep_the_suffix_and_leftovers_of_killed_writers_go(tmp_path):
+    long = tmp_path / ("p" * 249 + ".jsonl")  # a legal 255-byte name: its temporary must fit too
+    assert outputs.write_jsonl(long, [{"a": 1}]) == 1 and long.read_text() == '{"a": 1}\n'
+    target = tmp_path / "pairs.jsonl"
+    with outputs.atomic_path(target) as temporary:
+        assert temporary.suffix == ".jsonl" and len(temporary.name) < 40
+        prefix = temporary.name.rsplit("-", 1)[0]
+        temporary.write_text("{}\n")
+    dead = tmp_path / f"{prefix}-999999999.jsonl"  # what a writer killed with SIGKILL leaves behind
+    dead.write_text("half a file")
+    outputs.write_jsonl(target, [{"a": 2}])
+    assert not dead.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "pairs.jsonl"])
+
+
+def test_a_write_that_fails_names_the_output_not_its_temporary_name(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "big.jsonl"
+    script = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+        f"from dpolab import outputs; outputs.write_jsonl({str(target)!r}, [{{'a': 'x' * 100}}] * 100)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and f"File too large: '{target}'" in result.stderr, result.stderr[-1500:]
+    assert not target.exists() and list(tmp_path.iterdir()) == []

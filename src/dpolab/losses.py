@@ -372,12 +372,13 @@ def cdpo(
     return _output(losses, beta * chosen_logratio, beta * rejected_logratio)
 
 
-def sft(logps: PreferenceLogps, reduction: str = "token_mean") -> LossOutput:
+def sft(logps: PreferenceLogps, reduction: str = "batch_token_mean") -> LossOutput:
     """SFT on the chosen completion: L = −log π_θ(y_w|x), reduced per ``reduction``.
 
-    ``token_mean`` (default): each pair's NLL divided by its own token count. ``sum``: the
-    sequence NLL, for which ∂L/∂π_w = −1/π_w (3D paper Eq. 7). ``batch_token_mean``: token-weighted
-    mean over the batch, TRL's ``sft`` loss type. Combine it with any loss through ``sft_weight``.
+    ``batch_token_mean`` (default): the token-weighted mean over the batch, TRL's ``sft`` loss type and
+    its SFTTrainer's loss. ``token_mean``: each pair's NLL divided by its own token count. ``sum``: the
+    sequence NLL, for which ∂L/∂π_w = −1/π_w (3D paper Eq. 7). Combine it with any loss through
+    ``sft_weight`` (the reduction is then ``sft_reduction``, with the same default).
     """
     nll = _nll(logps, reduction, "sft")
     return _output(nll, logps.policy_chosen_logps, logps.policy_rejected_logps, nll=nll)
@@ -760,13 +761,26 @@ class LossSpec:
     needs_reference: bool = True
     needs_lengths: str = "no"
     trl_name: str | None = None
+    """TRL's name of the loss: a ``DPOConfig.loss_type`` value when ``trl_trainer`` is ``DPOTrainer``."""
     inputs: str = "logps"
+    trl_trainer: str = "DPOTrainer"
+    """The TRL trainer that computes it (``CPOTrainer`` for SimPO, ``ORPOTrainer`` for ORPO)."""
+    trl_beta: str | None = "beta"
+    """The parameter that TRL's ``beta`` sets: ``tau`` for IPO (TRL passes τ as beta), None when TRL's
+    ``beta`` does not enter the loss (``sft``)."""
 
     @property
     def defaults(self) -> dict[str, object]:
         """Parameter defaults, read from the function's signature (the single source of truth)."""
         parameters = list(inspect.signature(self.function).parameters.values())[1:]
         return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+    @property
+    def trl_label(self) -> str | None:
+        """TRL's name as `dpolab losses` shows it: the loss type, and the trainer when it is not DPOTrainer."""
+        if self.trl_trainer == "DPOTrainer":
+            return self.trl_name
+        return f"{self.trl_name} ({self.trl_trainer})" if self.trl_name else self.trl_trainer
 
     @property
     def summary(self) -> str:
@@ -811,6 +825,7 @@ LOSSES: dict[str, LossSpec] = {
             "Azar et al. 2024 Eq. 17; 3D paper Eq. 8",
             needs_lengths="if length_normalized",
             trl_name="ipo",
+            trl_beta="tau",
         ),
         LossSpec(
             "slic",
@@ -833,6 +848,7 @@ LOSSES: dict[str, LossSpec] = {
             needs_reference=False,
             needs_lengths="if reduction≠sum",
             trl_name="sft",
+            trl_beta=None,
         ),
         LossSpec(
             "exo_pair",
@@ -888,7 +904,8 @@ LOSSES: dict[str, LossSpec] = {
             "Meng et al. 2024 Eq. 6",
             needs_reference=False,
             needs_lengths="yes",
-            trl_name="simpo (CPOTrainer)",
+            trl_name="simpo",
+            trl_trainer="CPOTrainer",
         ),
         LossSpec(
             "orpo",
@@ -897,7 +914,7 @@ LOSSES: dict[str, LossSpec] = {
             "Hong et al. 2024 Eqs. 4–7",
             needs_reference=False,
             needs_lengths="yes",
-            trl_name="ORPOTrainer",
+            trl_trainer="ORPOTrainer",
         ),
         LossSpec(
             "reward_model",
@@ -910,8 +927,13 @@ LOSSES: dict[str, LossSpec] = {
     ]
 }
 
-# TRL's names for the same losses, accepted everywhere a loss name is.
-ALIASES: dict[str, str] = {"sigmoid": "dpo"}
+# The one map of TRL's names, read off the catalogue above: TRL 1.16's DPOConfig.loss_type values and the loss that
+# computes each (tested against a real DPOTrainer), and the ones that differ from dpolab's name, accepted everywhere
+# a loss name is.
+TRL_DPO_LOSS_TYPES: dict[str, str] = {
+    spec.trl_name: name for name, spec in LOSSES.items() if spec.trl_name and spec.trl_trainer == "DPOTrainer"
+}
+ALIASES: dict[str, str] = {trl: name for trl, name in TRL_DPO_LOSS_TYPES.items() if trl != name}
 
 # Losses that take the f_divergence option (TRL allows it on the same set, where a loss is in TRL).
 F_DIVERGENCE_LOSSES = tuple(name for name, spec in LOSSES.items() if "f_divergence" in spec.defaults)
@@ -959,7 +981,7 @@ class Objective:
     Args:
         terms: the losses and their weights.
         sft_weight: α ≥ 0, the weight of the chosen-completion NLL added to the sum (3D paper Eq. 7).
-        sft_reduction: ``token_mean`` (default), ``sum`` or ``batch_token_mean``; see :func:`sft`.
+        sft_reduction: ``batch_token_mean`` (default), ``token_mean`` or ``sum``; see :func:`sft`.
         validate_inputs: check shapes and finiteness of the log-probs on every call.
     """
 
@@ -967,7 +989,7 @@ class Objective:
         self,
         terms: list[LossTerm],
         sft_weight: float = 0.0,
-        sft_reduction: str = "token_mean",
+        sft_reduction: str = "batch_token_mean",
         validate_inputs: bool = True,
     ) -> None:
         if not terms:
@@ -1018,7 +1040,7 @@ def objective_from_config(
     loss_weights: list[float] | None = None,
     loss_params: dict[str, object] | list[dict[str, object]] | None = None,
     sft_weight: float = 0.0,
-    sft_reduction: str = "token_mean",
+    sft_reduction: str = "batch_token_mean",
 ) -> Objective:
     """Build an :class:`Objective` from config-style fields (TRL-like ``loss_type`` + ``loss_weights``).
 
@@ -1040,28 +1062,22 @@ def objective_from_config(
         if unknown:
             raise ValueError(f"no loss among {names} has a parameter {unknown[0]!r}")
         per_loss = [{k: v for k, v in shared.items() if k in get_loss(n).defaults} for n in names]
+    # One key for every SFT NLL: the sft loss reduces as the sft_weight term does, unless its params say otherwise
+    per_loss = [
+        {"reduction": sft_reduction, **params} if get_loss(n).name == "sft" else params
+        for n, params in zip(names, per_loss, strict=True)
+    ]
     terms = [LossTerm(n, w, p) for n, w, p in zip(names, weights, per_loss, strict=True)]
     return Objective(terms, sft_weight=sft_weight, sft_reduction=sft_reduction)
 
 
-# TRL 1.16 DPOConfig.loss_type values and the dpolab loss that computes each.
-TRL_DPO_LOSS_TYPES: dict[str, str] = {
-    "sigmoid": "dpo",
-    "hinge": "hinge",
-    "ipo": "ipo",
-    "exo_pair": "exo_pair",
-    "nca_pair": "nca_pair",
-    "robust": "robust",
-    "bco_pair": "bco_pair",
-    "sppo_hard": "sppo_hard",
-    "aot": "aot",
-    "aot_unpaired": "aot_unpaired",
-    "apo_zero": "apo_zero",
-    "apo_down": "apo_down",
-    "discopop": "discopop",
-    "sft": "sft",
-    "sigmoid_norm": "sigmoid_norm",
-}
+def trl_beta_keys(loss: str | list[str]) -> list[str]:
+    """The parameters that TRL's ``beta`` sets for ``loss`` (a name or a list): ``beta``, and ``tau`` for IPO (TRL
+    passes τ as beta); none for ``sft``. The config's ``beta`` (a TRL name) goes to these, as
+    :func:`objective_from_trl` does."""
+    names = [loss] if isinstance(loss, str) else list(loss)
+    keys = [get_loss(name).trl_beta for name in names if isinstance(name, str)]
+    return list(dict.fromkeys(key for key in keys if key))
 
 
 def objective_from_trl(
@@ -1076,7 +1092,7 @@ def objective_from_trl(
     """The :class:`Objective` that computes what TRL 1.16's ``DPOTrainer`` computes for these ``DPOConfig`` fields.
 
     For users moving a TRL config over. The mapping: ``beta`` is τ for ``ipo`` (length-normalised,
-    as in TRL); ``sft`` is the token-weighted batch NLL (``reduction="batch_token_mean"``);
+    as in TRL); ``sft`` is the token-weighted batch NLL (``reduction="batch_token_mean"``, the default);
     ``label_smoothing`` goes to the losses that read it (exo_pair, robust, aot, aot_unpaired);
     TRL's ``sigmoid`` ignores it, and so does this mapping. The tests check every loss type against
     a real ``DPOTrainer``.
@@ -1091,10 +1107,10 @@ def objective_from_trl(
         if name not in TRL_DPO_LOSS_TYPES:
             raise ValueError(f"unknown TRL loss_type {name!r}; TRL 1.16's are {', '.join(TRL_DPO_LOSS_TYPES)}")
         spec = LOSSES[TRL_DPO_LOSS_TYPES[name]]
-        if spec.name == "sft":
-            terms.append(LossTerm("sft", weight, {"reduction": "batch_token_mean"}))
+        if spec.trl_beta is None:  # sft: TRL's token-weighted batch NLL, dpolab's default reduction
+            terms.append(LossTerm(spec.name, weight, {}))
             continue
-        params: dict[str, object] = {"tau": beta} if spec.name == "ipo" else {"beta": beta}
+        params: dict[str, object] = {spec.trl_beta: beta}
         if "label_smoothing" in spec.defaults:
             params["label_smoothing"] = label_smoothing
         if spec.name == "discopop":

@@ -19,6 +19,7 @@ This module imports nothing of dpolab's: every layer may use it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -97,6 +98,8 @@ def run_kind(folder: Path) -> str | None:
             (folder / n).exists() for n in ("metrics.jsonl", "summary.json", "checkpoints", ".lock", "model")
         ):
             return "train"
+        if (folder / ".lock").is_file():
+            return "train"  # a run starting, running, or that failed before it wrote its config (a bad row)
         if (folder / "figure2_dpo_3d_properties.png").is_file() and (folder / "runs").is_dir():
             return "toy-figures"
         config = folder / "config.json"
@@ -155,6 +158,7 @@ def check_output(
     option: str = "--out",
     file: bool = False,
     writes: Iterable[str] = (),
+    owner: str | None = None,
 ) -> Path:
     """``out`` as a Path, once it is known to be a safe place for an output of ``kind`` (module docstring).
 
@@ -162,8 +166,9 @@ def check_output(
     error (``--model``, ``the data``). Inputs that do not exist here (hub ids) are not compared. ``option``
     names the output in errors (``--out``, ``output_dir``); ``file``: the output is a file, so an existing
     folder there is refused at once, before any work. ``writes``: the names a folder output writes at its
-    top level; in an existing folder that is not this command's (a run folder of another kind, or one holding
-    other files), a file or folder of those names is the user's, and is not replaced. Returns the output
+    top level; in an existing folder that is not this command's own earlier output (a run folder of its kind,
+    or a folder :func:`claim_folder` marked as ``owner``'s), a file or folder of those names is someone's,
+    and is not replaced; nor is anything written through a symbolic link of those names. Returns the output
     with ``~`` expanded: the path to write to. ``ValueError`` with one line otherwise.
     """
     given = Path(out).expanduser()
@@ -186,21 +191,50 @@ def check_output(
         if source in resolved.parents and run_kind(source) is None:  # inside a run folder: its own rule below
             raise ValueError(f"{option} {out} is inside the {name} ({path}); choose an {option} outside every input")
     _check_run_folders(given, resolved, kind, option)
-    _check_folder_contents(given, kind, option, frozenset(writes))
+    _check_folder_contents(given, kind, option, frozenset(writes), owner)
     return given
 
 
-def _check_folder_contents(folder: Path, kind: str, option: str, writes: frozenset[str]) -> None:
-    if not writes or not folder.is_dir() or run_kind(folder) == kind:
+OWNER = ".dpolab-output"
+"""The file a command leaves in a folder output of its own (its name inside): a rerun of the same command may
+replace what it wrote there; anything else there is someone's."""
+
+
+def _check_folder_contents(folder: Path, kind: str, option: str, writes: frozenset[str], owner: str | None) -> None:
+    if not writes or not folder.is_dir():
         return
-    present = {entry.name for entry in folder.iterdir() if not entry.name.startswith(".")}
-    replaced = sorted(present & writes)
-    if replaced and not present <= writes:  # not this command's earlier output: the files are someone's
+    linked = sorted(name for name in writes if (folder / name).is_symlink())
+    if linked:  # written through, or deleted through, it would reach another folder
+        raise ValueError(
+            f"{option} {folder}: {linked[0]} is a symbolic link (to {os.readlink(folder / linked[0])}); dpolab does "
+            "not write or delete through links in its outputs: remove the link or choose another folder"
+        )
+    if run_kind(folder) == kind or (owner is not None and _owner(folder) == owner):
+        return  # the command's own earlier output: its own rules (resume, --overwrite, replace) apply
+    replaced = sorted(entry.name for entry in folder.iterdir() if entry.name in writes)
+    if replaced:
         shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if len(replaced) > 4 else "")
         raise ValueError(
-            f"{option} {folder} holds other files, and this command would replace its {shown}: choose a new or "
-            "empty folder"
+            f"{option} {folder} holds files this command did not write, and it would replace its {shown}: "
+            "choose a new or empty folder"
         )
+
+
+def _owner(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def claim_folder(folder: str | os.PathLike, owner: str) -> Path:
+    """Create ``folder`` (a folder output that :func:`check_output` passed) and mark it as ``owner``'s, so that a
+    rerun of that command may replace its files there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if _owner(folder) != owner:
+        write_text(folder / OWNER, owner + "\n")
+    return folder
 
 
 def _check_run_folders(given: Path, resolved: Path, kind: str, option: str) -> None:
@@ -250,8 +284,25 @@ def check_outputs(
 
 
 def _temporary(path: Path) -> Path:
-    # The suffix stays last so that writers that infer a format from it (matplotlib) still do.
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """``.tmp-<8 hex of the name>-<pid><suffix>`` beside ``path``: short whatever the name's length (a 255-byte
+    name stays writable), the suffix last (matplotlib reads the format from it), and what an earlier process
+    killed while writing the same path left behind found by its prefix and removed."""
+    digest = hashlib.sha256(path.name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    for stale in path.parent.glob(f".tmp-{digest}-*"):
+        pid = stale.name[len(f".tmp-{digest}-") :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return path.with_name(f".tmp-{digest}-{os.getpid()}{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -266,6 +317,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a file-size limit: name the output, not the temporary name
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -289,7 +342,9 @@ Note = Callable[[str], None]
 
 
 def stderr_note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
+    from dpolab.console import printable  # the keys named come from the data
+
+    print(printable(f"note: {message}"), file=sys.stderr)
 
 
 def strict_json(value, where: str = "") -> tuple[object, list[str]]:

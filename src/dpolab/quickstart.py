@@ -161,7 +161,7 @@ def build_model(out: Path, size: Size, seed: int) -> Path:
 
 def greedy_accuracy(model_dir: Path, problems: list[dict], max_new_tokens: int, progress: bool, name: str) -> dict:
     """Share of ``problems`` whose greedy solution ends in the right number (``#### N``)."""
-    from dpolab.evaluate import math_accuracy
+    from dpolab.eval.maths import math_accuracy
 
     result = math_accuracy(
         model_dir,
@@ -242,7 +242,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "full", seed
             "data": str(out / "data" / "sft.jsonl"),
             "task": "sft",
             "loss": "sft",
-            "loss_params": {"reduction": "batch_token_mean"},
+            "sft_reduction": "batch_token_mean",
             "epochs": spec.sft_epochs,
             "output_dir": str(sft_dir),
         }

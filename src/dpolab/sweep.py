@@ -30,7 +30,8 @@ import yaml
 from dpolab import safe_yaml
 from dpolab.outputs import RUN_FILES, atomic_path, check_output, write_json, write_text
 from dpolab.report.sweep import CHANGE_SUFFIX, value_text
-from dpolab.train.config import dotted_keys, nested_settings
+from dpolab.settings import dotted_keys
+from dpolab.settings import parse as nested_settings
 
 TRAINING_RECIPES = ("train", "sft", "rm", "ppo")
 RECIPES = (*TRAINING_RECIPES, "toy")
@@ -434,6 +435,7 @@ def evaluations(spec: SweepSpec) -> list[EvaluateSpec]:
         if several and not evaluate.name:
             raise ValueError(f"{where}: with several evaluations each needs a name (its metrics: evaluate/<name>/...)")
         evaluation_command(evaluate, {name: name for name in PLACEHOLDERS} | {"config": None}, where)
+        check_evaluation_output(evaluate.output, spec.recipe, where)
         checked.append(evaluate)
     for key in ("name", "output"):
         values = [getattr(e, key) for e in checked]
@@ -441,6 +443,17 @@ def evaluations(spec: SweepSpec) -> list[EvaluateSpec]:
         if repeated:
             raise ValueError(f"sweep.evaluate: two evaluations have the {key} {repeated[0]!r}; give each its own")
     return checked
+
+
+def check_evaluation_output(output: str, recipe: str, where: str) -> None:
+    """An evaluation's ``output`` is a file name inside the run's folder: not a path out of it (it would land on
+    the spec, the data, another run), and not one of the files the run itself wrote (its summary.json)."""
+    path = Path(output)
+    if not output or path.is_absolute() or output.startswith("~") or ".." in path.parts:
+        raise ValueError(f"{where}.output: a file name inside each run's folder (e.g. math.json); got {output!r}")
+    own = RUN_FILES["toy" if recipe == "toy" else "train"] | {"samples.jsonl", "harness.jsonl"}
+    if path.parts[0] in own:
+        raise ValueError(f"{where}.output: {output!r} is a file the run writes itself; name the evaluation's own file")
 
 
 def run_toy_job(job: Job) -> dict:

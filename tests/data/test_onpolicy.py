@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from dpolab.data.formats import load_examples
-from dpolab.data.onpolicy import best_and_worst, judge_file, pairs_file, read_prompts, sample_file, scenario_files
+from dpolab.data.onpolicy import best_and_worst, pairs_file, read_prompts, scenario_files
 from dpolab.eval.judges import MATH_RUBRIC, LLMJudge, MathJudge, RewardModelJudge, parse_score
+from dpolab.pipeline.judge import judge_file
+from dpolab.pipeline.sample import sample_file
 from tests.chat_server import ChatServer
 from tests.tiny import save_tiny_model, tiny_tokenizer
 

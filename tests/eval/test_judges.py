@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpolab.data.answers import answers_match
-from dpolab.data.onpolicy import judge_file, pairs_file
+from dpolab.data.onpolicy import pairs_file
 from dpolab.eval.agreement import agreement, cohen_kappa, kappa_interval
 from dpolab.eval.judges import LLMJudge, MathJudge, RulesJudge, read_rule_file
+from dpolab.pipeline.judge import judge_file
 from tests.chat_server import ChatServer
 
 

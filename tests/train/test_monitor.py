@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from dpolab.report.runs import load_run
+from dpolab.settings import MonitorSettings, monitor_settings
 from dpolab.toy.lab import RLHF, ToyConfig, run_toy
 from dpolab.train import TrainConfig, run
-from dpolab.train.monitor import MonitorConfig, Trajectory, check_alarms, monitor_config
+from dpolab.train.monitor import Trajectory, check_alarms
 from tests.tiny import save_tiny_model
 
 # Low edit distance: chosen and rejected differ in one number (the Smaug setting).
@@ -35,7 +36,7 @@ def trajectory(chosen, rejected, margin, below, probe_data=(), probe_samples=())
             t.probe_steps.append(i + 1)
             t.probe_data_logp.append(probe_data[i])
             t.probe_sample_logp.append(probe_samples[i])
-        alarms += check_alarms(t, MonitorConfig(window=10), fired)
+        alarms += check_alarms(t, MonitorSettings(window=10), fired)
     return [a["alarm"] for a in alarms]
 
 
@@ -57,10 +58,10 @@ def test_rules_on_synthetic_trajectories():
 
 
 def test_monitor_config_errors():
-    with pytest.raises(ValueError, match="monitor: unknown key 'windw'"):
-        monitor_config({"windw": 3})
+    with pytest.raises(ValueError, match="monitor.windw: not a monitor setting \\(did you mean 'window'\\?\\)"):
+        monitor_settings({"windw": 3})
     with pytest.raises(ValueError, match="monitor.on_alarm: must be warn or stop; got 'halt'"):
-        monitor_config({"on_alarm": "halt"})
+        monitor_settings({"on_alarm": "halt"})
 
 
 @pytest.fixture(scope="module")

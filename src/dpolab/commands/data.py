@@ -74,10 +74,11 @@ def data_edit_stats_command(args: argparse.Namespace) -> int:
 
     from dpolab.data.edit_stats import edit_stats, write_outputs
     from dpolab.data.formats import load_examples
-    from dpolab.outputs import check_output
+    from dpolab.outputs import check_output, claim_folder
 
     inputs = {"input file": args.file, "tokenizer": args.tokenizer}
-    args.out = str(check_output(args.out, "data", inputs, writes={"summary.json", "histogram.png"}))
+    writes, owner = {"summary.json", "histogram.png"}, "dpolab data edit-stats"
+    args.out = str(claim_folder(check_output(args.out, "data", inputs, writes=writes, owner=owner), owner))
     start = time.perf_counter()
     examples, bad = load_examples(args.file, on_bad_rows="skip")
     if not examples:
@@ -128,10 +129,12 @@ def data_from_choices_command(args: argparse.Namespace) -> int:
 
 def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
     from dpolab.data.scenarios import write_scenarios
-    from dpolab.outputs import check_output
+    from dpolab.outputs import check_output, claim_folder
 
     scenarios = {f"scenario{number}.jsonl" for number in (1, 2, 3, 4)}
-    args.out = str(check_output(args.out, "data", {"input file": args.file}, writes=scenarios))
+    owner = "dpolab data gsm8k-scenarios"
+    args.out = str(claim_folder(check_output(args.out, "data", {"input file": args.file}, writes=scenarios,
+                                             owner=owner), owner))  # fmt: skip
     counts = write_scenarios(args.file, args.out, args.policy, args.other)
     say(
         f"{counts['questions']} questions, {counts['solutions']} model solutions judged "
@@ -145,8 +148,8 @@ def data_gsm8k_scenarios_command(args: argparse.Namespace) -> int:
 
 
 def data_sample_command(args: argparse.Namespace) -> int:
-    from dpolab.data.onpolicy import sample_file
     from dpolab.outputs import check_output
+    from dpolab.pipeline.sample import sample_file
 
     args.out = str(check_output(args.out, "data", {"prompts file": args.prompts, "model": args.model}, file=True))
     progress, stack = _progress(not args.no_progress, f"sampling {args.n} per prompt")
@@ -185,9 +188,9 @@ def _read_rubric(path: str) -> str:
 
 
 def data_judge_command(args: argparse.Namespace) -> int:
-    from dpolab.data.onpolicy import judge_file
     from dpolab.eval import judges
     from dpolab.outputs import check_output
+    from dpolab.pipeline.judge import judge_file
 
     inputs = {"input file": args.file, "rule file": args.rules, "rubric": args.rubric, "model": args.model}
     args.out = str(check_output(args.out, "data", inputs, file=True))
@@ -235,8 +238,7 @@ def data_judge_command(args: argparse.Namespace) -> int:
 
 def data_agreement_command(args: argparse.Namespace) -> int:
     from dpolab.eval.agreement import agreement, table
-    from dpolab.evaluate import write_result
-    from dpolab.outputs import check_output
+    from dpolab.outputs import check_output, write_json
 
     if args.out:
         inputs = {"first file": args.first, "second file": args.second}
@@ -244,7 +246,7 @@ def data_agreement_command(args: argparse.Namespace) -> int:
     result = agreement(args.first, args.second, args.threshold_first, args.threshold_second)
     say(table(result))
     if args.out:
-        write_result(result, args.out)
+        write_json(args.out, result)
         say(f"wrote {args.out}")
     return 0
 
@@ -265,11 +267,12 @@ def data_pairs_command(args: argparse.Namespace) -> int:
 
 def data_scenario_command(args: argparse.Namespace) -> int:
     from dpolab.data.onpolicy import SCENARIOS, scenario_files
-    from dpolab.outputs import check_output
+    from dpolab.outputs import check_output, claim_folder
 
     writes = {f"scenario{number}.jsonl" for number in SCENARIOS} | {"summary.json"}
     inputs = {"policy file": args.policy, "other file": args.other}
-    args.out = str(check_output(args.out, "data", inputs, writes=writes))
+    owner = "dpolab data scenario"
+    args.out = str(claim_folder(check_output(args.out, "data", inputs, writes=writes, owner=owner), owner))
     summary = scenario_files(args.policy, args.other, args.out, args.good_score, args.same_prompts)
     say(f"{summary['prompts']} prompts; good = score >= {summary['good_score']:g}")
     for number, counts in summary["scenarios"].items():

@@ -18,8 +18,8 @@ def route(argv: list[str]) -> list[str]:
 
 
 def math_command(args: argparse.Namespace) -> int:
-    from dpolab.evaluate import evaluate_file, write_result
-    from dpolab.outputs import check_outputs
+    from dpolab.eval.maths import evaluate_file
+    from dpolab.outputs import check_outputs, write_json
 
     inputs = {"data": args.data, "model": args.model, "--fewshot-data": args.fewshot_data}
     args.out = check_outputs({"--out": args.out}, "eval", inputs)["--out"]
@@ -38,7 +38,7 @@ def math_command(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )
     if args.out:
-        write_result(result, args.out)
+        write_json(args.out, result)
     say(
         f"{args.model}: greedy accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['problems']}); "
         f"{result['no_final_answer']} without a final answer" + (f"; generations in {args.out}" if args.out else "")
@@ -77,8 +77,7 @@ def harness_files(tasks: list[str], data_dir: str | None, data: list[str], fewsh
 
 def harness_command(args: argparse.Namespace) -> int:
     from dpolab.eval.harness import evaluate_directory, table
-    from dpolab.evaluate import write_result
-    from dpolab.outputs import check_output, check_outputs
+    from dpolab.outputs import check_output, check_outputs, claim_folder, write_json
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -92,7 +91,9 @@ def harness_command(args: argparse.Namespace) -> int:
         from dpolab.eval.tasks import PREFIX
 
         writes = {"utils.py"} | {f"{PREFIX}{task}.yaml" for task in tasks}
-        args.task_dir = check_output(args.task_dir, "eval", inputs, "--task-dir", writes=writes)
+        owner = "dpolab eval harness --task-dir"
+        args.task_dir = check_output(args.task_dir, "eval", inputs, "--task-dir", writes=writes, owner=owner)
+        claim_folder(args.task_dir, owner)
         if args.out is not None and args.out.resolve().parent == args.task_dir.resolve() and args.out.name in writes:
             raise ValueError(f"--out {args.out} is one of the files --task-dir writes; give it another name")
     result = evaluate_directory(
@@ -108,7 +109,7 @@ def harness_command(args: argparse.Namespace) -> int:
         log_samples=args.log_samples,
     )
     if args.out:
-        write_result(result, args.out)
+        write_json(args.out, result)
     say(table(result, title=f"{args.model} (lm-evaluation-harness {result['lm_eval_version']})"))
     if args.out:
         say(f"results in {args.out}")
@@ -117,8 +118,7 @@ def harness_command(args: argparse.Namespace) -> int:
 
 def contamination_command(args: argparse.Namespace) -> int:
     from dpolab.eval.contamination import check, table
-    from dpolab.evaluate import write_result
-    from dpolab.outputs import check_outputs
+    from dpolab.outputs import check_outputs, write_json
 
     inputs = {"data": args.data, "model": args.model, "reference": args.reference}
     args.out = check_outputs({"--out": args.out}, "eval", inputs)["--out"]
@@ -135,7 +135,7 @@ def contamination_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.out:
-        write_result(result, args.out)
+        write_json(args.out, result)
     say(table(result))
     if args.out:
         say(f"scores of every text in {args.out}")
@@ -225,15 +225,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_tokens(commands)
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")
+"""The file types a figure is written as (matplotlib's, read from the name)."""
+
+
 def tokens_command(args: argparse.Namespace) -> int:
 
     from dpolab.eval.tokens import plot_positions, table, token_report
-    from dpolab.evaluate import write_result
-    from dpolab.outputs import check_outputs, write_jsonl
+    from dpolab.outputs import check_outputs, write_json, write_jsonl
 
     outputs = {"--out": args.out, "--tokens": args.tokens, "--plot": args.plot}
     inputs = {"data": args.data, "model": args.model, "reference": args.reference}
     args.out, args.tokens, args.plot = check_outputs(outputs, "eval", inputs).values()
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise ValueError(f"--plot {args.plot}: name an image file ({', '.join(PLOT_FORMATS)}); checked before any work")
     summary, rows = token_report(
         args.model,
         args.data,
@@ -249,7 +254,7 @@ def tokens_command(args: argparse.Namespace) -> int:
     )
     say(table(summary))
     if args.out:
-        write_result(summary, args.out)
+        write_json(args.out, summary)
         say(f"summary in {args.out}")
     if args.tokens:
         write_jsonl(args.tokens, rows)

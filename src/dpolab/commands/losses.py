@@ -28,7 +28,7 @@ def losses_command(args: argparse.Namespace) -> int:
                 "reference": spec.needs_reference,
                 "token_counts": spec.needs_lengths,
                 "inputs": spec.inputs,
-                "trl": spec.trl_name,
+                "trl": spec.trl_label,
                 "aliases": aliases,
                 "summary": spec.summary,
             }

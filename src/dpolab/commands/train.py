@@ -9,7 +9,7 @@ from pathlib import Path
 # What each command sets before the config file and flags (which may override it).
 COMMAND_DEFAULTS = {
     "train": None,
-    "sft": {"task": "sft", "loss": "sft", "loss_params": {"reduction": "batch_token_mean"}},
+    "sft": {"task": "sft", "loss": "sft"},
     "rm": {"task": "reward", "loss": "reward_model"},
     "ppo": {"task": "ppo", "loss": "ppo"},
 }
@@ -65,7 +65,6 @@ def train_command(args: argparse.Namespace) -> int:
         resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
     defaults = COMMAND_DEFAULTS[args.command]
     config = load_config(config_path, rest, defaults)
-    check_config_file_apart(config_path, config.output_dir)
     try:
         run(config, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:
@@ -83,22 +82,6 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"dpolab {args.command}: error: {lost.who}, so this process stops too; {advice}", file=sys.stderr)
         return 1
     return 0
-
-
-def check_config_file_apart(config_path: str | None, output_dir: str) -> None:
-    """A run writes its resolved config to ``output_dir/config.yaml``: that may be the file it started from
-    only when it is a run's own (a resume from ``RUN/config.yaml``), never a config the user wrote there, whose
-    comments and layout the run would replace."""
-    from dpolab.outputs import run_kind
-
-    if config_path is None:
-        return
-    source, folder = Path(config_path).expanduser().resolve(), Path(output_dir).expanduser().resolve()
-    if source == folder / "config.yaml" and run_kind(folder) != "train":
-        raise ValueError(
-            f"{config_path} is output_dir/config.yaml, which the run writes its resolved config over; keep your "
-            "config outside output_dir (a run's own config.yaml, for a resume, is fine)"
-        )
 
 
 def rerun_command(command: str, rest: list[str], resume: bool) -> str:

@@ -1,24 +1,22 @@
-"""The 3D paper's on-policy pipeline (PAPERS.md §5): sample → judge → pairs, and the four scenarios.
+"""The 3D paper's on-policy pipeline (PAPERS.md §5): sample → judge → pairs, and the four scenarios; the parts
+that need no model. Sampling and judging, which run one, are :mod:`dpolab.pipeline.sample` and
+:mod:`dpolab.pipeline.judge`; they read and write through the pieces here.
 
-- :func:`sample_file`: N candidates per prompt from a causal LM (one JSONL line per prompt).
-- :func:`judge_file`: a score per candidate from a judge (:mod:`dpolab.eval.judges`).
+- :func:`read_prompts`, :class:`AppendLog`, :func:`read_records`: the prompts, and the resumable JSONL outputs of
+  ``sample`` and ``judge`` (one line per prompt, a torn last line dropped first).
 - :func:`pairs_file`: best vs worst candidate per prompt; prompts whose candidates all score the same
   are dropped and counted.
 - :func:`scenario_files`: the four chosen/rejected source combinations (chosen from the policy or the
   data set's reference, rejected from the policy or another model's pool).
 
-``sample`` and ``judge`` append one line per prompt as they go and skip prompts already in the output,
-so an interrupted run continues where it stopped (a torn last line is dropped first). Every prompt that
-gives no pair is counted with its reason, nothing silently.
+Every prompt that gives no pair is counted with its reason, nothing silently.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,199 +279,6 @@ def scores_problem(scores: object) -> str | None:
         if isinstance(score, float) and not math.isfinite(score):
             return f"scores[{index}] must be a finite number or null, got {score}"
     return None
-
-
-# --- sample ------------------------------------------------------------------------------------
-
-
-def sample_file(
-    model: str,
-    prompts: str | Path,
-    out: str | Path,
-    *,
-    n: int = 8,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    prompt_field: str = "prompt",
-    reference_field: str | None = None,
-    allow_pickle: bool = False,
-    restart: bool = False,
-    chat_template: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-) -> dict:
-    """Sample ``n`` candidates per prompt; one line per prompt in ``out``: prompt_id, prompt, candidates.
-
-    Prompts are generated ``batch_size`` at a time (each with ``n`` samples). Batches sit at fixed
-    positions of the prompts file with a seed each, so a resumed run (same settings) gives the
-    candidates an uninterrupted one would have. ``progress(total, done)`` returns an ``advance(k)``
-    callback. ``chat_template``: render each prompt (a string becomes one user message) with the
-    tokenizer's chat template, as instruct models expect; prompts that are message lists always are.
-    """
-    from dpolab.engine.generate import generate
-    from dpolab.engine.loading import check_vocabulary, default_device, load_model, load_tokenizer
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
-    rows = read_prompts(prompts, prompt_field, reference_field)
-    policy = load_model(model, allow_pickle=allow_pickle, device=default_device())
-    tokenizer = load_tokenizer(model)
-    check_vocabulary(policy, tokenizer, model)
-    chat = chat_template or any(isinstance(row.prompt, list) for row in rows)
-    # Every prompt is rendered before any sampling: a template that fails on row 900 stops the run at once.
-    inputs = [
-        render_prompt(tokenizer, row.prompt, f"{prompts}: line {row.line} (prompt_id {row.prompt_id})")
-        if chat
-        else row.prompt
-        for row in rows
-    ]
-    settings = {
-        "chat_template": chat,
-        "n": n,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "batch_size": batch_size,
-    }
-    empty = 0
-    fingerprint = prompts_fingerprint(rows)
-    sampler = {"model": str(model), **settings, "prompt_rows": len(rows), "prompts_sha256": fingerprint}
-    with AppendLog(out, restart) as log:
-        require_same_prompts(log, rows, prompts, fingerprint)
-        log.require_same("sampler", sampler, ignore=("prompt_rows", "prompts_sha256"))
-        todo = [row for row in rows if row.prompt_id not in log.done]
-        advance = progress(len(rows), len(rows) - len(todo)) if progress else (lambda k: None)
-        # Batches sit at fixed positions of the prompts file and each has its own seed, so a resumed run
-        # regenerates an unfinished batch exactly and writes only its missing prompts.
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            missing = [row for row in batch if row.prompt_id not in log.done]
-            if not missing:
-                continue
-            candidates = generate(
-                policy,
-                tokenizer,
-                inputs[start : start + batch_size],
-                max_new_tokens=max_new_tokens,
-                batch_size=len(batch),
-                add_special_tokens=not chat,
-                num_return_sequences=n,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed * 1_000_003 + batch[0].prompt_id,
-            )
-            for row, texts in zip(batch, candidates, strict=True):
-                if row.prompt_id in log.done:
-                    continue
-                empty += sum(not text.strip() for text in texts)
-                record = {"prompt_id": row.prompt_id, "prompt": row.prompt, "candidates": texts}
-                if row.reference is not None:
-                    record["reference"] = row.reference
-                log.write({**record, **row.extra, "sampler": sampler})
-            advance(len(missing))
-    return {"prompts": len(rows), "sampled": len(todo), "resumed": len(rows) - len(todo), "empty_candidates": empty}
-
-
-def prompts_fingerprint(rows: list[PromptRow]) -> str:
-    """A digest of every prompt row (id, prompt, reference, other fields): a changed prompts file changes it."""
-    content = json.dumps([[r.prompt_id, r.prompt, r.reference, r.extra] for r in rows], sort_keys=True)
-    return hashlib.sha256(content.encode()).hexdigest()[:16]
-
-
-def require_same_prompts(log: AppendLog, rows: list[PromptRow], prompts: str | Path, fingerprint: str) -> None:
-    """Refuse to continue ``log`` from a prompts file whose contents changed since it was started (same path).
-
-    A prompt already sampled whose text or reference differs is named by its line; any other change (rows
-    added, removed or edited, other fields) is caught by the fingerprint of the whole file, which each
-    record's ``sampler`` stores. A resumed run must give the file an uninterrupted run on this file gives."""
-    by_id = {row.prompt_id: row for row in rows}
-    advice = "use the same prompts file, another output file, or --restart"
-    for prompt_id, record in sorted(log.done.items(), key=lambda item: str(item[0])):
-        row = by_id.get(prompt_id)
-        if row is None:
-            raise ValueError(f"{log.path}: prompt_id {prompt_id} was sampled, but {prompts} has no such prompt row "
-                             f"now ({len(rows)} rows): the prompts file changed; {advice}")  # fmt: skip
-        where = f"{prompts}: line {row.line} (prompt_id {prompt_id})"
-        if record.get("prompt") != row.prompt:
-            raise ValueError(f"{where}: the prompt differs from the one already sampled into {log.path} "
-                             f"(the prompts file changed); {advice}")  # fmt: skip
-        if record.get("reference") != row.reference:
-            raise ValueError(f"{where}: the reference differs from the one already sampled into {log.path} "
-                             f"(the prompts file changed); {advice}")  # fmt: skip
-    for prompt_id, record in log.done.items():
-        sampler = record.get("sampler") if isinstance(record.get("sampler"), dict) else {}
-        old = sampler.get("prompts_sha256")
-        if old is not None and old != fingerprint:
-            then = sampler.get("prompt_rows")
-            raise ValueError(
-                f"{prompts} changed since {log.path} was started ({then} prompt rows then, {len(rows)} now; "
-                f"fingerprint {old} then, {fingerprint} now; prompt_id {prompt_id}): a resumed run would mix "
-                f"two prompt sets; {advice}"
-            )
-
-
-# --- judge -------------------------------------------------------------------------------------
-
-
-def _judge_batch(judge, batch: list[dict]) -> list[list]:
-    """The verdicts of each record's candidates: the judge sees a prompt's candidates together when it ranks
-    them (``groupwise``), else every candidate alone (with its prompt_id, for rules set per prompt)."""
-    if getattr(judge, "groupwise", False):
-        return judge.score_groups([(judged_prompt(r), r["candidates"], r.get("reference")) for r in batch])
-    items = [(judged_prompt(r), c, r.get("reference")) for r in batch for c in r["candidates"]]
-    if getattr(judge, "per_prompt", False):
-        verdicts = judge.score(items, [r["prompt_id"] for r in batch for _ in r["candidates"]])
-    else:
-        verdicts = judge.score(items)
-    grouped, at = [], 0
-    for record in batch:
-        grouped.append(verdicts[at : at + len(record["candidates"])])
-        at += len(record["candidates"])
-    return grouped
-
-
-def judge_file(
-    source: str | Path,
-    out: str | Path,
-    judge,
-    *,
-    restart: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    batch_prompts: int = 8,
-) -> dict:
-    """Score every candidate of ``source`` (a ``sample`` output) with ``judge``; adds ``scores`` and ``notes``.
-
-    A score is ``None`` when the judge could not give one (an empty generation, an unparsable reply);
-    the note says why. Resumable like ``sample``.
-    """
-    records, places = numbered_records(source, ["prompt_id", "prompt", "candidates"])
-    for at, record in zip(places, records, strict=True):
-        if judge.needs_reference and record.get("reference") is None:
-            raise ValueError(
-                f"{at} (prompt_id {record['prompt_id']}): the {judge.name} judge needs a 'reference' "
-                "(sample with --reference-field)"
-            )
-    if hasattr(judge, "check_prompts"):  # rules per prompt: every prompt has some, every id named exists
-        judge.check_prompts([record["prompt_id"] for record in records], source)
-    unscored = 0
-    with AppendLog(out, restart) as log:
-        log.require_same("judge", judge.describe(), ignore=("url",))
-        todo = [record for record in records if record["prompt_id"] not in log.done]
-        advance = progress(len(records), len(records) - len(todo)) if progress else (lambda k: None)
-        for start in range(0, len(todo), batch_prompts):
-            batch = todo[start : start + batch_prompts]
-            for record, mine in zip(batch, _judge_batch(judge, batch), strict=True):
-                unscored += sum(v.score is None for v in mine)
-                row = {**record, "scores": [v.score for v in mine], "notes": [v.note for v in mine]}
-                if any(v.details is not None for v in mine):
-                    row["details"] = [v.details for v in mine]
-                log.write({**row, "judge": judge.describe()})
-            advance(len(batch))
-    return {"prompts": len(records), "judged": len(todo), "resumed": len(records) - len(todo), "unscored": unscored}
 
 
 # --- pairs -------------------------------------------------------------------------------------

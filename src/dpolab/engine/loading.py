@@ -339,9 +339,12 @@ def check_vocabulary(model, tokenizer, model_name: str | Path, tokenizer_name: s
         if not isinstance(rows, int):
             return  # an architecture without a vocabulary size to compare with
     size = len(tokenizer)
-    largest = max([size - 1, *(i for i in tokenizer.all_special_ids if isinstance(i, int))])
+    # The largest id the tokenizer can produce, not its count: a vocabulary with gaps (an id moved past the
+    # end) has as many tokens as the model's rows and still indexes past them.
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    largest = max([size - 1, *vocabulary.values(), *(i for i in tokenizer.all_special_ids if isinstance(i, int))])
     if largest >= rows:
-        ids = f"{size} tokens" + (f", special ids up to {largest}" if largest >= size else "")
+        ids = f"{size} tokens" + (f", ids up to {largest}" if largest >= size else "")
         raise ValueError(
             f"tokenizer: {tokenizer_name or model_name} has {ids}, but the model {model_name} has {rows} embedding "
             f"rows, so ids from {rows} up would index past its vocabulary; use the model's own tokenizer, or "

@@ -268,7 +268,7 @@ def evaluation_section(runs: list[Run]) -> str:
 
 
 def _flatten(config: dict) -> dict[str, str]:
-    from dpolab.train.config import dotted_keys
+    from dpolab.settings import dotted_keys
 
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in dotted_keys(config).items()}
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab import safe_yaml
+from dpolab.settings import MonitorSettings
 from dpolab.train.metrics import read_metrics
-from dpolab.train.monitor import MonitorConfig, Trajectory, check_alarms
+from dpolab.train.monitor import Trajectory, check_alarms
 
 
 @dataclass
@@ -146,9 +147,9 @@ def _toy_run(path: Path, config: dict, rows: list[dict], summary: dict) -> Run:
     return run
 
 
-def replay_alarms(run: Run, config: MonitorConfig | None = None) -> list[dict]:
+def replay_alarms(run: Run, config: MonitorSettings | None = None) -> list[dict]:
     """Evaluate the monitor's alarm rules over a recorded run, step by step (as they would fire live)."""
-    config = config or MonitorConfig()
+    config = config or MonitorSettings()
     trajectory, fired, alarms = Trajectory(), set(), []
     s = run.series
     for i, step in enumerate(run.steps):

@@ -41,8 +41,9 @@ from dpolab.engine.reference import (
     weights_fingerprint,
 )
 from dpolab.outputs import write_json, write_text
+from dpolab.settings import LoraSettings
 from dpolab.train.checkpoint import Checkpointer, check_process_count, config_differences, verify_checkpoint
-from dpolab.train.config import TrainConfig, lora_settings
+from dpolab.train.config import TrainConfig, upgrade_saved_config
 from dpolab.train.distributed import any_across, broadcast_object, gather_rows, record_peers, sum_across
 from dpolab.train.guard import NonFiniteError, RunLock, TrainingInterrupted, prepare_output_dir
 from dpolab.train.metrics import MetricsLog
@@ -151,7 +152,7 @@ def open_run(config: TrainConfig, accelerator, resume: str | None, overwrite: bo
                 state = verify_checkpoint(resume_from)
                 # Here, before the data is read and tokenised: a refusal after minutes of work helps nobody.
                 check_process_count(resume_from, state, accelerator.num_processes, out)
-                saved = state.get("config", {})
+                saved = upgrade_saved_config(state.get("config", {}))
                 changed = config_differences(saved, config.to_dict())
                 if changed:
                     details = ", ".join(f"{k}: {saved.get(k)!r} → {config.to_dict().get(k)!r}" for k in changed)
@@ -343,12 +344,12 @@ def load_reference(config: TrainConfig, model):
     return reference.eval()
 
 
-def apply_lora(model, lora: dict, task_type: str = "CAUSAL_LM"):
+def apply_lora(model, lora: LoraSettings, task_type: str = "CAUSAL_LM"):
     """The model with LoRA adapters; ``task_type="SEQ_CLS"`` (reward models) also trains the score head whole."""
     from peft import LoraConfig, get_peft_model
 
     try:
-        return get_peft_model(model, LoraConfig(task_type=task_type, **lora_settings(lora)))
+        return get_peft_model(model, LoraConfig(task_type=task_type, **lora.peft_kwargs()))
     except (ValueError, TypeError) as error:  # e.g. target_modules that the model does not have
         raise ValueError(f"lora: {' '.join(str(error).split())}") from None
 
@@ -453,10 +454,20 @@ def save_final_model(accelerator, model, tokenizer, directory: Path) -> None:
         # look for the base's config to find out, and warn when the base is itself an adapter folder.
         extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
         # Written beside, then renamed into place: a failure half-way leaves no half-written model folder.
+        from safetensors import SafetensorError
+
+        from dpolab.train.checkpoint import CheckpointWriteError
+
         temporary = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        unwrapped.save_pretrained(temporary, state_dict=state, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(temporary)
+        try:
+            unwrapped.save_pretrained(temporary, state_dict=state, safe_serialization=True, **extra)
+            tokenizer.save_pretrained(temporary)
+        except (OSError, RuntimeError, SafetensorError) as error:  # a full disk
+            shutil.rmtree(temporary, ignore_errors=True)
+            detail = " ".join(str(error).split())[:200]
+            raise CheckpointWriteError(f"cannot write the final model in {directory} ({detail}); is the disk full? "
+                                       "The checkpoints are untouched") from None  # fmt: skip
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(temporary, directory)
     accelerator.wait_for_everyone()
@@ -673,19 +684,6 @@ class DataIdentity:
                 f"cannot resume: the training data {self.source} is not what the checkpoint was trained on (its "
                 "tokenised rows differ: the file or the tokenizer changed); use a new output_dir or --overwrite"
             )
-
-
-class MonitorState:
-    """Adapts the 3D monitor to the checkpointer (its trajectory, fired alarms and alarm list)."""
-
-    def __init__(self, monitor) -> None:
-        self.monitor = monitor
-
-    def state_dict(self) -> dict:
-        return self.monitor.state()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.monitor.load_state(state)
 
 
 def alarm_stop(accelerator, log: MetricsLog, new_alarms: list[dict], on_alarm: str) -> str | None:

@@ -238,9 +238,11 @@ class Checkpointer:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
         self.accelerator.wait_for_everyone()
+        from safetensors import SafetensorError
+
         try:
             self.accelerator.save_state(str(temporary), safe_serialization=True)
-        except (OSError, RuntimeError) as error:  # a full disk: torch's writer raises RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as error:  # a full disk: torch's and safetensors' writers
             shutil.rmtree(temporary, ignore_errors=True)
             detail = " ".join(str(error).split())[:200]
             raise CheckpointWriteError(

@@ -6,18 +6,29 @@ is loaded. docs/training.md lists every field (generated from the docstrings bel
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab import safe_yaml
 from dpolab.data.formats import MAX_ROW_BYTES, check_max_row_bytes, looks_like_path, looks_local
+from dpolab.settings import (
+    EvalHarnessSettings,
+    LoraSettings,
+    MonitorSettings,
+    PPOSettings,
+    attribute_docs,
+    check_type,
+    dotted_keys,
+    eval_harness_settings,
+    lora_settings,
+    monitor_settings,
+    ppo_settings,
+    yaml_floats,
+)
 
 
 @dataclass
@@ -38,8 +49,8 @@ class TrainConfig:
     """Autocast of forward passes: ``auto`` (bf16 where the GPU supports it, else off), ``no``, ``bf16``, ``fp16``."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the source."""
-    lora: dict | None = None
-    """LoRA via peft (``pip install dpolab[peft]``), e.g. ``{r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, v_proj]}``."""
+    lora: LoraSettings | None = None
+    """LoRA via peft (``pip install dpolab[peft]``), e.g. ``{r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, v_proj]}``; any other field of peft's LoraConfig by its own name (:class:`dpolab.settings.LoraSettings`)."""
     disable_dropout: bool = True
     """Set every dropout probability to 0 in policy and reference (log-probs of the same text then agree): each ``nn.Dropout`` and the ``attention_dropout`` of Llama-style attention modules."""
 
@@ -72,8 +83,8 @@ class TrainConfig:
     """Parameters of the losses, e.g. ``{beta: 0.1}`` or ``{beta: 0.3, lam: 50}``; unknown names are an error."""
     sft_weight: float = 0.0
     """α of the SFT term α·NLL(chosen) added to the loss (3D paper Eq. 7)."""
-    sft_reduction: str = "token_mean"
-    """How the SFT term reduces over tokens: ``token_mean``, ``sum`` or ``batch_token_mean``."""
+    sft_reduction: str = "batch_token_mean"
+    """How the SFT NLL reduces over tokens, wherever it is (the ``sft_weight`` term, the ``sft`` loss, ``dpolab sft``): ``batch_token_mean`` (the token-weighted mean over the batch, TRL's), ``token_mean`` (each completion's mean, then the batch mean) or ``sum``."""
     ld_alpha: float | None = None
     """LD-DPO: weight of completion tokens beyond the shorter completion's length, in [0, 1] (TRL's ld_alpha)."""
     use_weighting: bool = False
@@ -122,12 +133,12 @@ class TrainConfig:
     """``torch.compile`` each decoder layer (dynamic shapes; the first steps pay the compilation). Off by default: over 32 steps on CPU it made training slower, compilation included (docs/performance.md)."""
 
     # --- RLHF-PPO ---------------------------------------------------------------------------
-    ppo: dict = field(default_factory=dict)
-    """Settings of ``dpolab ppo`` (docs/rlhf.md): ``{reward: {judge: math}, value_model: head, advantage: gae, samples_per_prompt: 1, max_new_tokens: 64, kl_coef: 0.05, ppo_epochs: 4, …}``. ``batch_size`` is then prompts per process per rollout."""
+    ppo: PPOSettings | None = None
+    """Settings of ``dpolab ppo`` (docs/rlhf.md, :class:`dpolab.settings.PPOSettings`): ``{reward: {judge: math}, value_model: head, advantage: gae, samples_per_prompt: 1, max_new_tokens: 64, kl_coef: 0.05, ppo_epochs: 4, …}``. ``batch_size`` is then prompts per process per rollout."""
 
     # --- monitoring ---------------------------------------------------------------------------
-    monitor: dict = field(default_factory=dict)
-    """The 3D monitor (docs/monitor.md): ``{enabled: true, window: 20, probe_steps: 50, probe_pairs: 8, sample_prompts: 4, sample_tokens: 32, on_alarm: warn, …thresholds}``; ``{enabled: false}`` turns it off. Task ppo: ``pairs: FILE`` of held-out preference pairs for its likelihood probes."""
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    """The 3D monitor (docs/monitor.md, :class:`dpolab.settings.MonitorSettings`): ``{enabled: true, window: 20, probe_steps: 50, probe_pairs: 8, sample_prompts: 4, sample_tokens: 32, on_alarm: warn, …thresholds}``; ``{enabled: false}`` turns it off. Task ppo: ``pairs: FILE`` of held-out preference pairs for its likelihood probes."""
 
     # --- outputs ---------------------------------------------------------------------------
     output_dir: str = "runs/dpo"
@@ -136,8 +147,8 @@ class TrainConfig:
     """Write metrics every N optimiser steps."""
     eval_steps: int | None = None
     """Evaluate on the held-out pairs every N steps (and at the end); default: only at the end."""
-    eval_harness: dict = field(default_factory=dict)
-    """lm-evaluation-harness on the policy in memory during training (docs/evaluation.md#during-training): ``{tasks: [gsm8k_plain], every: 100, data_dir: DIR, limit: 200, num_fewshot: 0, …}``; every N steps and at the end, into harness.jsonl, metrics, TensorBoard and the report. Needs the eval extra; not under FSDP."""
+    eval_harness: EvalHarnessSettings | None = None
+    """lm-evaluation-harness on the policy in memory during training (docs/evaluation.md#during-training, :class:`dpolab.settings.EvalHarnessSettings`): ``{tasks: [gsm8k_plain], every: 100, data_dir: DIR, limit: 200, num_fewshot: 0, …}``; every N steps and at the end, into harness.jsonl, metrics, TensorBoard and the report. Needs the eval extra; not under FSDP."""
     save_model: bool = True
     """Save the final model and tokenizer (safetensors, HF format) to output_dir/model."""
     tensorboard: bool = True
@@ -161,6 +172,17 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        # The nested sections are read once, here, into their typed settings (a mapping from YAML or the CLI,
+        # or settings already): every later use reads fields, never the mapping again.
+        if self.lora is not None:
+            self.lora = lora_settings(self.lora)
+        self.monitor = monitor_settings(self.monitor)
+        if self.ppo is not None:
+            self.ppo = ppo_settings(self.ppo) if self.ppo or isinstance(self.ppo, PPOSettings) else None
+        if self.eval_harness is not None:
+            self.eval_harness = eval_harness_settings(self.eval_harness) if self.eval_harness else None
+
     def validate(self) -> None:
         """Types, ranges and files; ``ValueError`` naming the key. Loads no model."""
         for key in ("model", "data"):
@@ -168,7 +190,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: required")
         hints = typing.get_type_hints(TrainConfig)
         for item in dataclasses.fields(self):
-            _check_type(item.name, getattr(self, item.name), hints[item.name])
+            check_type(item.name, getattr(self, item.name), hints[item.name])
         positive = (
             "learning_rate",
             "batch_size",
@@ -237,13 +259,10 @@ class TrainConfig:
                 raise ValueError(f"{key}: no such folder: {value}")
         for key in ("output_dir", "cache_dir"):
             _check_writable_folder(key, getattr(self, key))
-        if self.lora is not None:
-            lora_settings(self.lora)
         self._check_output_apart_from_inputs()
         from dpolab.losses import objective_from_config
-        from dpolab.train.monitor import monitor_config
 
-        pairs = monitor_config(self.monitor).pairs
+        pairs = self.monitor.pairs
         if pairs is not None and self.task != "ppo":
             raise ValueError(
                 "monitor.pairs: read by task ppo only (preference training probes its own eval pairs: eval_data)"
@@ -253,9 +272,9 @@ class TrainConfig:
         if self.eval_harness:
             if self.task == "reward":
                 raise ValueError("eval_harness: evaluates a language model; task reward trains a scorer")
-            from dpolab.train.harness_eval import check_settings
+            from dpolab.train.harness_eval import check_files
 
-            check_settings(self.eval_harness)
+            check_files(self.eval_harness)
         names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
         if self.task == "sft" and names != ["sft"]:
             raise ValueError(f"loss: task sft trains with loss: sft; got {self.loss!r}")
@@ -265,7 +284,7 @@ class TrainConfig:
         if self.task == "ppo":
             self._check_ppo_task(names)
             return
-        if self.ppo:
+        if self.ppo is not None:
             raise ValueError("ppo: settings of dpolab ppo (task: ppo); not used by this task")
         if "reward_model" in names:
             raise ValueError("loss: reward_model trains a reward model: use dpolab rm (task: reward)")
@@ -300,7 +319,7 @@ class TrainConfig:
 
     def _check_ppo_task(self, names: list[str]) -> None:
         """``task: ppo`` trains on prompts with the PPO objective of the ``ppo:`` settings: no preference loss keys."""
-        from dpolab.train.ppo_settings import ppo_settings
+        from dpolab.eval.judges import rules_problem
 
         if names != ["ppo"]:
             raise ValueError(f"loss: task ppo trains with the PPO objective (loss: ppo); got {self.loss!r}")
@@ -316,7 +335,11 @@ class TrainConfig:
                 raise ValueError(f"{key}: not used by task ppo (its settings are under ppo:, docs/rlhf.md)")
         if self.reference == "none":
             raise ValueError("reference: PPO needs a reference for its KL term: auto (the initial policy) or a model")
-        settings = ppo_settings(self.ppo)
+        settings = self.ppo if self.ppo is not None else ppo_settings({})  # no ppo: names the missing reward
+        if "rules" in settings.reward:
+            problem = rules_problem(settings.reward["rules"], "reward.rules")
+            if problem:
+                raise ValueError(f"ppo.{problem}")
         for key, value in (("reward.model", settings.reward.get("model")), ("value_model", settings.value_model)):
             if (
                 value
@@ -336,16 +359,19 @@ class TrainConfig:
             inputs["reference"] = self.reference
         inputs["cache_dir"] = self.cache_dir
         # the nested settings' files too: ppo.reward.model, ppo.value_model, monitor.pairs, eval_harness.data…
-        for key, value in dotted_keys(
-            {"ppo": self.ppo, "monitor": self.monitor, "eval_harness": self.eval_harness}
-        ).items():
+        sections = self.to_dict()
+        for key, value in dotted_keys({k: sections[k] for k in ("ppo", "monitor", "eval_harness")}).items():
             if isinstance(value, str) and value and Path(value).expanduser().exists():
                 inputs[key] = value
         writes = RUN_FILES["train"] | {"samples.jsonl", "harness.jsonl"}
         check_output(self.output_dir, "train", inputs, "output_dir", writes=writes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as YAML writes it: the typed sections as mappings (lora's other fields at its top level)."""
+        values = dataclasses.asdict(self)
+        if self.lora is not None:
+            values["lora"] = self.lora.to_dict()
+        return values
 
     def with_absolute_paths(self) -> TrainConfig:
         """A copy whose local paths (model, tokenizer, reference, data, eval data, cache, output folder) are
@@ -360,60 +386,22 @@ class TrainConfig:
             )(value)
             if local:
                 changes[key] = str(Path(value).expanduser().absolute())
-        if self.ppo:  # the reward model and the critic are inputs too
-            ppo = {**self.ppo, "reward": dict(self.ppo.get("reward") or {})}
-            if isinstance(ppo["reward"].get("model"), str) and looks_like_path(ppo["reward"]["model"]):
-                ppo["reward"]["model"] = str(Path(ppo["reward"]["model"]).expanduser().absolute())
-            critic = ppo.get("value_model")
-            if isinstance(critic, str) and critic not in ("head", "none") and looks_like_path(critic):
-                ppo["value_model"] = str(Path(critic).expanduser().absolute())
-            changes["ppo"] = ppo
-        if self.eval_harness:
+        if self.ppo is not None:  # the reward model and the critic are inputs too
+            reward = dict(self.ppo.reward)
+            if isinstance(reward.get("model"), str) and looks_like_path(reward["model"]):
+                reward["model"] = str(Path(reward["model"]).expanduser().absolute())
+            critic = self.ppo.value_model
+            if critic not in ("head", "none") and looks_like_path(critic):
+                critic = str(Path(critic).expanduser().absolute())
+            changes["ppo"] = dataclasses.replace(self.ppo, reward=reward, value_model=critic)
+        if self.eval_harness is not None:
             from dpolab.train.harness_eval import absolute_paths
 
             changes["eval_harness"] = absolute_paths(self.eval_harness)
-        pairs = (self.monitor or {}).get("pairs")
-        if isinstance(pairs, str) and looks_local(pairs):  # the PPO monitor's held-out pairs
-            changes["monitor"] = {**self.monitor, "pairs": str(Path(pairs).expanduser().absolute())}
+        pairs = self.monitor.pairs
+        if pairs is not None and looks_local(pairs):  # the PPO monitor's held-out pairs
+            changes["monitor"] = dataclasses.replace(self.monitor, pairs=str(Path(pairs).expanduser().absolute()))
         return dataclasses.replace(self, **changes)
-
-
-LORA_SHORT_NAMES = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
-
-
-def lora_settings(lora: dict) -> dict:
-    """``lora:`` as keyword arguments of peft's ``LoraConfig``: ``r`` (16), ``alpha`` (32), ``dropout`` (0), and
-    any other ``LoraConfig`` field by its own name. ``ValueError`` naming the key otherwise."""
-    settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
-    try:
-        from peft import LoraConfig
-
-        allowed = {f.name for f in dataclasses.fields(LoraConfig)} - {"task_type", "peft_type"}
-    except ImportError:
-        raise ValueError("lora: needs peft (pip install 'dpolab[peft]')") from None
-    for key, value in lora.items():
-        name = LORA_SHORT_NAMES.get(key, key)
-        if not isinstance(key, str) or name not in allowed:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), [*LORA_SHORT_NAMES, *sorted(allowed)], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"lora.{key}: not a LoRA setting{hint}; see peft's LoraConfig")
-        settings[name] = value
-    if isinstance(settings["r"], bool) or not isinstance(settings["r"], int) or settings["r"] < 1:
-        raise ValueError(f"lora.r: must be a positive integer; got {settings['r']!r}")
-    for key, name in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"lora.{key}: must be a number; got {value!r}")
-    if not 0 <= settings["lora_dropout"] < 1:
-        raise ValueError(f"lora.dropout: must lie in [0, 1); got {settings['lora_dropout']!r}")
-    targets = settings.get("target_modules")
-    if targets is not None and not (
-        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        raise ValueError(f"lora.target_modules: expected a name or a list of names; got {targets!r}")
-    return settings
 
 
 def _check_writable_folder(key: str, value: str) -> None:
@@ -430,112 +418,9 @@ def _check_writable_folder(key: str, value: str) -> None:
             return
 
 
-def dotted_keys(config: dict, prefix: str = "") -> dict:
-    """A nested config as dotted keys (``{"loss_params.beta": 0.1}``), the values as they are; an empty
-    mapping stays a value."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(dotted_keys(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def nested_settings(cls, values: object, key: str, noun: str, docs: str):
-    """The ``key:`` mapping of a config as the settings dataclass ``cls``: a mapping, known fields only (an
-    unknown one is named with the closest known one), each of its annotated type. ``ValueError`` naming
-    ``key.field``; ``noun`` says what a field is ("a PPO setting"), ``docs`` where they are described."""
-    import difflib
-
-    if not isinstance(values, dict):
-        raise ValueError(f"{key}: expected a mapping of settings ({docs}); got {values!r}")
-    known = [item.name for item in dataclasses.fields(cls)]
-    for name in values:
-        if name not in known:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{key}.{name}: not {noun}{hint}; see {docs}")
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        _check_type(f"{key}.{name}", value, hints[name])
-    return cls(**values)
-
-
-def _yaml_floats(value: object, hint) -> object:
-    """``value`` with the numbers YAML 1.1 reads as strings ("1e-5", "-1e-9": no dot) made floats wherever
-    ``hint`` expects a float, list elements included (``loss_weights: [1, 1e-9]``)."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if isinstance(value, str) and float in options:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    lists = [typing.get_args(o)[0] for o in options if typing.get_origin(o) is list and typing.get_args(o)]
-    if isinstance(value, list) and lists:
-        return [_yaml_floats(item, lists[0]) for item in value]
-    return value
-
-
-def _check_type(key: str, value: object, hint) -> None:
-    """A small runtime check of the annotated type: str, int, float, bool, list[...], dict, Optional, unions.
-
-    Floats must be finite (``.inf`` and ``.nan`` parse as YAML floats); list elements are checked too.
-    """
-    options = (
-        typing.get_args(hint)
-        if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-        else (hint,)
-    )
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if option is type(None) and value is None:
-            return
-        if origin is bool and isinstance(value, bool):
-            return
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"{key}: must be a finite number; got {value!r}")
-            return
-        if origin is list and isinstance(value, list):
-            (element,) = typing.get_args(option) or (object,)
-            for index, item in enumerate(value):
-                if element is not object:
-                    _check_type(f"{key}[{index}]", item, element)
-            return
-        if origin in (str, dict) and isinstance(value, origin):
-            return
-    names = " or ".join(_type_name(o) for o in options)
-    raise ValueError(f"{key}: expected {names}; got {value!r}")
-
-
-def _type_name(option) -> str:
-    if typing.get_origin(option) is list:
-        return f"a list of {_type_name(typing.get_args(option)[0])}"
-    return getattr(option, "__name__", str(option)).replace("NoneType", "null")
-
-
 def field_docs() -> dict[str, str]:
     """Field name → its docstring (the attribute docstrings in this file's source)."""
     return attribute_docs(TrainConfig)
-
-
-def attribute_docs(cls) -> dict[str, str]:
-    """Field name → its docstring (the string under each annotated attribute of a dataclass's source)."""
-    source = inspect.getsource(cls)
-    tree = ast.parse(source)
-    docs = {}
-    body = tree.body[0].body
-    for current, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(current, ast.AnnAssign)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[current.target.id] = following.value.value
-    return docs
 
 
 def load_config(
@@ -578,6 +463,7 @@ def load_config(
                 raise ValueError(f"--{key}: {parent} is not a mapping")
         target[leaf] = value
     data = translate_trl_names(data)
+    data = one_sft_reduction(data)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known, key=str)
     if unknown:
@@ -589,7 +475,7 @@ def load_config(
         raise ValueError(f"unknown config key {key!r}" + (f" ({hint})" if hint else "") + "; see dpolab train --keys")
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
-        data[key] = _yaml_floats(value, hints[key])
+        data[key] = yaml_floats(value, hints[key])
     config = TrainConfig(**data)
     config.validate()
     return config
@@ -597,7 +483,6 @@ def load_config(
 
 # TRL's DPOConfig / TrainingArguments names with the same meaning here: name → (dpolab key, value map or None).
 TRL_NAMES: dict[str, tuple[str, dict | None]] = {
-    "beta": ("loss_params.beta", None),
     "loss_type": ("loss", None),
     "per_device_train_batch_size": ("batch_size", None),
     "num_train_epochs": ("epochs", None),
@@ -648,7 +533,90 @@ def translate_trl_names(data: dict) -> dict:
             raise ValueError(f"{name} (TRL's name for {key}) = {value!r} conflicts with {key} = {target[leaf]!r}")
         target[leaf] = value
         print(f"note: TRL's {name} is {key} in dpolab (using {key}: {value})", file=sys.stderr)
+    if "beta" in data:
+        data = _translate_trl_beta(data)
     return data
+
+
+def _translate_trl_beta(data: dict) -> dict:
+    """TRL's ``beta`` into the parameter each loss reads it as (:func:`dpolab.losses.trl_beta_keys`: ``beta``,
+    ``tau`` for IPO, none for ``sft``), as :func:`dpolab.losses.objective_from_trl` does."""
+    import sys
+
+    from dpolab.losses import get_loss
+
+    value = data.pop("beta")
+    loss = data.get("loss", "dpo")
+    names = [loss] if isinstance(loss, str) else list(loss) if isinstance(loss, list) else []
+    params = data.get("loss_params")
+    per_loss = isinstance(params, list)
+    targets = params if per_loss else [params if isinstance(params, dict) else {}] * len(names)
+    if per_loss and len(targets) != len(names):
+        return {**data, "beta": value}  # the loss_params check names the mismatch
+    written = []
+    for name, target in zip(names, targets, strict=True):
+        key = get_loss(name).trl_beta if isinstance(name, str) else None
+        if key is None:
+            continue
+        if key in target and target[key] != value:
+            raise ValueError(f"beta (TRL's name for loss_params.{key} of {name}) = {value!r} conflicts with "
+                             f"loss_params.{key} = {target[key]!r}")  # fmt: skip
+        target[key] = value
+        written.append(f"loss_params.{key}")
+    data["loss_params"] = targets if per_loss else (targets[0] if targets else {})
+    shown = ", ".join(dict.fromkeys(written)) or "nothing: no loss reads it"
+    print(f"note: TRL's beta is {shown} in dpolab (using {value})", file=sys.stderr)
+    return data
+
+
+def one_sft_reduction(data: dict) -> dict:
+    """``loss_params.reduction`` of the ``sft`` loss, the key before there was one for every SFT NLL, is
+    ``sft_reduction`` (a note on stderr); both at once, disagreeing, is an error."""
+    import sys
+
+    params = data.get("loss_params")
+    if not (isinstance(params, dict) and "reduction" in params and data.get("loss") == "sft"):
+        return data
+    data = {**data, "loss_params": {k: v for k, v in params.items() if k != "reduction"}}
+    value = params["reduction"]
+    if "sft_reduction" in data and data["sft_reduction"] != value:
+        raise ValueError(
+            f"loss_params.reduction ({value!r}) and sft_reduction ({data['sft_reduction']!r}) disagree; "
+            "sft_reduction is the one key: drop loss_params.reduction"
+        )
+    print(f"note: loss_params.reduction is sft_reduction in dpolab (using sft_reduction: {value})", file=sys.stderr)
+    return {**data, "sft_reduction": value}
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+    """A checkpoint's config as this version writes it, so that resuming compares like with like.
+
+    - The nested sections as their typed settings write them (every field, defaults included): a checkpoint
+      from before typed settings holds only the keys its run was given (``monitor: {}``; ``ppo: {}`` off task
+      ppo, now null).
+    - Before one ``sft_reduction`` key, ``dpolab sft`` read ``loss_params.reduction`` and ignored
+      ``sft_reduction``.
+
+    A section that does not read (a checkpoint of an incompatible version) is left as it was: the resume then
+    names it as changed."""
+    saved = dict(saved)
+    params = saved.get("loss_params")
+    if saved.get("task") == "sft" and isinstance(params, dict) and "reduction" in params:
+        saved["loss_params"] = {key: value for key, value in params.items() if key != "reduction"}
+        saved["sft_reduction"] = params["reduction"]
+    readers = {"lora": lora_settings, "monitor": monitor_settings, "ppo": ppo_settings,
+               "eval_harness": eval_harness_settings}  # fmt: skip
+    for key, read in readers.items():
+        value = saved.get(key)
+        if key in ("ppo", "eval_harness", "lora") and not value:
+            saved[key] = None
+            continue
+        try:
+            settings = read(value)
+        except ValueError:
+            continue
+        saved[key] = settings.to_dict() if key == "lora" else dataclasses.asdict(settings)
+    return saved
 
 
 def default_text(item: dataclasses.Field) -> str:
@@ -660,6 +628,8 @@ def default_text(item: dataclasses.Field) -> str:
         return str(default).lower()
     if isinstance(default, str):
         return default or "(required)"
+    if dataclasses.is_dataclass(default):
+        return "{}"  # a section of typed settings, each at its own default (they are listed with the section)
     return repr(default)
 
 
@@ -713,7 +683,7 @@ def keys_summary() -> str:
     return "\n".join(lines)
 
 
-def markdown_table() -> str:
+def keys_table() -> str:
     """The "Every key" table of docs/training.md: ``python -m dpolab.train.config``."""
     docs = field_docs()
     lines = ["| key | default | meaning |", "|---|---|---|"]
@@ -726,4 +696,4 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    print(keys_table())

@@ -14,71 +14,24 @@ with evaluation draws the same random numbers as training without it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dpolab.outputs import dumps
+from dpolab.settings import EvalHarnessSettings
 
 
-@dataclass
-class EvalHarnessSettings:
-    tasks: list[str] = field(default_factory=list)
-    """Task shapes to evaluate (docs/evaluation.md: arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k, gsm8k_plain)."""
-    every: int | None = None
-    """Evaluate every N optimiser steps, and always at the end; null: only at the end."""
-    data_dir: str | None = None
-    """A folder with ``<task>/test.jsonl`` (or validation) and a few-shot ``<task>/train.jsonl`` (or dev), as for ``dpolab eval harness --data-dir``."""
-    data: dict = field(default_factory=dict)
-    """Task → evaluation file, instead of ``data_dir`` for that task."""
-    fewshot_data: dict = field(default_factory=dict)
-    """Task → file of few-shot examples."""
-    num_fewshot: int | dict = 0
-    """Few-shot examples per prompt: one count for every task, or task → count (others 0)."""
-    limit: int | None = None
-    """Only the first N documents of each task (an evaluation inside training should be short)."""
-    batch_size: int = 8
-    """Harness batch size."""
-    max_new_tokens: int = 256
-    """Longest generation of the generating tasks (gsm8k, gsm8k_plain)."""
-
-
-def field_docs() -> dict[str, str]:
-    from dpolab.train.config import attribute_docs
-
-    return attribute_docs(EvalHarnessSettings)
-
-
-def eval_harness_settings(values: dict) -> EvalHarnessSettings:
-    """The ``eval_harness:`` mapping as settings; ``ValueError`` naming the key (``eval_harness.…``)."""
-    from dpolab.train.config import nested_settings
-
-    settings = nested_settings(
-        EvalHarnessSettings, values, "eval_harness", "an eval_harness setting", "docs/evaluation.md#during-training"
-    )
-    if not settings.tasks:
-        raise ValueError("eval_harness.tasks: required, a list of task names (e.g. [gsm8k_plain, arc])")
-    for key in ("every", "limit"):
-        value = getattr(settings, key)
-        if value is not None and value < 1:
-            raise ValueError(f"eval_harness.{key}: must be >= 1 or null; got {value!r}")
-    for key in ("batch_size", "max_new_tokens"):
-        if getattr(settings, key) < 1:
-            raise ValueError(f"eval_harness.{key}: must be >= 1; got {getattr(settings, key)!r}")
-    return settings
-
-
-def check_settings(values: dict) -> tuple[EvalHarnessSettings, dict, dict]:
-    """Settings, each task's files and its shots; every file read and checked, so a bad file stops the run
-    before any model loads. Needs the eval extra."""
+def check_files(settings: EvalHarnessSettings) -> tuple[dict, dict]:
+    """Each task's files and its shots, every file read and checked, so a bad file stops the run before any
+    model loads. Needs the eval extra."""
     from dpolab.eval.harness import check_request, require_lm_eval
     from dpolab.eval.tasks import resolve_files
 
-    settings = eval_harness_settings(values)
     require_lm_eval()
     keys = ("eval_harness.data_dir", "eval_harness.data", "eval_harness.fewshot_data")
     try:
@@ -86,22 +39,21 @@ def check_settings(values: dict) -> tuple[EvalHarnessSettings, dict, dict]:
         shots = check_request(files, settings.num_fewshot, settings.limit)
     except ValueError as error:
         raise ValueError(f"eval_harness: {error}") from None
-    return settings, files, shots
+    return files, shots
 
 
-def absolute_paths(values: dict) -> dict:
-    """``values`` with its local paths absolute (a resumed run reads the same files from any directory)."""
+def absolute_paths(settings: EvalHarnessSettings) -> EvalHarnessSettings:
+    """``settings`` with their local paths absolute (a resumed run reads the same files from any directory)."""
 
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().absolute())
 
-    changed = dict(values)
-    if isinstance(values.get("data_dir"), str):
-        changed["data_dir"] = absolute(values["data_dir"])
-    for key in ("data", "fewshot_data"):
-        if isinstance(values.get(key), dict):
-            changed[key] = {task: absolute(p) if isinstance(p, str) else p for task, p in values[key].items()}
-    return changed
+    return dataclasses.replace(
+        settings,
+        data_dir=absolute(settings.data_dir) if isinstance(settings.data_dir, str) else settings.data_dir,
+        data={task: absolute(p) if isinstance(p, str) else p for task, p in settings.data.items()},
+        fewshot_data={task: absolute(p) if isinstance(p, str) else p for task, p in settings.fewshot_data.items()},
+    )
 
 
 def metric_values(result: dict) -> dict[str, float]:
@@ -131,7 +83,7 @@ class RandomState:
 class HarnessEvaluator:
     """Runs the harness on the policy at the steps the settings ask for; see the module docstring."""
 
-    def __init__(self, values: dict, accelerator, folder, tokenizer) -> None:
+    def __init__(self, settings: EvalHarnessSettings, accelerator, folder, tokenizer) -> None:
         if accelerator.distributed_type.value == "FSDP":
             raise ValueError(
                 "eval_harness: not available under FSDP (no process holds the whole model during training); "
@@ -140,8 +92,8 @@ class HarnessEvaluator:
         from dpolab.eval.harness import fewshot_counts
         from dpolab.eval.tasks import resolve_files
 
-        # the files were read and checked in TrainConfig.validate (check_settings): only locate them here
-        self.settings = settings = eval_harness_settings(values)
+        # the files were read and checked in TrainConfig.validate (check_files): only locate them here
+        self.settings = settings
         self.files = resolve_files(settings.tasks, settings.data_dir, settings.data, settings.fewshot_data)
         self.shots = fewshot_counts(settings.num_fewshot, self.files)
         self.accelerator, self.folder, self.tokenizer = accelerator, folder, tokenizer

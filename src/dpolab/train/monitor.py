@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dpolab.settings import MonitorSettings
+
 REMEDIES = {
     "degradation": "try loss: dpop (e.g. lam: 50), sft_weight > 0, or flex with a lower beta_rejected",
     "drastic_drop": "lower beta_rejected with loss: flex, add sft_weight, or use on-policy pairs (dpolab data)",
@@ -44,47 +46,6 @@ DESCRIPTIONS = {
     "drastic_drop": "the rejected log-prob falls far faster than the chosen one rises",
     "dispersion": "the likelihood of the data falls while the policy's own samples become more likely",
 }
-
-
-@dataclass
-class MonitorConfig:
-    """``monitor:`` in the training config. Thresholds are in nats (per sequence unless noted)."""
-
-    enabled: bool = True
-    window: int = 20  # steps for slopes and alarm windows
-    probe_steps: int = 50  # gradient split and dispersion probes every N steps (0: off)
-    probe_pairs: int = 8
-    sample_prompts: int = 4  # prompts sampled for the dispersion probe (0: no sampling; no reference kept)
-    sample_tokens: int = 32
-    degradation_logratio: float = -1.0  # alarm (a): mean r_w below this ...
-    degradation_share: float = 0.5  # ... with at least this share of pairs below the reference,
-    degradation_drop: float = 0.25  # ... or mean r_w this far below its own maximum so far
-    drop_ratio: float = 5.0  # alarm (b): rejected falls ≥ this × the chosen change over the window ...
-    drop_min_fall: float = 2.0  # ... and by at least this many nats
-    dispersion_change: float = 0.05  # alarm (c): data probe down from its best, samples up since then, by this
-    on_alarm: str = "warn"  # or "stop": checkpoint and stop at the first alarm
-    pairs: str | None = None  # task ppo: held-out preference pairs (a file or data set) the probes read
-
-    def __post_init__(self) -> None:
-        if self.on_alarm not in ("warn", "stop"):
-            raise ValueError(f"monitor.on_alarm: must be warn or stop; got {self.on_alarm!r}")
-        if self.pairs is not None and (not isinstance(self.pairs, str) or not self.pairs):
-            raise ValueError(f"monitor.pairs: must be a file or data set of preference pairs; got {self.pairs!r}")
-        for key in ("window", "probe_pairs", "sample_tokens"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"monitor.{key}: must be a positive integer; got {getattr(self, key)!r}")
-        for key in ("probe_steps", "sample_prompts"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise ValueError(f"monitor.{key}: must be a non-negative integer; got {getattr(self, key)!r}")
-
-
-def monitor_config(values: dict | None) -> MonitorConfig:
-    values = dict(values or {})
-    known = set(MonitorConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"monitor: unknown key {unknown[0]!r} (keys: {', '.join(sorted(known))})")
-    return MonitorConfig(**values)
 
 
 def slope(values: list[float]) -> float:
@@ -113,7 +74,7 @@ class Trajectory:
 
 
 def check_alarms(
-    trajectory: Trajectory, config: MonitorConfig, fired: set[str], descriptions=DESCRIPTIONS, remedies=REMEDIES
+    trajectory: Trajectory, config: MonitorSettings, fired: set[str], descriptions=DESCRIPTIONS, remedies=REMEDIES
 ) -> list[dict]:
     """New alarms at the trajectory's last step (each fires once; ``fired`` is updated); ``descriptions`` and
     ``remedies``: the words for each kind (PPO runs have their own, :mod:`dpolab.train.ppo_monitor`)."""
@@ -195,7 +156,7 @@ def quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
 class Monitor:
     """Per-step statistics and alarms; probes are run by the trainer through :meth:`record_probe`."""
 
-    def __init__(self, config: MonitorConfig, descriptions=DESCRIPTIONS, remedies=REMEDIES) -> None:
+    def __init__(self, config: MonitorSettings, descriptions=DESCRIPTIONS, remedies=REMEDIES) -> None:
         self.config = config
         self.descriptions, self.remedies = descriptions, remedies
         self.trajectory = Trajectory()
@@ -263,10 +224,11 @@ class Monitor:
             if "monitor/sample_logp_policy" in probe:
                 self.trajectory.probe_sample_logp.append(probe["monitor/sample_logp_policy"])
 
-    def state(self) -> dict:
+    # Stateful: the checkpointer saves and restores the monitor itself (its trajectory, fired alarms and alarms)
+    def state_dict(self) -> dict:
         return {"trajectory": asdict(self.trajectory), "fired": sorted(self.fired), "alarms": self.alarms}
 
-    def load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.trajectory = Trajectory(**state["trajectory"])
         self.fired = set(state["fired"])
         self.alarms = list(state["alarms"])

@@ -39,11 +39,11 @@ from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
 from dpolab.eval.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
 from dpolab.outputs import dumps
+from dpolab.settings import PPOSettings
 from dpolab.train import blocks, ppo_monitor
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import any_across, sum_across
 from dpolab.train.guard import catch_stop_signals
-from dpolab.train.ppo_settings import PPOSettings, ppo_settings
 
 # --- the reward ----------------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ def load_critic(config: TrainConfig, settings: PPOSettings, pad_token_id: int, l
 def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     """Data, reward, policy with its critic, reference, optimiser, prompt order, checkpointer."""
     blocks.announce(folder, accelerator, config, "ppo")
-    settings = ppo_settings(config.ppo)
+    settings = config.ppo
     data = blocks.prepare_data(config, accelerator, folder, load_prompt_examples, tokenize_prompts)
     tokenizer, pad_token_id, log = data.tokenizer, data.pad_token_id, folder.log
     per_step = config.batch_size * accelerator.num_processes
@@ -237,7 +237,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     )  # fmt: skip
     s.probes = ppo_monitor.setup(s, monitor_pairs, [p.prompt_ids for p in (data.eval_items or data.items)])
     if s.probes is not None:
-        state["checkpointer"].register("monitor", blocks.MonitorState(s.probes.monitor))
+        state["checkpointer"].register("monitor", s.probes.monitor)
     return s
 
 
@@ -599,6 +599,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         monitor = s.probes.monitor if s.probes else None
         return blocks.finish_run(
             s, steps_done, "prompts", start_time, metrics, last_eval, stopped_by_alarm=stopped_by_alarm,
-            alarms=monitor.alarms if monitor else [], monitor=monitor.state() if monitor else None,
+            alarms=monitor.alarms if monitor else [], monitor=monitor.state_dict() if monitor else None,
             phase_seconds=dict(s.phases.seconds), harness=harness_values, **peak_memory_mib(accelerator.device),
         )  # fmt: skip

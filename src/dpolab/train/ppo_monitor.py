@@ -33,7 +33,8 @@ import torch
 from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
 from dpolab.engine.policy_value import Rollout
-from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config, quantiles
+from dpolab.settings import MonitorSettings
+from dpolab.train.monitor import Monitor, quantiles
 
 PROBE_STREAM = 2**63 - 1  # the sample probe's seeds: mix(seed, step, PROBE_STREAM, i), apart from the rollouts'
 
@@ -55,7 +56,7 @@ REMEDIES = {
 class PPOProbes:
     """What the monitor reads on a PPO run, fixed at setup."""
 
-    settings: MonitorConfig
+    settings: MonitorSettings
     monitor: Monitor
     pairs: list[TokenizedPair]
     reference: torch.Tensor | None  # (pairs, 2): Σ log π_ref of chosen and rejected
@@ -64,7 +65,7 @@ class PPOProbes:
 
 def load_pairs(config, tokenizer, log) -> list[TokenizedPair]:
     """The first ``probe_pairs`` usable pairs of ``monitor.pairs`` (none without it), tokenised as the run's data."""
-    settings = monitor_config(config.monitor)
+    settings = config.monitor
     if not settings.enabled or not settings.pairs:
         return []
     examples, bad_rows = load_examples(settings.pairs, "train", config.on_bad_rows, config.max_row_bytes)
@@ -101,7 +102,7 @@ def reference_sums(s, pairs: list[TokenizedPair]) -> torch.Tensor:
 def setup(s, pairs: list[TokenizedPair], prompt_fallback: list[tuple[int, ...]]) -> PPOProbes | None:
     """The monitor of ``s.config.monitor`` (None when disabled) on ``pairs`` (:func:`load_pairs`), with their
     reference log-probs; the sample probe's prompts are the pairs', else ``prompt_fallback``."""
-    settings = monitor_config(s.config.monitor)
+    settings = s.config.monitor
     if not settings.enabled:
         return None
     reference = reference_sums(s, pairs) if pairs else None

@@ -24,11 +24,12 @@ from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
 from dpolab.engine.logps import TokenLogps
 from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from_config, wpo_pair_weights
+from dpolab.settings import MonitorSettings
 from dpolab.train import blocks
 from dpolab.train.config import TrainConfig
 from dpolab.train.distributed import gather_rows
 from dpolab.train.guard import catch_stop_signals
-from dpolab.train.monitor import Monitor, MonitorConfig, monitor_config
+from dpolab.train.monitor import Monitor
 from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
 
 LOGPS_COLUMNS = (
@@ -191,7 +192,7 @@ class Setup(blocks.Run):
     eval_reference: torch.Tensor | None
     reference_model: torch.nn.Module | None
     monitor: Monitor | None
-    monitor_settings: MonitorConfig
+    monitor_settings: MonitorSettings
     probe_pairs: list[TokenizedPair]
     probe_reference: torch.Tensor | None
     reference_seconds: float
@@ -209,7 +210,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     objective = objective_from_config(
         config.loss, config.loss_weights, config.loss_params, config.sft_weight, config.sft_reduction
     )
-    settings = monitor_config(config.monitor)
+    settings = config.monitor
     monitor = Monitor(settings) if settings.enabled and objective.needs_reference else None
     sampling = monitor is not None and settings.probe_steps > 0 and settings.sample_prompts > 0
     if objective.needs_reference and config.reference == "none":
@@ -255,7 +256,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
 
     state = blocks.run_state(config, accelerator, folder, model, pairs)
     if monitor is not None:
-        state["checkpointer"].register("monitor", blocks.MonitorState(monitor))
+        state["checkpointer"].register("monitor", monitor)
     return Setup(
         config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
@@ -357,6 +358,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             s, steps_done, "pairs", start_time, metrics, last_eval, harness=harness_values,
             stopped_by_alarm=stopped_by_alarm,
             alarms=s.monitor.alarms if s.monitor else [],
-            monitor=s.monitor.state() if s.monitor else None,
+            monitor=s.monitor.state_dict() if s.monitor else None,
             reference_seconds=s.reference_seconds,
         )  # fmt: skip

@@ -108,8 +108,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
 
 
 def sft_reduction(config: TrainConfig) -> str:
-    params = config.loss_params if isinstance(config.loss_params, dict) else {}
-    return str(params.get("reduction", "token_mean"))
+    return config.sft_reduction
 
 
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dpolab.evaluate import evaluate_file, math_accuracy
+from dpolab.eval.maths import evaluate_file, math_accuracy
 from tests.tiny import save_tiny_model
 
 

@@ -102,10 +102,3 @@ def evaluate_file(
         model_dir, prompts, [r.reference for r in rows], stop="\n\n" if num_fewshot else None, **options
     )
     return {**result, "num_fewshot": num_fewshot}
-
-
-def write_result(result: dict, out: str | Path) -> None:
-    """``result`` as strict JSON to ``out``, atomically (:mod:`dpolab.outputs`)."""
-    from dpolab.outputs import write_json
-
-    write_json(out, result, ensure_ascii=False)

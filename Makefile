@@ -17,6 +17,8 @@ test: $(STAMP)
 	if [ "$$CI" = "true" ] && ! command -v chromium >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	$(BIN)/ruff check src tests benchmarks experiments
+	# The layers of docs/architecture.md, as import-linter contracts (pyproject.toml)
+	$(BIN)/lint-imports
 	# Two workers, one file each at a time (a file's module fixtures are built once), one torch thread
 	# each: about half the time of one worker on 2 cores. `pytest` alone still runs in one process.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile

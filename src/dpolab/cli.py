@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = evaluate.route(sys.argv[1:] if argv is None else list(argv))
-    training = argv[:1] in (["train"], ["sft"], ["rm"], ["ppo"])
+    from dpolab.train.registry import COMMANDS
+
+    training = bool(argv) and argv[0] in COMMANDS
     if training:
         try:
             processes, source = processes_asked_of_accelerate()

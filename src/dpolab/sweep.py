@@ -32,8 +32,9 @@ from dpolab.outputs import RUN_FILES, atomic_path, check_output, write_json, wri
 from dpolab.report.sweep import CHANGE_SUFFIX, value_text
 from dpolab.settings import dotted_keys
 from dpolab.settings import parse as nested_settings
+from dpolab.train.registry import COMMANDS
 
-TRAINING_RECIPES = ("train", "sft", "rm", "ppo")
+TRAINING_RECIPES = tuple(COMMANDS)  # dpolab train, sft, rm, ppo (dpolab.train.registry)
 RECIPES = (*TRAINING_RECIPES, "toy")
 RESULT_FILE = "sweep_result.json"  # written last, atomically: its presence means the run is finished
 
@@ -341,10 +342,10 @@ def validate_config(recipe: str, config: dict) -> None:
         )
         toy_config.validate()
         return
-    from dpolab.commands.train import COMMAND_DEFAULTS
     from dpolab.train.config import load_config
+    from dpolab.train.registry import COMMANDS
 
-    defaults = COMMAND_DEFAULTS[recipe] or {}
+    defaults = COMMANDS[recipe].defaults
     load_config(None, None, {**defaults, **config, "progress": config.get("progress", False)})
 
 

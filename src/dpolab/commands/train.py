@@ -6,37 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-# What each command sets before the config file and flags (which may override it).
-COMMAND_DEFAULTS = {
-    "train": None,
-    "sft": {"task": "sft", "loss": "sft"},
-    "rm": {"task": "reward", "loss": "reward_model"},
-    "ppo": {"task": "ppo", "loss": "ppo"},
-}
-
-
-# The commands that are dpolab train with a task set (COMMAND_DEFAULTS): name → (help, description).
-VARIANTS = {
-    "sft": (
-        "supervised fine-tuning of a Hugging Face causal LM (prompt + completion rows, or messages)",
-        "dpolab train with task: sft and loss: sft (token-weighted NLL on completion tokens only); see "
-        "docs/training.md.",
-    ),
-    "rm": (
-        "train a reward model (Bradley–Terry) on preference pairs: a causal LM with a scalar head",
-        "dpolab train with task: reward and loss: reward_model: −log σ(r_w − r_l − margin) + c·(r_w + r_l)², the "
-        "score read at the last token of each completion, chosen and rejected in one packed pass. Optional "
-        "margin column; loss_params.center_coefficient is c (TRL's center_rewards_coefficient); see docs/rlhf.md.",
-    ),
-    "ppo": (
-        "RLHF-PPO of a causal LM on prompts: sampled responses, a reward (reward model, math judge or rules)",
-        "dpolab train with task: ppo. Each step samples responses to batch_size prompts per process, scores them "
-        "(ppo.reward: {model: DIR} | {judge: math} | {rules: [...]}), and runs ppo.ppo_epochs passes of the "
-        "clipped PPO loss with a KL penalty to the initial policy; ppo.advantage: rloo for the critic-free "
-        "variant; the ppo: settings are in docs/rlhf.md.",
-    ),
-}
-
 
 def train_command(args: argparse.Namespace) -> int:
     from dpolab.train import load_config, run
@@ -63,8 +32,9 @@ def train_command(args: argparse.Namespace) -> int:
         at = rest.index("--resume")
         rest.pop(at)
         resume = rest.pop(at) if at < len(rest) and not rest[at].startswith("--") else "latest"
-    defaults = COMMAND_DEFAULTS[args.command]
-    config = load_config(config_path, rest, defaults)
+    from dpolab.train.registry import COMMANDS
+
+    config = load_config(config_path, rest, COMMANDS[args.command].defaults)
     try:
         run(config, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stop:
@@ -251,31 +221,24 @@ def relaunch_with_torchrun(processes: int, argv: list[str], source: str = "--cpu
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """One command per recipe of :mod:`dpolab.train.registry`, each with dpolab train's keys."""
     from dpolab.train.config import keys_summary
+    from dpolab.train.registry import RECIPES
 
-    train = subparsers.add_parser(
-        "train",
-        help="preference-train a Hugging Face causal LM from a YAML config",
-        description="Train with CONFIG.yaml; any config key can be overridden as --key value "
-        "(nested: --loss_params.beta 0.3). --resume [CHECKPOINT] continues a stopped run; --overwrite "
-        "replaces a run in output_dir; --keys prints every key with its default and meaning.",
-        epilog=keys_summary(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument(
-        "rest",
-        nargs=argparse.REMAINDER,
-        metavar="[CONFIG.yaml] [--key value ...]",
-        help="YAML config file (optional when the required keys are flags), then overrides",
-    )
-    train.set_defaults(handler=train_command, command="train")
-    for name, (help_text, description) in VARIANTS.items():
-        variant = subparsers.add_parser(
-            name,
-            help=help_text,
-            description=description + " Same config keys, outputs, checkpoints and resume as dpolab train.",
+    for recipe in RECIPES.values():
+        variant = recipe.command != "train"
+        parser = subparsers.add_parser(
+            recipe.command,
+            help=recipe.help,
+            description=recipe.description
+            + (" Same config keys, outputs, checkpoints and resume as dpolab train." if variant else ""),
             epilog=keys_summary(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        variant.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [--key value ...]")
-        variant.set_defaults(handler=train_command, command=name)
+        parser.add_argument(
+            "rest",
+            nargs=argparse.REMAINDER,
+            metavar="[CONFIG.yaml] [--key value ...]",
+            help="YAML config file (optional when the required keys are flags), then overrides",
+        )
+        parser.set_defaults(handler=train_command, command=recipe.command)

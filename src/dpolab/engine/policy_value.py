@@ -16,6 +16,7 @@ and the naive one (one right-padded row per response) agree (tests/engine/test_p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -204,3 +205,52 @@ def rollout_outputs(
     logps, entropies = _token_outputs(logits, targets, temperature, entropy)
     values = _at_least_fp32(values) if values is not None else None
     return RolloutOutputs(logps, values, entropies, sequence, index, lengths)
+
+
+# --- a recipe's sampling and scoring, bound once --------------------------------------------------------------
+
+
+def mix(*numbers: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), for per-sample and per-epoch generators."""
+    value = 0x9E3779B97F4A7C15
+    for number in numbers:
+        value = (value ^ (number & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value = (value ^ (value >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return value >> 1
+
+
+@dataclass
+class RolloutEngine:
+    """What a recipe that samples responses and scores their tokens binds once (PPO, and its 3D monitor):
+    the decoding forward, the sampling settings, the token ids and the packing of the scoring passes."""
+
+    decode: Callable  # the policy's forward for decoding, through the wrapped module's own call
+    pad_token_id: int
+    eos_token_id: int
+    device: torch.device
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    naive: bool = False
+    row_tokens: int = 512
+    kernel: Kernel = "dense"
+    keep_going: Callable[[bool], bool] | None = None  # lock-step decoding across processes (FSDP)
+
+    def generate(self, prompts: list[tuple[int, ...]], seeds: list[int] | None, **sampling) -> list:
+        """One response per prompt (``seeds=None``: greedy); ``sampling``: ``max_new_tokens``, ``temperature``,
+        ``top_p`` other than the run's (the monitor samples at T = 1)."""
+        from dpolab.engine.generate import sample_responses
+
+        settings = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        return sample_responses(
+            self.decode, prompts, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            device=self.device, seeds=seeds, keep_going=self.keep_going, **{**settings, **sampling},
+        )  # fmt: skip
+
+    def token_pass(self, model, items: list, mode: str = "train", entropy: bool = False, temperature=None):
+        """Per-token outputs of ``items`` (rollouts, or pairs) under ``model``; the run's temperature unless given."""
+        return rollout_outputs(
+            model, items, list(range(len(items))), self.pad_token_id, self.device,
+            temperature=self.temperature if temperature is None else temperature, mode=mode, entropy=entropy,
+            naive=self.naive, row_tokens=self.row_tokens, kernel=self.kernel,
+        )  # fmt: skip

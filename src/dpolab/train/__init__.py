@@ -1,9 +1,11 @@
 """Training: one recipe per method over the shared blocks of :mod:`dpolab.train.blocks`.
 
 ``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``: it runs the recipe that
-``config.task`` names — ``preference`` (:mod:`dpolab.train.preference`), ``sft`` (:mod:`dpolab.train.sft`) or
-``reward`` (:mod:`dpolab.train.reward`) or ``ppo`` (:mod:`dpolab.train.ppo`).
+``config.task`` names in :data:`dpolab.train.registry.RECIPES` — ``preference`` (:mod:`dpolab.train.preference`),
+``sft`` (:mod:`dpolab.train.sft`), ``reward`` (:mod:`dpolab.train.reward`) or ``ppo`` (:mod:`dpolab.train.ppo`).
 """
+
+from pathlib import Path
 
 from dpolab.train.config import TrainConfig, load_config
 
@@ -16,20 +18,16 @@ def run(config: TrainConfig, resume: str | None = None, overwrite: bool = False)
     process of a multi-process run dies, raises :class:`dpolab.train.distributed.PeerLost` naming it.
     """
     from dpolab.console import configure_threads, quiet_libraries
+    from dpolab.train.checkpoint import latest_checkpoint
     from dpolab.train.distributed import stop_when_a_peer_dies
+    from dpolab.train.registry import recipe
 
-    if config.task == "sft":
-        from dpolab.train.sft import train
-    elif config.task == "reward":
-        from dpolab.train.reward import train
-    elif config.task == "ppo":
-        from dpolab.train.ppo import train
-    else:
-        from dpolab.train.preference import train
+    train = recipe(config.task).train()
     configure_threads(config.threads)
     # Here, around every recipe: a process that dies under torchrun ends the others with PeerLost, not with
     # the error of whichever collective noticed it.
-    with quiet_libraries(), stop_when_a_peer_dies(config.output_dir):
+    output_dir = Path(config.output_dir).expanduser().absolute()
+    with quiet_libraries(), stop_when_a_peer_dies(lambda: latest_checkpoint(output_dir)):
         return train(config, resume=resume, overwrite=overwrite)
 
 

@@ -160,7 +160,6 @@ def _fsync_tree(directory: Path) -> None:
 
 
 # The command of each task (config.task), to name in a command to run.
-TASK_COMMANDS = {"preference": "train", "sft": "sft", "reward": "rm", "ppo": "ppo"}
 
 
 def check_process_count(path: Path, state: dict, processes: int, output_dir: str | Path) -> None:
@@ -170,7 +169,10 @@ def check_process_count(path: Path, state: dict, processes: int, output_dir: str
     saved = state.get("num_processes", 1)
     if saved == processes:
         return
-    command = TASK_COMMANDS.get(state.get("config", {}).get("task"), "train")
+    from dpolab.train.registry import RECIPES
+
+    task = state.get("config", {}).get("task")
+    command = RECIPES[task].command if task in RECIPES else "train"
     arguments = f"{command} {Path(output_dir) / 'config.yaml'} --resume"
     if saved == 1:
         relaunch = f"dpolab {arguments}"

@@ -29,6 +29,7 @@ from dpolab.settings import (
     ppo_settings,
     yaml_floats,
 )
+from dpolab.train.registry import RECIPES
 
 
 @dataclass
@@ -237,7 +238,7 @@ class TrainConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "sft_reduction": ("token_mean", "sum", "batch_token_mean"),
             "on_bad_rows": ("error", "skip"),
-            "task": ("preference", "sft", "reward", "ppo"),
+            "task": tuple(RECIPES),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "truncation_mode": ("keep_end", "keep_start", "drop"),
             "attention_kernel": ("auto", "segments", "varlen", "flex", "dense"),

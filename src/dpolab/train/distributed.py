@@ -151,9 +151,9 @@ def _collective_failure(error: BaseException | None) -> bool:
 
 
 @contextmanager
-def stop_when_a_peer_dies(output_dir):
+def stop_when_a_peer_dies(newest_checkpoint):
     """Turn the death of another process into :class:`PeerLost`, which names it and the checkpoint to resume
-    from, instead of the error of whichever collective noticed it.
+    from (``newest_checkpoint()``, or None), instead of the error of whichever collective noticed it.
 
     Under torchrun the launcher sends SIGTERM to the survivors as soon as it sees a worker die: outside the
     training loop (which only flags signals) that would end this process before it could say why, so while
@@ -164,9 +164,6 @@ def stop_when_a_peer_dies(output_dir):
     import os
     import signal
     import threading
-    from pathlib import Path
-
-    from dpolab.train.checkpoint import latest_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or threading.current_thread() is not threading.main_thread():
         yield
@@ -191,7 +188,7 @@ def stop_when_a_peer_dies(output_dir):
             who = error.who if isinstance(error, PeerLost) else lost_peer(wait=3.0)
             if who is not None:
                 lost = True
-                raise PeerLost(who, latest_checkpoint(Path(output_dir).expanduser().absolute())) from None
+                raise PeerLost(who, newest_checkpoint()) from None
         raise
     finally:
         if not lost:

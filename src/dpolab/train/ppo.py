@@ -33,9 +33,8 @@ import torch
 from dpolab.console import progress_bar
 from dpolab.data.formats import load_prompt_examples
 from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
-from dpolab.engine.generate import sample_responses
 from dpolab.engine.loading import check_vocabulary
-from dpolab.engine.policy_value import PolicyWithValue, Rollout, rollout_outputs
+from dpolab.engine.policy_value import PolicyWithValue, Rollout, RolloutEngine, mix
 from dpolab.eval.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
 from dpolab.outputs import dumps
@@ -155,15 +154,6 @@ class PhaseTimes:
         self.seconds = dict(state)
 
 
-def mix(*numbers: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), for per-sample and per-epoch generators."""
-    value = 0x9E3779B97F4A7C15
-    for number in numbers:
-        value = (value ^ (number & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value = (value ^ (value >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return value >> 1
-
-
 # --- setup ---------------------------------------------------------------------------------------
 
 
@@ -179,6 +169,7 @@ class Setup(blocks.Run):
     pad_token_id: int
     eos_token_id: int
     phases: PhaseTimes
+    rollouts: RolloutEngine  # sampling and the per-token passes, bound to this run's settings
     probes: ppo_monitor.PPOProbes | None = None  # the 3D monitor (set once the model is wrapped)
 
 
@@ -229,11 +220,21 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     state = blocks.run_state(config, accelerator, folder, model, data.items, stream=stream)
     phases = PhaseTimes()
     state["checkpointer"].register("phase_seconds", phases)
+    unwrapped = accelerator.unwrap_model(model)
+    rollouts = RolloutEngine(
+        decode=lambda **inputs: unwrapped(mode="decode", **inputs),  # the module's own call: FSDP gathers shards
+        pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, device=accelerator.device,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        naive=engine.naive, row_tokens=config.row_tokens, kernel=engine.kernel,
+        keep_going=(lambda still: any_across(accelerator, still)) if accelerator.distributed_type.value == "FSDP"
+        else None,
+    )  # fmt: skip
     s = Setup(
         config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
         data_report=data.report, settings=settings, prompts=data.items, eval_prompts=data.eval_items, reward=reward,
-        reference=reference, pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, phases=phases, **state,
+        reference=reference, pad_token_id=pad_token_id, eos_token_id=tokenizer.eos_token_id, phases=phases,
+        rollouts=rollouts, **state,
     )  # fmt: skip
     s.probes = ppo_monitor.setup(s, monitor_pairs, [p.prompt_ids for p in (data.eval_items or data.items)])
     if s.probes is not None:
@@ -265,34 +266,6 @@ class RolloutBatch:
     kl: torch.Tensor | None = None  # per token, the configured estimator
 
 
-def decode_with(s: Setup):
-    """The policy's forward for decoding (through the module's own call: FSDP gathers its shards)."""
-    unwrapped = s.accelerator.unwrap_model(s.model)
-    return lambda **inputs: unwrapped(mode="decode", **inputs)
-
-
-def generate(s: Setup, prompts: list[tuple[int, ...]], seeds: list[int] | None, sampling: dict | None = None):
-    """One response per prompt (``seeds=None``: greedy); lock-step across processes under FSDP. ``sampling``:
-    ``max_new_tokens``, ``temperature``, ``top_p`` other than the run's (the monitor samples at T = 1)."""
-    fsdp = s.accelerator.distributed_type.value == "FSDP"
-    settings = {"max_new_tokens": s.settings.max_new_tokens, "temperature": s.settings.temperature,
-                "top_p": s.settings.top_p, **(sampling or {})}  # fmt: skip
-    return sample_responses(
-        decode_with(s), prompts, eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
-        device=s.accelerator.device, seeds=seeds, **settings,
-        keep_going=(lambda still: any_across(s.accelerator, still)) if fsdp else None,
-    )  # fmt: skip
-
-
-def token_pass(s: Setup, model, items: list, mode: str = "train", entropy: bool = False, temperature=None):
-    """Per-token outputs of ``items`` (rollouts, or pairs) under ``model``; the run's temperature unless given."""
-    return rollout_outputs(
-        model, items, list(range(len(items))), s.pad_token_id, s.accelerator.device,
-        temperature=s.settings.temperature if temperature is None else temperature, mode=mode, entropy=entropy,
-        naive=s.engine.naive, row_tokens=s.config.row_tokens, kernel=s.engine.kernel,
-    )  # fmt: skip
-
-
 def rollout(s: Setup, step: int, global_prompts: list[int]) -> RolloutBatch:
     """Sample, score, and read log π_old, V_old, log π_ref of this process's prompts of the step."""
     settings, accelerator, k = s.settings, s.accelerator, s.settings.samples_per_prompt
@@ -305,7 +278,7 @@ def rollout(s: Setup, step: int, global_prompts: list[int]) -> RolloutBatch:
     expanded = [p for p in prompts for _ in range(k)]
     seeds = [mix(s.config.seed, step, p, j) for p in positions for j in range(k)]
     with accelerator.autocast():
-        samples = generate(s, [p.prompt_ids for p in expanded], seeds)
+        samples = s.rollouts.generate([p.prompt_ids for p in expanded], seeds)
     tick = time.perf_counter()
     s.phases.seconds["generation"] += tick - clock
     texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)
@@ -317,11 +290,11 @@ def rollout(s: Setup, step: int, global_prompts: list[int]) -> RolloutBatch:
     s.phases.seconds["reward"] += clock - tick
     items = [Rollout(p.prompt_ids, tuple(samples[i * k + j].ids for j in range(k))) for i, p in enumerate(prompts)]
     with torch.no_grad(), accelerator.autocast():
-        old = token_pass(s, unwrapped, items, entropy=True)
+        old = s.rollouts.token_pass(unwrapped, items, entropy=True)
         if s.reference is not None:
-            reference = token_pass(s, s.reference, items)
+            reference = s.rollouts.token_pass(s.reference, items)
         else:
-            reference = token_pass(s, unwrapped, items, mode="reference")
+            reference = s.rollouts.token_pass(unwrapped, items, mode="reference")
     unwrapped.train()
     s.phases.seconds["logps"] += time.perf_counter() - clock
     return RolloutBatch(
@@ -410,7 +383,7 @@ def minibatch_loss(s: Setup, batch: RolloutBatch, local: list[int], real: bool) 
     """The PPO loss of one minibatch's share on this process, normalised by the global minibatch's tokens."""
     settings, k = s.settings, s.settings.samples_per_prompt
     with s.accelerator.autocast():
-        outputs = token_pass(s, s.model, [batch.items[i] for i in local], entropy=True)
+        outputs = s.rollouts.token_pass(s.model, [batch.items[i] for i in local], entropy=True)
     rows = torch.tensor([i * k + j for i in local for j in range(k)], device=batch.mask.device)
     mask = outputs.mask()
     width = mask.shape[1]
@@ -511,7 +484,7 @@ def evaluate(s: Setup, step: int) -> dict:
     for ids, real in batches:
         prompts = [s.eval_prompts[i] for i in ids]
         with accelerator.autocast():
-            samples = generate(s, [p.prompt_ids for p in prompts], seeds=None)
+            samples = s.rollouts.generate([p.prompt_ids for p in prompts], seeds=None)
         if not real:
             continue
         texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)

@@ -32,7 +32,7 @@ import torch
 
 from dpolab.data.formats import load_examples
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
-from dpolab.engine.policy_value import Rollout
+from dpolab.engine.policy_value import Rollout, mix
 from dpolab.settings import MonitorSettings
 from dpolab.train.monitor import Monitor, quantiles
 
@@ -81,13 +81,13 @@ def load_pairs(config, tokenizer, log) -> list[TokenizedPair]:
 
 def pair_sums(s, model, pairs: list[TokenizedPair], mode: str = "train") -> torch.Tensor:
     """(pairs, 2) Σ_t log π(y_t | x, y_<t) of chosen and rejected under ``model`` (T = 1), a batch at a time."""
-    from dpolab.train.ppo import token_pass
-
     out = []
     with torch.no_grad():
         for start in range(0, len(pairs), s.config.batch_size):
             with s.accelerator.autocast():
-                tokens = token_pass(s, model, pairs[start : start + s.config.batch_size], mode=mode, temperature=1.0)
+                tokens = s.rollouts.token_pass(
+                    model, pairs[start : start + s.config.batch_size], mode=mode, temperature=1.0
+                )
             out.append(tokens.dense(tokens.logps).sum(1).view(-1, 2).float())
     return torch.cat(out)
 
@@ -125,20 +125,18 @@ def pair_metrics(policy: torch.Tensor, reference: torch.Tensor) -> dict[str, flo
 
 def sample_metrics(s, step: int, prompts: list[tuple[int, ...]]) -> dict[str, float]:
     """One response per prompt from the policy (T = 1, top-p 1), scored per token under policy and reference."""
-    from dpolab.train.ppo import generate, mix, token_pass
-
     accelerator = s.accelerator
     unwrapped = accelerator.unwrap_model(s.model)
     unwrapped.eval()
     seeds = [mix(s.config.seed, step, PROBE_STREAM, i) for i in range(len(prompts))]
     sampling = {"max_new_tokens": s.probes.settings.sample_tokens, "temperature": 1.0, "top_p": 1.0}
     with accelerator.autocast():
-        samples = generate(s, prompts, seeds, sampling)
+        samples = s.rollouts.generate(prompts, seeds, **sampling)
     items = [Rollout(prompt, (sample.ids,)) for prompt, sample in zip(prompts, samples, strict=True)]
     with torch.no_grad(), accelerator.autocast():
-        policy = token_pass(s, unwrapped, items, entropy=True, temperature=1.0)
+        policy = s.rollouts.token_pass(unwrapped, items, entropy=True, temperature=1.0)
         scorer, mode = (s.reference, "train") if s.reference is not None else (unwrapped, "reference")
-        reference = token_pass(s, scorer, items, mode=mode, temperature=1.0)
+        reference = s.rollouts.token_pass(scorer, items, mode=mode, temperature=1.0)
     unwrapped.train()
     lengths = policy.branch_lengths[:, 0].float()
     policy_mean = float((policy.dense(policy.logps).sum(1).float() / lengths).mean())

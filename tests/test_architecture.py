@@ -6,6 +6,8 @@ checked by `make test` (lint-imports); a circle inside one layer is what those c
 
 from __future__ import annotations
 
+import importlib
+
 import grimp
 
 
@@ -59,3 +61,14 @@ def test_the_circle_finder_finds_a_circle(tmp_path, monkeypatch):
     (package / "c.py").write_text("from circular import a\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_circles("circular") == [["circular.a", "circular.b"]]
+
+
+def test_no_module_of_the_training_package_hides_its_run_function():
+    """``dpolab.train.run`` is the Python API; a submodule of that name would replace it once imported."""
+    import pkgutil
+
+    import dpolab.train
+
+    for module in pkgutil.iter_modules(dpolab.train.__path__):
+        importlib.import_module(f"dpolab.train.{module.name}")
+    assert callable(dpolab.train.run) and dpolab.train.run.__module__ == "dpolab.train"

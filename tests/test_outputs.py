@@ -75,6 +75,23 @@ def test_run_folders_take_only_their_own_kinds_of_output(tmp_path):
         check_output(sweep / "pairs.jsonl", "data", {})
 
 
+def test_a_run_that_holds_only_its_lock_is_a_run_but_another_tools_lock_is_not(tmp_path):
+    from dpolab.train.guard import RunLock
+
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    lock = RunLock(starting)  # a run before its config.yaml (or one that failed on a bad row)
+    assert run_kind(starting) == "train"
+    with pytest.raises(ValueError, match="inside the training run folder"):
+        check_output(starting / "pairs.jsonl", "data", {})
+    lock.release()
+    other = tmp_path / "pytest-7"
+    other.mkdir()
+    (other / ".lock").write_text("4242")  # pytest's basetemp lock: a pid alone
+    assert run_kind(other) is None
+    check_output(other / "pairs.jsonl", "data", {})
+
+
 def test_two_outputs_of_one_command_may_not_be_the_same_file(tmp_path):
     with pytest.raises(ValueError, match="--tokens and --out are the same file"):
         check_outputs({"--out": tmp_path / "a.json", "--tokens": tmp_path / "a.json", "--plot": None}, "eval")

@@ -85,6 +85,16 @@ RUN_NAMES = {
 }
 
 
+LOCK_MARK = "dpolab run, pid "  # how a run's ``.lock`` begins (dpolab.train.guard.RunLock)
+
+
+def _dpolab_lock(path: Path) -> bool:
+    """Whether ``path`` is the lock of a dpolab run (not another tool's ``.lock``, e.g. pytest's basetemp lock)."""
+    if not path.is_file() or path.stat().st_size > 100:
+        return False
+    return path.read_text(encoding="utf-8", errors="replace").startswith(LOCK_MARK)
+
+
 def run_kind(folder: Path) -> str | None:
     """The kind of dpolab run ``folder`` holds (a key of :data:`RUN_FILES`), or None."""
     try:
@@ -98,7 +108,7 @@ def run_kind(folder: Path) -> str | None:
             (folder / n).exists() for n in ("metrics.jsonl", "summary.json", "checkpoints", ".lock", "model")
         ):
             return "train"
-        if (folder / ".lock").is_file():
+        if _dpolab_lock(folder / ".lock"):
             return "train"  # a run starting, running, or that failed before it wrote its config (a bad row)
         if (folder / "figure2_dpo_3d_properties.png").is_file() and (folder / "runs").is_dir():
             return "toy-figures"

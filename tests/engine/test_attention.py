@@ -17,8 +17,8 @@ from dpolab.data.tokenize import TokenizedPair, TokenizedSequence
 from dpolab.engine import attention
 from dpolab.engine.logps import LogpEngine, naive_token_logps, packed_token_logps, packing_fallback_reason
 from dpolab.engine.scores import naive_scores, packed_scores
-from dpolab.train.blocks import enable_gradient_checkpointing
 from dpolab.train.config import TrainConfig
+from dpolab.train.models import enable_gradient_checkpointing
 from tests.tiny import tiny_causal_lm, tiny_scalar_model
 
 VOCAB = 300

@@ -365,7 +365,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_disabled(workspace, t
 def test_ld_alpha_weights_tokens_past_the_shorter_completion_of_each_pair():
     """LD-DPO by hand from per-token values: the first min(|y_w|, |y_l|) tokens weigh 1, the rest α."""
     from dpolab.engine.logps import naive_token_logps
-    from dpolab.train.blocks import token_weight_fn
+    from dpolab.train.preference import token_weight_fn
     from tests.engine.test_logps import build, random_pairs
 
     model = build("llama", "sdpa", torch.float64)
@@ -399,7 +399,7 @@ def test_ld_dpo_and_wpo_take_the_same_steps_on_the_naive_path(workspace, tmp_pat
 
 def test_the_data_order_covers_each_epoch_once_and_splits_it_across_processes():
     """Steps never cross an epoch; 2 processes see exactly the one-process micro-batches, split in two."""
-    from dpolab.train.blocks import BatchStream, steps_per_epoch
+    from dpolab.train.data_order import BatchStream, steps_per_epoch
 
     one = BatchStream(57, 8, seed=3, accumulation=2)
     shares = [BatchStream(57, 4, seed=3, rank=r, processes=2, accumulation=2) for r in (0, 1)]
@@ -445,7 +445,7 @@ def test_epochs_train_each_pair_epochs_times(workspace, tmp_path):
 def test_disable_dropout_also_turns_off_attention_dropout(architecture, dropout):
     """Llama-style attention keeps its dropout as a float, not an nn.Dropout: training-mode forwards must
     agree once dropout is disabled, and differ before."""
-    from dpolab.train.blocks import disable_dropout
+    from dpolab.train.models import disable_dropout
     from tests.tiny import tiny_causal_lm
 
     model = tiny_causal_lm(architecture, 64, attention="eager", **dropout).train()

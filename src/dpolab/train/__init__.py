@@ -1,4 +1,8 @@
-"""Training: one recipe per method over the shared blocks of :mod:`dpolab.train.blocks`.
+"""Training: one recipe per method over shared blocks, each module named for what it holds — the accelerator
+(:mod:`~dpolab.train.accelerator`), the run folder (:mod:`~dpolab.train.run_folder`), the models
+(:mod:`~dpolab.train.models`), the data and its order (:mod:`~dpolab.train.data_order`), the optimiser step
+(:mod:`~dpolab.train.step`), held-out evaluation (:mod:`~dpolab.train.evaluation`), what a run keeps across a stop
+(:mod:`~dpolab.train.state`, :mod:`~dpolab.train.lifecycle`) and the course of every loop (:mod:`~dpolab.train.loop`).
 
 ``dpolab.train.run(config)`` is the Python form of ``dpolab train CONFIG.yaml``: it runs the recipe that
 ``config.task`` names in :data:`dpolab.train.registry.RECIPES` — ``preference`` (:mod:`dpolab.train.preference`),

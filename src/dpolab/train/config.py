@@ -295,22 +295,28 @@ class TrainConfig:
         except ValueError as error:
             raise ValueError(f"loss: {error}") from None
 
+    def _refuse_preference_keys(self, task: str, **also: bool) -> None:
+        """A task that trains on no pair log-probs: the preference loss's keys set here are an error naming the key."""
+        not_used = {
+            "sft_weight": self.sft_weight != 0,
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "loss_weights": self.loss_weights is not None,
+            **also,
+        }
+        for key, set_here in not_used.items():
+            if set_here:
+                raise ValueError(f"{key}: not used by task {task}")
+
     def _check_reward_task(self, names: list[str]) -> None:
         """``task: reward`` trains with the Bradley–Terry loss only, on scores: the log-prob options do not apply."""
         from dpolab.losses import get_loss
 
         if names != ["reward_model"]:
             raise ValueError(f"loss: task reward trains with loss: reward_model; got {self.loss!r}")
-        not_used = {
-            "sft_weight": self.sft_weight != 0,
-            "ld_alpha": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-            "loss_weights": self.loss_weights is not None,
-            "reference": self.reference not in ("auto", "none"),
-        }
-        for key, set_here in not_used.items():
-            if set_here:
-                raise ValueError(f"{key}: not used by task reward (a reward model scores sequences; no log-probs)")
+        self._refuse_preference_keys(
+            "reward (a reward model scores sequences; no log-probs)", reference=self.reference not in ("auto", "none")
+        )
         if not isinstance(self.loss_params, dict):
             raise ValueError("loss_params: task reward takes one mapping, e.g. {center_coefficient: 0.01}")
         try:
@@ -324,16 +330,9 @@ class TrainConfig:
 
         if names != ["ppo"]:
             raise ValueError(f"loss: task ppo trains with the PPO objective (loss: ppo); got {self.loss!r}")
-        not_used = {
-            "sft_weight": self.sft_weight != 0,
-            "ld_alpha": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-            "loss_weights": self.loss_weights is not None,
-            "loss_params": bool(self.loss_params),
-        }
-        for key, set_here in not_used.items():
-            if set_here:
-                raise ValueError(f"{key}: not used by task ppo (its settings are under ppo:, docs/rlhf.md)")
+        self._refuse_preference_keys(
+            "ppo (its settings are under ppo:, docs/rlhf.md)", loss_params=bool(self.loss_params)
+        )
         if self.reference == "none":
             raise ValueError("reference: PPO needs a reference for its KL term: auto (the initial policy) or a model")
         settings = self.ppo if self.ppo is not None else ppo_settings({})  # no ppo: names the missing reward

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpolab.outputs import LOCK_MARK
 from dpolab.train.checkpoint import latest_checkpoint
 
 
@@ -67,12 +68,12 @@ class RunLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
+            holder = self.handle.read().strip().removeprefix(LOCK_MARK) or "unknown"
             self.handle.close()
             raise ValueError(f"output_dir {directory} is in use by another run (pid {holder})") from None
         self.handle.seek(0)
         self.handle.truncate()
-        self.handle.write(str(os.getpid()))
+        self.handle.write(f"{LOCK_MARK}{os.getpid()}")  # marked: other tools (pytest) name their locks .lock too
         self.handle.flush()
 
     def release(self) -> None:

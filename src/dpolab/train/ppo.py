@@ -1,6 +1,6 @@
 """The RLHF-PPO recipe (``dpolab ppo``): sample responses, score them, and improve the policy with clipped PPO.
 
-Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`), then per step — one
+Read :func:`train` top to bottom: the setup (from the blocks of :mod:`dpolab.train`), then per step — one
 *rollout batch* of ``batch_size × processes`` prompts —
 
 1. **rollout** (:func:`rollout`): ``samples_per_prompt`` responses per prompt from the policy (token ids,
@@ -15,7 +15,7 @@ Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`
 3. **update** (:func:`update`): ``ppo_epochs`` passes, each cut into ``minibatches`` optimiser steps, of the
    clipped surrogate + ``value_coef`` × the clipped value loss (:func:`dpolab.losses.ppo_losses`);
 
-then log, evaluate (greedy responses to held-out prompts, their mean reward), checkpoint. Losses are means
+then log, evaluate (greedy responses to held-out prompts, their mean reward), checkpoint (:class:`dpolab.train.loop.Loop`). Losses are means
 over the response tokens of the *global* minibatch (each process divides its token sum by the global count
 ÷ P, so DDP's average is the one-process value); minibatches are cut from one permutation of the global
 batch's prompts, the same on every process.
@@ -27,10 +27,10 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
-from dpolab.console import progress_bar
 from dpolab.data.formats import load_prompt_examples
 from dpolab.data.tokenize import TokenizedPrompt, tokenize_prompts
 from dpolab.engine.loading import check_vocabulary
@@ -39,10 +39,23 @@ from dpolab.eval.judges import MathJudge, RewardModelJudge, RulesJudge
 from dpolab.losses import gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten
 from dpolab.outputs import dumps
 from dpolab.settings import PPOSettings
-from dpolab.train import blocks, ppo_monitor
+from dpolab.train import evaluation, ppo_monitor
+from dpolab.train.accelerator import compute_dtype
 from dpolab.train.config import TrainConfig
+from dpolab.train.data_order import prepare_data
 from dpolab.train.distributed import any_across, sum_across
-from dpolab.train.guard import catch_stop_signals
+from dpolab.train.lifecycle import Run, run_state
+from dpolab.train.loop import Loop, start_run
+from dpolab.train.models import (
+    apply_lora,
+    choose_engine,
+    compile_layers,
+    load_policy,
+    load_reference,
+    load_scalar_model,
+)
+from dpolab.train.run_folder import RunFolder, announce
+from dpolab.train.step import Forward, add_sums, build_optimizer, optimizer_step, reduced_means, throughput
 
 # --- the reward ----------------------------------------------------------------------------------
 
@@ -158,7 +171,7 @@ class PhaseTimes:
 
 
 @dataclass
-class Setup(blocks.Run):
+class Setup(Run):
     """Everything the loop reads, built by :func:`setup`."""
 
     settings: PPOSettings
@@ -177,15 +190,15 @@ def load_critic(config: TrainConfig, settings: PPOSettings, pad_token_id: int, l
     """The separate critic of ``value_model: DIR``, loaded as a reward model is (a new head on a causal LM)."""
     if settings.value_model in ("head", "none"):
         return None
-    critic = blocks.load_scalar_model(replace(config, model=settings.value_model), pad_token_id, log)
-    return blocks.apply_lora(critic, config.lora, task_type="SEQ_CLS") if config.lora else critic
+    critic = load_scalar_model(replace(config, model=settings.value_model), pad_token_id, log)
+    return apply_lora(critic, config.lora, task_type="SEQ_CLS") if config.lora else critic
 
 
-def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
+def setup(config: TrainConfig, accelerator, folder: RunFolder) -> Setup:
     """Data, reward, policy with its critic, reference, optimiser, prompt order, checkpointer."""
-    blocks.announce(folder, accelerator, config, "ppo")
+    announce(folder, accelerator, config, "ppo")
     settings = config.ppo
-    data = blocks.prepare_data(config, accelerator, folder, load_prompt_examples, tokenize_prompts)
+    data = prepare_data(config, accelerator, folder, load_prompt_examples, tokenize_prompts)
     tokenizer, pad_token_id, log = data.tokenizer, data.pad_token_id, folder.log
     per_step = config.batch_size * accelerator.num_processes
     if settings.minibatches > per_step:
@@ -199,25 +212,25 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     monitor_pairs = ppo_monitor.load_pairs(config, tokenizer, log)  # bad pairs fail before any model loads
     log.info(f"reward: {reward.name}; advantage: {settings.advantage}; critic: {settings.value_model}")
 
-    policy = blocks.load_policy(config)
-    reference = blocks.load_reference(config, policy)
+    policy = load_policy(config)
+    reference = load_reference(config, policy)
     if config.lora:
-        policy = blocks.apply_lora(policy, config.lora)
+        policy = apply_lora(policy, config.lora)
     critic = load_critic(config, settings, pad_token_id, log)
     if critic is not None:  # it reads the policy's token ids
         check_vocabulary(critic, tokenizer, settings.value_model, config.tokenizer or config.model)
     model = PolicyWithValue(policy, critic, value_head=settings.value_model == "head").to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
-    dtype = blocks.compute_dtype(accelerator, policy.dtype)
+    dtype = compute_dtype(accelerator, policy.dtype)
     probe = [Rollout(p.prompt_ids, (p.prompt_ids[-4:],)) for p in data.items[:4]]  # any text checks the mask
-    engine, fallback = blocks.choose_engine(config, policy, probe, pad_token_id, accelerator, dtype, log)
-    blocks.compile_layers(config, policy, log)
+    engine, fallback = choose_engine(config, policy, probe, pad_token_id, accelerator, dtype, log)
+    compile_layers(config, policy, log)
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(data.items) / per_step))
-    optimizer, scheduler = blocks.build_optimizer(config, model, steps * settings.ppo_epochs * settings.minibatches)
+    optimizer, scheduler = build_optimizer(config, model, steps * settings.ppo_epochs * settings.minibatches)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     stream = PromptStream(len(data.items), per_step, config.seed)
-    state = blocks.run_state(config, accelerator, folder, model, data.items, stream=stream)
+    state = run_state(config, accelerator, folder, model, data.items, stream=stream)
     phases = PhaseTimes()
     state["checkpointer"].register("phase_seconds", phases)
     unwrapped = accelerator.unwrap_model(model)
@@ -349,8 +362,8 @@ def rollout_metrics(s: Setup, batch: RolloutBatch) -> dict[str, float]:
         "no_eos_fraction": (~batch.finished).float(),
     }
     sums: dict[str, float] = {}
-    blocks.add_sums(sums, per_response)
-    metrics = blocks.reduced_means(s.accelerator, sums, len(lengths))
+    add_sums(sums, per_response)
+    metrics = reduced_means(s.accelerator, sums, len(lengths))
     metrics["rewards/std"] = math.sqrt(max(metrics.pop("rewards/squared") - metrics["rewards/mean"] ** 2, 0.0))
     tokens = {"entropy": batch.entropy}
     if batch.returns is not None:  # explained variance of the rollout's values: 1 − Var(R − V) / Var(R)
@@ -429,7 +442,7 @@ def update(s: Setup, step: int, batch: RolloutBatch) -> tuple[dict[str, float], 
             local, real = minibatch_of(batch, chunk)
             loss, terms = minibatch_loss(s, batch, local, real)
             accelerator.backward(loss)
-            grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, bool(torch.isfinite(loss)), rows)
+            grad_norm, learning_rate, nonfinite = optimizer_step(s, step, bool(torch.isfinite(loss)), rows)
             if nonfinite:
                 return {}, nonfinite
             norms.append(grad_norm)
@@ -471,35 +484,20 @@ def log_samples(s: Setup, step: int, batch: RolloutBatch) -> None:
 
 def evaluate(s: Setup, step: int) -> dict:
     """Greedy responses to the held-out prompts: their mean reward, length and share without an EOS (``eval/``)."""
-    if not s.eval_prompts:
-        return {}
-    accelerator = s.accelerator
-    batches = blocks.shard_batches(
-        len(s.eval_prompts), s.config.batch_size, accelerator.process_index, accelerator.num_processes
-    )
-    sums: dict[str, float] = {}
-    count = 0
-    unwrapped = accelerator.unwrap_model(s.model)
-    unwrapped.eval()
-    for ids, real in batches:
+
+    def forward(ids: list[int], real: bool) -> Forward:
         prompts = [s.eval_prompts[i] for i in ids]
-        with accelerator.autocast():
+        with s.accelerator.autocast():  # generation runs on every process (a collective forward under FSDP)
             samples = s.rollouts.generate([p.prompt_ids for p in prompts], seeds=None)
-        if not real:
-            continue
         texts = s.tokenizer.batch_decode([list(sample.ids) for sample in samples], skip_special_tokens=True)
         values = {
-            "rewards/mean": s.reward.scores(prompts, texts),
+            "rewards/mean": s.reward.scores(prompts, texts) if real else torch.zeros(len(ids)),
             "response_length": torch.tensor([float(len(sample.ids)) for sample in samples]),
             "no_eos_fraction": torch.tensor([float(not sample.finished) for sample in samples]),
         }
-        blocks.add_sums(sums, values)
-        count += len(ids)
-    unwrapped.train()
-    values = {f"eval/{name}": value for name, value in blocks.reduced_means(accelerator, sums, count).items()}
-    s.folder.log.write(step, values)
-    s.folder.log.info(f"eval at step {step}: greedy reward {values.get('eval/rewards/mean', float('nan')):.4f}")
-    return values
+        return Forward(torch.zeros(len(ids)), values)
+
+    return evaluation.evaluate(s, step, len(s.eval_prompts), forward, {"rewards/mean": "greedy reward"})
 
 
 def peak_memory_mib(device) -> dict[str, float]:
@@ -518,20 +516,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
 
     ``resume`` and ``overwrite`` as in :func:`dpolab.train.preference.train`.
     """
-    config.validate()
-    config = config.with_absolute_paths()
-    start_time = time.perf_counter()
-    accelerator = blocks.make_accelerator(config)
-    with blocks.open_run(config, accelerator, resume, overwrite) as folder:
-        s = setup(config, accelerator, folder)
-        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
-        log = folder.log
-        first_step = blocks.resume(s, log)
-        last_eval, metrics, steps_done, evaluated_at, stopped_by_alarm = {}, {}, s.total_steps, 0, None
-        show = config.progress and accelerator.is_main_process
-        with catch_stop_signals() as stop, progress_bar(show, "ppo", s.total_steps, show_metrics=True) as bar:
-            bar(0, completed=first_step - 1)
-            for step in range(first_step, s.total_steps + 1):
+    with start_run(config, resume, overwrite, setup) as s:
+        loop = Loop(s, "ppo", partial(evaluate, s), s.accelerator.unwrap_model(s.model).policy, title="ppo")
+        with loop:
+            for step in loop.steps():
                 global_prompts, epoch = s.stream.next_step()
                 batch = rollout(s, step, global_prompts)
                 advantages(s, batch)
@@ -541,37 +529,20 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 s.phases.seconds["update"] += time.perf_counter() - clock
                 metrics.update(update_metrics, epoch=epoch + 1)
                 tokens = sum(item.unique_tokens for item in batch.items)
-                metrics.update(blocks.throughput(s, len(batch.prompts), tokens, "prompts"))
+                metrics.update(throughput(s, len(batch.prompts), tokens, "prompts"))
                 metrics.update({f"time/{phase}": seconds for phase, seconds in s.phases.seconds.items()})
-                new_alarms = []
+                alarms = []
                 if s.probes is not None and not nonfinite:  # the 3D monitor on held-out pairs (ppo_monitor.py)
                     metrics.update(ppo_monitor.step_metrics(s, step))
-                    new_alarms = s.probes.monitor.update(step, metrics)
-                if step % config.logging_steps == 0 or step == s.total_steps or new_alarms:
-                    log.write(step, metrics)
-                on_alarm = s.probes.settings.on_alarm if s.probes else "warn"
-                stopped_by_alarm = blocks.alarm_stop(accelerator, log, new_alarms, on_alarm)
+                    alarms = s.probes.monitor.update(step, metrics)
+                on_alarm = s.probes.settings.on_alarm if s.probes else None
+                loop.record(step, metrics, {"reward": metrics["rewards/mean"], "kl": metrics["kl"]}, alarms, on_alarm)
                 if step % s.settings.sample_steps == 0 or step == 1:
                     log_samples(s, step, batch)
-                bar(1, reward=metrics["rewards/mean"], kl=metrics["kl"])
-                if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
-                    last_eval, evaluated_at = evaluate(s, step), step
-                if harness and harness.periodic(step) and step != s.total_steps:
-                    harness.evaluate(step, accelerator.unwrap_model(s.model).policy)
-                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "ppo", force=bool(stopped_by_alarm))
-                if stopped_by_alarm:
-                    log.info(f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; "
-                             f"checkpoint: {saved}")  # fmt: skip
-                    steps_done = step
-                    break
-                if signalled:
-                    raise blocks.interrupted(s, step, stop, saved, "ppo")
-        if evaluated_at != steps_done:
-            last_eval = evaluate(s, steps_done) or last_eval
-        harness_values = harness.evaluate(steps_done, accelerator.unwrap_model(s.model).policy) if harness else None
+                loop.end_step(step, nonfinite)
         monitor = s.probes.monitor if s.probes else None
-        return blocks.finish_run(
-            s, steps_done, "prompts", start_time, metrics, last_eval, stopped_by_alarm=stopped_by_alarm,
-            alarms=monitor.alarms if monitor else [], monitor=monitor.state_dict() if monitor else None,
-            phase_seconds=dict(s.phases.seconds), harness=harness_values, **peak_memory_mib(accelerator.device),
+        return loop.finish(
+            "prompts", stopped_by_alarm=loop.stopped_by_alarm, alarms=monitor.alarms if monitor else [],
+            monitor=monitor.state_dict() if monitor else None, phase_seconds=dict(s.phases.seconds),
+            **peak_memory_mib(s.accelerator.device),
         )  # fmt: skip

@@ -1,7 +1,9 @@
 """The preference recipe (``dpolab train``): any loss of :mod:`dpolab.losses` on prompt/chosen/rejected pairs.
 
-Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`), then the loop —
-micro-batches (forward, loss, backward), clip, step, log, monitor, evaluate, checkpoint — then save.
+Read :func:`train` top to bottom: the setup (from the blocks of :mod:`dpolab.train`; the reference pass and LD-DPO's
+token weights are this recipe's own), then the loop — a step of micro-batches through :func:`forward_pairs`
+(:func:`dpolab.train.step.train_step`), the 3D monitor, log, evaluate, checkpoint (:class:`dpolab.train.loop.Loop`)
+— then save.
 One pair goes data/ (tokenise, pack) → engine/ (token log-probs) → losses.py (the objective) → here.
 
 On P processes each optimiser step sees the same pairs as one process with ``batch_size × P``; each
@@ -16,22 +18,41 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from dpolab.console import progress_bar
 from dpolab.data.formats import load_examples
+from dpolab.data.packing import Item
 from dpolab.data.tokenize import TokenizedPair, tokenize_pairs
-from dpolab.engine.logps import TokenLogps
+from dpolab.engine.logps import LogpEngine, TokenLogps
+from dpolab.engine.reference import (
+    cache_key,
+    compute_reference_logps,
+    items_fingerprint,
+    load_cached,
+    store_cached,
+    weights_fingerprint,
+)
 from dpolab.losses import LossOutput, Objective, PreferenceLogps, objective_from_config, wpo_pair_weights
 from dpolab.settings import MonitorSettings
-from dpolab.train import blocks
+from dpolab.train import evaluation
+from dpolab.train.accelerator import compute_dtype
 from dpolab.train.config import TrainConfig
-from dpolab.train.distributed import gather_rows
-from dpolab.train.guard import catch_stop_signals
+from dpolab.train.data_order import MicroBatch, prepare_data, shard_batches, total_steps
+from dpolab.train.distributed import broadcast_object, gather_rows
+from dpolab.train.lifecycle import Run, run_state
+from dpolab.train.loop import Loop, start_run
+from dpolab.train.metrics import MetricsLog
+from dpolab.train.models import apply_lora, choose_engine, compile_layers, load_policy, load_reference
 from dpolab.train.monitor import Monitor
 from dpolab.train.probes import gradient_split_and_likelihood, sample_probe
+from dpolab.train.run_folder import RunFolder, announce
+from dpolab.train.step import Forward, build_optimizer, train_step
 
+HEADLINE = {"loss": "loss", "rewards/accuracies": "accuracies", "rewards/margins": "margins"}  # the eval log line
+BAR = ("loss", "rewards/margins", "rewards/accuracies")  # the progress bar
 LOGPS_COLUMNS = (
     6  # policy chosen, policy rejected, reference chosen, reference rejected, chosen tokens, rejected tokens
 )
@@ -121,36 +142,39 @@ def logps_from_rows(rows: torch.Tensor, has_reference: bool) -> PreferenceLogps:
     )
 
 
+def pair_forward(s: Setup, pairs: list[TokenizedPair], ids: list[int], reference, mean_chosen_length) -> Forward:
+    """:func:`forward_pairs` as the shared step and evaluation read it; kept: the monitor's rows."""
+    out = forward_pairs(s, s.model, pairs, ids, reference, mean_chosen_length)
+    return Forward(out.losses, pair_metrics(out), logps_rows(out.inputs) if s.monitor is not None else None)
+
+
+def forward_step(s: Setup, batch: MicroBatch) -> Forward:
+    """A training micro-batch; batch_token_mean reductions divide by the mean chosen length of the *global* one."""
+    lengths = torch.tensor([len(s.pairs[i].chosen_ids) for i in batch.global_ids])
+    return pair_forward(s, s.pairs, batch.ids, s.reference, lengths.float().mean().to(s.accelerator.device))
+
+
 def evaluate(s: Setup, step: int) -> dict:
     """Held-out metrics (prefix ``eval/``), each process a shard, reduced."""
-    if not s.eval_pairs:
-        return {}
-    s.model.eval()
-    sums: dict[str, float] = {}
-    count = 0
-    batches = blocks.shard_batches(
-        len(s.eval_pairs), s.config.batch_size, s.accelerator.process_index, s.accelerator.num_processes
-    )
     # batch_token_mean reductions: token-weighted over the whole held-out set, however it is split
-    mean_chosen_length = torch.tensor([len(p.chosen_ids) for p in s.eval_pairs], dtype=torch.float32).mean()
-    with torch.no_grad():
-        for ids, real in batches:
-            with s.accelerator.autocast():
-                forward = forward_pairs(
-                    s, s.model, s.eval_pairs, ids, s.eval_reference, mean_chosen_length.to(s.accelerator.device)
-                )
-            blocks.add_sums(sums, pair_metrics(forward), real)
-            count += len(ids) if real else 0
-    s.model.train()
-    values = {f"eval/{name}": value for name, value in blocks.reduced_means(s.accelerator, sums, count).items()}
-    s.folder.log.write(step, values)
-    details = ", ".join(
-        f"{name.split('/')[-1]} {values[f'eval/{name}']:.4f}"
-        for name in ("loss", "rewards/accuracies", "rewards/margins")
-        if f"eval/{name}" in values
-    )
-    s.folder.log.info(f"eval at step {step}: {details}")
-    return values
+    lengths = torch.tensor([len(p.chosen_ids) for p in s.eval_pairs], dtype=torch.float32)
+    mean_chosen_length = lengths.mean().to(s.accelerator.device) if s.eval_pairs else None
+
+    def forward(ids: list[int], real: bool) -> Forward:
+        return pair_forward(s, s.eval_pairs, ids, s.eval_reference, mean_chosen_length)
+
+    return evaluation.evaluate(s, step, len(s.eval_pairs), forward, HEADLINE)
+
+
+def monitor_step(s: Setup, step: int, metrics: dict, kept: list[torch.Tensor]) -> list[dict]:
+    """The 3D monitor after a step: its metrics over every process's pairs (added to ``metrics``), the probes when
+    due; the new alarms."""
+    rows = gather_rows(s.accelerator, torch.cat(kept) if kept else torch.zeros(0, LOGPS_COLUMNS))
+    metrics.update(s.monitor.step_metrics(s.objective, logps_from_rows(rows, s.reference is not None)))
+    probe_steps = s.monitor_settings.probe_steps
+    if probe_steps > 0 and (step == 1 or step % probe_steps == 0):
+        metrics.update(run_probes(s, step))
+    return s.monitor.update(step, metrics)
 
 
 def run_probes(s: Setup, step: int) -> dict[str, float]:
@@ -180,8 +204,68 @@ def run_probes(s: Setup, step: int) -> dict[str, float]:
     return values
 
 
+def token_weight_fn(config: TrainConfig):
+    """LD-DPO token weights as a function of a micro-batch's token log-probs (None without ``ld_alpha``)."""
+    if config.ld_alpha is None:
+        return None
+    from dpolab.losses import ld_dpo_token_weights
+
+    def weights(tokens: TokenLogps) -> torch.Tensor:
+        shared = tokens.branch_lengths.min(dim=1).values[tokens.sequence // tokens.branch_lengths.shape[1]]
+        return ld_dpo_token_weights(tokens.index, shared, config.ld_alpha)
+
+    return weights
+
+
+def reference_pass(
+    accelerator,
+    module,
+    items: list[Item],
+    engine: LogpEngine,
+    config: TrainConfig,
+    name: str,
+    settings: dict,
+    token_weights=None,
+    adapter_off=nullcontext,
+    log: MetricsLog | None = None,
+) -> torch.Tensor:
+    """Reference log-probs of every item, (items, branches): read from the cache, or computed — each process
+    a shard — gathered, and cached by the main process."""
+    with adapter_off():
+        key = cache_key(weights_fingerprint(accelerator.unwrap_model(module)), items_fingerprint(items), settings)
+        hit = broadcast_object(accelerator, load_cached(config.cache_dir, key) is not None)
+        if hit:
+            values = load_cached(config.cache_dir, key)
+        else:
+            batches = shard_batches(len(items), config.batch_size, accelerator.process_index, accelerator.num_processes)
+            rows = []
+            show = config.progress and accelerator.is_main_process
+            with progress_bar(show, f"reference log-probs ({name})", len(batches)) as advance:
+                for ids, real in batches:
+                    sums = compute_reference_logps(
+                        module, items, ids, len(ids), engine, token_weights, accelerator.autocast
+                    )
+                    if real:
+                        # float64: item indices stay exact far beyond float32's 2^24
+                        index = torch.tensor(ids, dtype=torch.float64)[:, None]
+                        rows.append(torch.cat([index, sums.double()], dim=1))
+                    advance()
+            local = torch.cat(rows) if rows else torch.zeros(0, 1 + len(items[0].branches), dtype=torch.float64)
+            gathered = gather_rows(accelerator, local).cpu()
+            values = torch.empty(len(items), len(items[0].branches), dtype=torch.float32)
+            values[gathered[:, 0].long()] = gathered[:, 1:].float()
+            if accelerator.is_main_process:
+                store_cached(config.cache_dir, key, values)
+            accelerator.wait_for_everyone()
+    if log is not None:
+        log.info(
+            f"reference log-probs ({name}): {'reused from cache' if hit else 'computed and cached'} in {config.cache_dir}"
+        )
+    return values
+
+
 @dataclass
-class Setup(blocks.Run):
+class Setup(Run):
     """Everything the loop reads, built by :func:`setup`."""
 
     objective: Objective
@@ -198,13 +282,13 @@ class Setup(blocks.Run):
     reference_seconds: float
 
 
-def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
+def setup(config: TrainConfig, accelerator, folder: RunFolder) -> Setup:
     """Data, policy, objective, reference log-probs, optimiser, data order, checkpointer: the recipe's setup."""
-    blocks.announce(folder, accelerator, config, "train")
-    data = blocks.prepare_data(config, accelerator, folder, load_examples, tokenize_pairs)
+    announce(folder, accelerator, config, "train")
+    data = prepare_data(config, accelerator, folder, load_examples, tokenize_pairs)
     tokenizer, pad_token_id = data.tokenizer, data.pad_token_id
-    model = blocks.load_policy(config)
-    dtype = blocks.compute_dtype(accelerator, model.dtype)
+    model = load_policy(config)
+    dtype = compute_dtype(accelerator, model.dtype)
     pairs, eval_pairs, log = data.items, data.eval_items, folder.log
 
     objective = objective_from_config(
@@ -215,19 +299,19 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     sampling = monitor is not None and settings.probe_steps > 0 and settings.sample_prompts > 0
     if objective.needs_reference and config.reference == "none":
         raise ValueError(f"loss {config.loss!r} needs reference log-probs but reference is 'none'")
-    reference_model = blocks.load_reference(config, model) if objective.needs_reference else None
+    reference_model = load_reference(config, model) if objective.needs_reference else None
     if config.lora:
-        model = blocks.apply_lora(model, config.lora)
+        model = apply_lora(model, config.lora)
     model.to(accelerator.device)
-    engine, fallback = blocks.choose_engine(config, model, pairs, pad_token_id, accelerator, dtype, log)
-    blocks.compile_layers(config, model, log)
+    engine, fallback = choose_engine(config, model, pairs, pad_token_id, accelerator, dtype, log)
+    compile_layers(config, model, log)
 
-    steps = blocks.total_steps(config, len(pairs), accelerator.num_processes)
-    optimizer, scheduler = blocks.build_optimizer(config, model, steps)
+    steps = total_steps(config, len(pairs), accelerator.num_processes)
+    optimizer, scheduler = build_optimizer(config, model, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     reference = eval_reference = None
-    token_weights = blocks.token_weight_fn(config)  # LD-DPO: the same weights for policy and reference
+    token_weights = token_weight_fn(config)  # LD-DPO: the same weights for policy and reference
     reference_start = time.perf_counter()
     if objective.needs_reference:
         module = reference_model.to(accelerator.device) if reference_model is not None else model
@@ -238,11 +322,11 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
             "row_tokens": config.row_tokens,
             "forward": "naive" if fallback else f"packed/{engine.kernel}",
         }
-        reference = blocks.reference_pass(
+        reference = reference_pass(
             accelerator, module, pairs, engine, config, "train", cache_settings, token_weights, adapter_off, log
         )
         if eval_pairs:
-            eval_reference = blocks.reference_pass(
+            eval_reference = reference_pass(
                 accelerator, module, eval_pairs, engine, config, "eval", cache_settings, token_weights, adapter_off, log
             )
         if not sampling:  # cached: the reference model is needed while training only to score the monitor's samples
@@ -254,7 +338,7 @@ def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
     probe_pairs = probe_source[: settings.probe_pairs] if monitor is not None else []
     probe_reference = None if probe_values is None else probe_values[: len(probe_pairs)]
 
-    state = blocks.run_state(config, accelerator, folder, model, pairs)
+    state = run_state(config, accelerator, folder, model, pairs)
     if monitor is not None:
         state["checkpointer"].register("monitor", monitor)
     return Setup(
@@ -274,89 +358,20 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     processes). ``overwrite``: replace a run in ``output_dir``. Raises :class:`TrainingInterrupted`
     after SIGINT/SIGTERM (a checkpoint is written first) and :class:`NonFiniteError` on NaN/inf.
     """
-    config.validate()
-    config = config.with_absolute_paths()  # config.yaml and checkpoints then resume from any directory
-    start_time = time.perf_counter()
-    accelerator = blocks.make_accelerator(config)
-    with blocks.open_run(config, accelerator, resume, overwrite) as folder:
-        s = setup(config, accelerator, folder)
-        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
-        log, model, processes = folder.log, s.model, accelerator.num_processes
-        first_step = blocks.resume(s, log)
-        model.train()
-        stopped_by_alarm, last_eval, metrics, steps_done, evaluated_at = None, {}, {}, s.total_steps, 0
-        show = config.progress and accelerator.is_main_process
-        with catch_stop_signals() as stop, progress_bar(show, "training", s.total_steps, show_metrics=True) as bar:
-            bar(0, completed=first_step - 1)
-            for step in range(first_step, s.total_steps + 1):
-                sums: dict[str, float] = {}
-                step_pairs = step_tokens = 0
-                step_rows, step_logps, finite = [], [], True
-                step_batches = s.stream.next_step()
-                for micro, batch in enumerate(step_batches):
-                    global_lengths = torch.tensor([len(s.pairs[i].chosen_ids) for i in batch.global_ids])
-                    last = micro == len(step_batches) - 1
-                    with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                        forward = forward_pairs(
-                            s, model, s.pairs, batch.ids, s.reference,
-                            global_lengths.float().mean().to(accelerator.device),
-                        )  # fmt: skip
-                        # Σ local losses × P / (pairs in the global micro-batch): DDP's average is the global mean.
-                        share = processes / (len(batch.global_ids) * len(step_batches))
-                        accelerator.backward(forward.losses.sum() * share * float(batch.real))
-                    finite = finite and bool(torch.isfinite(forward.losses).all())
-                    blocks.add_sums(sums, pair_metrics(forward), batch.real)
-                    if batch.real:
-                        step_pairs += len(batch.ids)
-                        step_tokens += sum(s.pairs[i].unique_tokens for i in batch.ids)
-                        step_rows += [s.pairs[i].row for i in batch.ids]
-                        step_logps.append(logps_rows(forward.inputs))
-                grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, finite, step_rows)
-
-                metrics = blocks.reduced_means(accelerator, sums, step_pairs)
-                metrics.update(grad_norm=grad_norm, learning_rate=learning_rate, epoch=batch.epoch + 1)
-                metrics.update(blocks.throughput(s, step_pairs, step_tokens, "pairs"))
-                new_alarms = []
+    with start_run(config, resume, overwrite, setup) as s:
+        loop = Loop(s, "train", partial(evaluate, s))
+        with loop:
+            for step in loop.steps():
+                result = train_step(s, step, s.pairs, partial(forward_step, s), "pairs")
+                metrics, alarms = result.metrics, []
                 if s.monitor is not None:
-                    rows = gather_rows(accelerator, torch.cat(step_logps) if step_logps else torch.zeros(0, 6))
-                    metrics.update(s.monitor.step_metrics(s.objective, logps_from_rows(rows, s.reference is not None)))
-                    probe_steps = s.monitor_settings.probe_steps
-                    if probe_steps > 0 and (step == 1 or step % probe_steps == 0):
-                        metrics.update(run_probes(s, step))
-                    new_alarms = s.monitor.update(step, metrics)
-                if step % config.logging_steps == 0 or step == s.total_steps or new_alarms:
-                    log.write(step, metrics)
-                stopped_by_alarm = blocks.alarm_stop(accelerator, log, new_alarms, s.monitor_settings.on_alarm)
-                bar(
-                    1,
-                    **{
-                        k.split("/")[-1]: metrics[k]
-                        for k in ("loss", "rewards/margins", "rewards/accuracies")
-                        if k in metrics
-                    },
-                )
-                if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
-                    last_eval, evaluated_at = evaluate(s, step), step
-                if harness and harness.periodic(step) and step != s.total_steps:
-                    harness.evaluate(step, model)
-                saved, signalled = blocks.checkpoint_step(
-                    s, step, stop, nonfinite, "train", force=bool(stopped_by_alarm)
-                )
-                if stopped_by_alarm:
-                    log.info(
-                        f"stopping after step {step}: alarm {stopped_by_alarm} with monitor.on_alarm: stop; checkpoint: {saved}"
-                    )
-                    steps_done = step
-                    break
-                if signalled:
-                    raise blocks.interrupted(s, step, stop, saved, "train")
-        if evaluated_at != steps_done:  # an alarm stop right after a periodic evaluation: not twice
-            last_eval = evaluate(s, steps_done) or last_eval
-        harness_values = harness.evaluate(steps_done, model) if harness else None
-
-        return blocks.finish_run(
-            s, steps_done, "pairs", start_time, metrics, last_eval, harness=harness_values,
-            stopped_by_alarm=stopped_by_alarm,
+                    alarms = monitor_step(s, step, metrics, result.kept)
+                shown = {name.split("/")[-1]: metrics[name] for name in BAR if name in metrics}
+                on_alarm = s.monitor_settings.on_alarm if s.monitor is not None else None
+                loop.record(step, metrics, shown, alarms, on_alarm)
+                loop.end_step(step, result.nonfinite)
+        return loop.finish(
+            "pairs", stopped_by_alarm=loop.stopped_by_alarm,
             alarms=s.monitor.alarms if s.monitor else [],
             monitor=s.monitor.state_dict() if s.monitor else None,
             reference_seconds=s.reference_seconds,

@@ -1,7 +1,8 @@
 """The SFT recipe (``dpolab sft``): negative log-likelihood of the completion tokens only.
 
-Read :func:`train` top to bottom: set up (blocks from :mod:`dpolab.train.blocks`), then the loop —
-micro-batches (forward, loss, backward), clip, step, log, evaluate, checkpoint — then save. An
+Read :func:`train` top to bottom: the setup (from the blocks of :mod:`dpolab.train`), then the loop — a step of
+micro-batches through :func:`forward_examples` (:func:`dpolab.train.step.train_step`), log, evaluate, checkpoint
+(:class:`dpolab.train.loop.Loop`) — then save. An
 example goes data/ (``SFTExample`` → ``TokenizedSequence``, one branch per item when packed) →
 engine/ (token log-probs) → :func:`dpolab.losses.nll` → here.
 
@@ -13,24 +14,27 @@ micro-batch normalises every process's share, so the result equals one process's
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from dpolab.console import progress_bar
 from dpolab.data.formats import load_sft_examples
 from dpolab.data.tokenize import TokenizedSequence, tokenize_sft
-from dpolab.engine.logps import LogpEngine
 from dpolab.losses import nll
-from dpolab.train import blocks
+from dpolab.train import evaluation
+from dpolab.train.accelerator import compute_dtype
 from dpolab.train.config import TrainConfig
-from dpolab.train.guard import catch_stop_signals
+from dpolab.train.data_order import MicroBatch, prepare_data, total_steps
+from dpolab.train.lifecycle import Run, run_state
+from dpolab.train.loop import Loop, start_run
+from dpolab.train.models import apply_lora, choose_engine, compile_layers, load_policy
+from dpolab.train.run_folder import RunFolder, announce
+from dpolab.train.step import Forward, build_optimizer, train_step
 
 
 @dataclass
-class Setup(blocks.Run):
+class Setup(Run):
     """Everything the loop reads, built by :func:`setup`."""
 
     reduction: str
@@ -38,77 +42,63 @@ class Setup(blocks.Run):
     eval_examples: list[TokenizedSequence]
 
 
-def forward_examples(
-    model, engine: LogpEngine, reduction: str, examples: list[TokenizedSequence], ids: list[int], mean_length
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-example NLL under ``reduction``, summed completion log-probs) of ``examples[ids]``."""
-    tokens = engine.token_logps(model, [examples[i] for i in ids], ids)
+def forward_examples(s: Setup, examples: list[TokenizedSequence], ids: list[int], mean_length: torch.Tensor) -> Forward:
+    """The NLL of ``examples[ids]`` under ``s.reduction`` (``mean_length``: the completion length that
+    ``batch_token_mean`` divides by) and the values to log: the loss, the completion log-prob (nats), its per-token
+    mean."""
+    tokens = s.engine.token_logps(s.model, [examples[i] for i in ids], ids)
     logps = tokens.sums()[:, 0].float()
-    return nll(logps, tokens.branch_lengths[:, 0], reduction, mean_length), logps
-
-
-def example_metrics(losses: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example values to log: the loss, the completion log-prob (nats) and its per-token mean."""
-    return {
+    lengths = tokens.branch_lengths[:, 0]
+    losses = nll(logps, lengths, s.reduction, mean_length)
+    metrics = {
         "loss": losses.detach(),
         "logps/completion": logps.detach(),
         "logps/completion_per_token": logps.detach() / lengths.to(logps.dtype),
     }
+    return Forward(losses, metrics)
+
+
+def forward_step(s: Setup, batch: MicroBatch) -> Forward:
+    """A training micro-batch; ``batch_token_mean`` divides by the mean completion length of the *global* one."""
+    lengths = torch.tensor([len(s.examples[i].completion_ids) for i in batch.global_ids], dtype=torch.float32)
+    return forward_examples(s, s.examples, batch.ids, lengths.mean().to(s.accelerator.device))
 
 
 def evaluate(s: Setup, step: int) -> dict:
     """Held-out loss and log-probs (prefix ``eval/``), each process a shard, reduced."""
-    if not s.eval_examples:
-        return {}
-    s.model.eval()
-    sums: dict[str, float] = {}
-    count = 0
+    # token mean over the whole held-out set, whatever the batching
     lengths = torch.tensor([len(e.completion_ids) for e in s.eval_examples], dtype=torch.float32)
-    batches = blocks.shard_batches(
-        len(s.eval_examples), s.config.batch_size, s.accelerator.process_index, s.accelerator.num_processes
-    )
-    with torch.no_grad():
-        for ids, real in batches:
-            with s.accelerator.autocast():
-                # token mean over the whole held-out set, whatever the batching
-                losses, logps = forward_examples(s.model, s.engine, s.reduction, s.eval_examples, ids, lengths.mean())
-            blocks.add_sums(sums, example_metrics(losses, logps, lengths[ids]), real)
-            count += len(ids) if real else 0
-    s.model.train()
-    values = {f"eval/{name}": value for name, value in blocks.reduced_means(s.accelerator, sums, count).items()}
-    s.folder.log.write(step, values)
-    s.folder.log.info(f"eval at step {step}: loss {values.get('eval/loss', float('nan')):.4f}")
-    return values
+    mean_length = lengths.mean().to(s.accelerator.device) if s.eval_examples else None
+
+    def forward(ids: list[int], real: bool) -> Forward:
+        return forward_examples(s, s.eval_examples, ids, mean_length)
+
+    return evaluation.evaluate(s, step, len(s.eval_examples), forward, {"loss": "loss"})
 
 
-def setup(config: TrainConfig, accelerator, folder: blocks.RunFolder) -> Setup:
+def setup(config: TrainConfig, accelerator, folder: RunFolder) -> Setup:
     """Data, policy, optimiser, data order, checkpointer: the recipe's setup."""
-    blocks.announce(folder, accelerator, config, "sft")
-    data = blocks.prepare_data(config, accelerator, folder, load_sft_examples, tokenize_sft)
-    tokenizer, pad_token_id = data.tokenizer, data.pad_token_id
-    model = blocks.load_policy(config)
-    dtype = blocks.compute_dtype(accelerator, model.dtype)
+    announce(folder, accelerator, config, "sft")
+    data = prepare_data(config, accelerator, folder, load_sft_examples, tokenize_sft)
+    model = load_policy(config)
+    dtype = compute_dtype(accelerator, model.dtype)
     items, log = data.items, folder.log
 
     if config.lora:
-        model = blocks.apply_lora(model, config.lora)
+        model = apply_lora(model, config.lora)
     model.to(accelerator.device)
-    engine, fallback = blocks.choose_engine(config, model, items, pad_token_id, accelerator, dtype, log)
-    blocks.compile_layers(config, model, log)
-    steps = blocks.total_steps(config, len(items), accelerator.num_processes)
-    optimizer, scheduler = blocks.build_optimizer(config, model, steps)
+    engine, fallback = choose_engine(config, model, items, data.pad_token_id, accelerator, dtype, log)
+    compile_layers(config, model, log)
+    steps = total_steps(config, len(items), accelerator.num_processes)
+    optimizer, scheduler = build_optimizer(config, model, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     return Setup(
-        config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=tokenizer,
+        config=config, accelerator=accelerator, folder=folder, model=model, tokenizer=data.tokenizer,
         optimizer=optimizer, scheduler=scheduler, engine=engine, fallback=fallback, total_steps=steps,
-        data_report=data.report, reduction=sft_reduction(config), examples=items, eval_examples=data.eval_items,
-        **blocks.run_state(config, accelerator, folder, model, items),
+        data_report=data.report, reduction=config.sft_reduction, examples=items, eval_examples=data.eval_items,
+        **run_state(config, accelerator, folder, model, items),
     )  # fmt: skip
-
-
-def sft_reduction(config: TrainConfig) -> str:
-    return config.sft_reduction
 
 
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -116,59 +106,11 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
 
     ``resume`` and ``overwrite`` as in :func:`dpolab.train.preference.train`.
     """
-    config.validate()
-    config = config.with_absolute_paths()  # config.yaml and checkpoints then resume from any directory
-    start_time = time.perf_counter()
-    accelerator = blocks.make_accelerator(config)
-    with blocks.open_run(config, accelerator, resume, overwrite) as folder:
-        s = setup(config, accelerator, folder)
-        harness = blocks.harness_evaluator(config, accelerator, folder, s.tokenizer)
-        log, model, processes = folder.log, s.model, accelerator.num_processes
-        first_step = blocks.resume(s, log)
-        model.train()
-        last_eval, metrics = {}, {}
-        show = config.progress and accelerator.is_main_process
-        with catch_stop_signals() as stop, progress_bar(show, "training", s.total_steps, show_metrics=True) as bar:
-            bar(0, completed=first_step - 1)
-            for step in range(first_step, s.total_steps + 1):
-                sums: dict[str, float] = {}
-                step_examples = step_tokens = 0
-                step_rows, finite = [], True
-                step_batches = s.stream.next_step()
-                for micro, batch in enumerate(step_batches):
-                    global_lengths = torch.tensor([len(s.examples[i].completion_ids) for i in batch.global_ids])
-                    last = micro == len(step_batches) - 1
-                    with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                        losses, logps = forward_examples(
-                            model, s.engine, s.reduction, s.examples, batch.ids,
-                            global_lengths.float().mean().to(accelerator.device),
-                        )  # fmt: skip
-                        # Σ local losses × P / (examples in the global micro-batch): DDP's average is the global mean.
-                        share = processes / (len(batch.global_ids) * len(step_batches))
-                        accelerator.backward(losses.sum() * share * float(batch.real))
-                    finite = finite and bool(torch.isfinite(losses).all())
-                    lengths = torch.tensor([len(s.examples[i].completion_ids) for i in batch.ids])
-                    blocks.add_sums(sums, example_metrics(losses, logps, lengths.to(logps.device)), batch.real)
-                    if batch.real:
-                        step_examples += len(batch.ids)
-                        step_tokens += sum(s.examples[i].unique_tokens for i in batch.ids)
-                        step_rows += [s.examples[i].row for i in batch.ids]
-                grad_norm, learning_rate, nonfinite = blocks.optimizer_step(s, step, finite, step_rows)
-
-                metrics = blocks.reduced_means(accelerator, sums, step_examples)
-                metrics.update(grad_norm=grad_norm, learning_rate=learning_rate, epoch=batch.epoch + 1)
-                metrics.update(blocks.throughput(s, step_examples, step_tokens, "examples"))
-                if step % config.logging_steps == 0 or step == s.total_steps:
-                    log.write(step, metrics)
-                bar(1, loss=metrics.get("loss", float("nan")))
-                if config.eval_steps and step % config.eval_steps == 0 and step != s.total_steps:
-                    last_eval = evaluate(s, step)
-                if harness and harness.periodic(step) and step != s.total_steps:
-                    harness.evaluate(step, model)
-                saved, signalled = blocks.checkpoint_step(s, step, stop, nonfinite, "sft")
-                if signalled:
-                    raise blocks.interrupted(s, step, stop, saved, "sft")
-        last_eval = evaluate(s, s.total_steps) or last_eval
-        harness_values = harness.evaluate(s.total_steps, model) if harness else None
-
-        return blocks.finish_run(s, s.total_steps, "examples", start_time, metrics, last_eval, harness=harness_values)
+    with start_run(config, resume, overwrite, setup) as s:
+        loop = Loop(s, "sft", partial(evaluate, s))
+        with loop:
+            for step in loop.steps():
+                result = train_step(s, step, s.examples, partial(forward_step, s), "examples")
+                loop.record(step, result.metrics, shown={"loss": result.metrics.get("loss", float("nan"))})
+                loop.end_step(step, result.nonfinite)
+        return loop.finish("examples")
